@@ -1,0 +1,210 @@
+"""The syscall layer: every ctypes prototype hugeshmd uses, one errno check each.
+
+This is the only module that imports :mod:`ctypes`. Above it, code speaks in
+addresses and file descriptors and receives :class:`OSError` with a real errno.
+
+Some facts about mapping at an address, which the rest of the package relies on:
+
+* Python's :mod:`mmap` cannot map at a chosen address, so ``mmap(2)`` is called
+  through libc. ctypes hands back a failed ``mmap`` as ``2**64 - 1``
+  (``MAP_FAILED`` read as an unsigned pointer), never as -1.
+* ``MAP_FIXED`` silently replaces whatever is mapped at the address (mmap(2):
+  "any overlapped portion of the existing mapping(s) will be discarded"). We use
+  it *only* inside a window we reserved ourselves, so nothing of the process's
+  own can be overwritten.
+* The window is reserved with ``MAP_FIXED_NOREPLACE`` (Linux 4.17+), which fails
+  with ``EEXIST`` instead of replacing. Older kernels ignore the flag and treat
+  the address as a hint, so the returned address is compared and a mismatch is
+  unmapped and reported as ``EEXIST`` too.
+* A hugetlbfs ``MAP_SHARED`` mapping reserves its pages at ``mmap`` time and
+  fails with ``ENOMEM`` when the pool cannot cover it (hugetlbpage.rst,
+  "Reservation"). ``MAP_POPULATE`` however ignores fault errors, and a fault that
+  cannot be served (hugetlb cgroup limit, no surplus page) raises ``SIGBUS``,
+  which kills a Python process. ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+)
+  faults the same pages in but *returns* the error (``ENOMEM``, ``EFAULT``), so
+  the primary populates with it and falls back to touching pages only on older
+  kernels where it answers ``EINVAL``.
+* ``/proc/self/pagemap`` holds one 64-bit entry per 4 KiB virtual page: bit 63
+  "present", bits 0-54 the page frame number. Since Linux 4.2 the PFN reads as 0
+  without ``CAP_SYS_ADMIN`` (Documentation/admin-guide/mm/pagemap.rst).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+from typing import Final
+
+__all__ = [
+    "PAGE_SIZE",
+    "MAP_FAILED",
+    "mmap",
+    "munmap",
+    "madvise",
+    "reserve",
+    "unreserve",
+    "map_fixed",
+    "populate",
+    "byte_array_type",
+    "physical_addresses",
+]
+
+PROT_NONE: Final = 0x0
+PROT_READ: Final = 0x1
+PROT_WRITE: Final = 0x2
+MAP_SHARED: Final = 0x01
+MAP_PRIVATE: Final = 0x02
+MAP_FIXED: Final = 0x10
+MAP_ANONYMOUS: Final = 0x20
+MAP_NORESERVE: Final = 0x4000
+MAP_POPULATE: Final = 0x8000
+MAP_FIXED_NOREPLACE: Final = 0x100000
+MADV_DONTDUMP: Final = 16
+MADV_POPULATE_WRITE: Final = 23
+
+PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
+MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _raise_errno(call: str, detail: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{call}({detail}): {os.strerror(err)}")
+
+
+def mmap(address: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    """mmap(2). Returns the mapped address; raises OSError with the call's errno."""
+    result = _libc.mmap(address, length, prot, flags, fd, offset)
+    if result is None or result == MAP_FAILED:
+        _raise_errno("mmap", f"{address:#x}, {length:#x}, fd={fd}, offset={offset:#x}")
+    return int(result)
+
+
+def munmap(address: int, length: int) -> None:
+    """munmap(2). Raises OSError on failure."""
+    if _libc.munmap(address, length) != 0:
+        _raise_errno("munmap", f"{address:#x}, {length:#x}")
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2). Raises OSError on failure."""
+    if _libc.madvise(address, length, advice) != 0:
+        _raise_errno("madvise", f"{address:#x}, {length:#x}, {advice}")
+
+
+def reserve(address: int, length: int) -> None:
+    """Reserve ``[address, address+length)`` as PROT_NONE without replacing anything.
+
+    Raises FileExistsError (EEXIST) when any byte of the range is already mapped,
+    including on pre-4.17 kernels that return another address instead.
+    """
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE
+    got = mmap(address, length, PROT_NONE, flags)
+    if got != address:
+        munmap(got, length)
+        raise FileExistsError(17, f"mmap: {address:#x} is taken (kernel placed it at {got:#x})")
+
+
+def unreserve(address: int, length: int) -> None:
+    """Turn a mapped range back into a PROT_NONE reservation (drops its pages)."""
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED
+    mmap(address, length, PROT_NONE, flags)
+
+
+def map_fixed(address: int, length: int, fd: int, offset: int, writable: bool = True) -> None:
+    """Map ``fd`` at exactly ``address`` with MAP_SHARED|MAP_FIXED.
+
+    Call it only inside a window made by :func:`reserve`: MAP_FIXED replaces.
+    """
+    prot = PROT_READ | (PROT_WRITE if writable else 0)
+    got = mmap(address, length, prot, MAP_SHARED | MAP_FIXED, fd, offset)
+    if got != address:  # MAP_FIXED never moves; this would be a libc or kernel bug
+        raise OSError(22, f"mmap: asked for {address:#x}, got {got:#x}")
+
+
+def populate(address: int, length: int, page_size: int) -> None:
+    """Fault in every page of a shared writable mapping, or raise OSError.
+
+    Uses MADV_POPULATE_WRITE so a page the pool cannot supply is an ENOMEM
+    here rather than a SIGBUS later; older kernels (EINVAL) get a write to each
+    page, which is what MAP_POPULATE would have done.
+    """
+    try:
+        madvise(address, length, MADV_POPULATE_WRITE)
+    except OSError as err:
+        if err.errno != 22:
+            raise
+        view = (ctypes.c_ubyte * length).from_address(address)
+        for offset in range(0, length, page_size):
+            view[offset] = view[offset]
+
+
+class _Byte(ctypes.Union):
+    # An array of a one-byte Union exports buffer format "B"; an array of
+    # c_ubyte exports "<B", for which memoryview refuses slice assignment.
+    _fields_ = [("value", ctypes.c_ubyte)]
+
+
+def byte_array_type(length: int) -> type:
+    """A ctypes array type of ``length`` bytes whose buffer format is plain ``B``.
+
+    Instances made with ``from_address`` export a writable buffer over
+    existing memory without copying.
+    """
+    return _Byte * length
+
+
+_PFN_MASK: Final = (1 << 55) - 1
+_PRESENT: Final = 1 << 63
+
+
+def physical_addresses(address: int, length: int, page_size: int) -> list[int] | None:
+    """Physical address of each ``page_size`` page of a mapped range.
+
+    Returns None when pagemap is unreadable or hides PFNs (not CAP_SYS_ADMIN),
+    or when a page is not present (it must have been populated first).
+    """
+    count = length // page_size
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _read_pfns(fd, address, count, page_size)
+    finally:
+        os.close(fd)
+
+
+def _read_pfns(fd: int, address: int, count: int, page_size: int) -> list[int] | None:
+    step = page_size // PAGE_SIZE
+    first = address // PAGE_SIZE
+    # One read covers the whole range; for 2 MiB pages that is 4 KiB per page of
+    # entries of which we use one, still far cheaper than a pread per page.
+    raw = os.pread(fd, 8 * ((count - 1) * step + 1), first * 8)
+    entries = struct.unpack_from(f"<{len(raw) // 8}Q", raw)[::step]
+    if len(entries) != count:
+        return None
+    result = []
+    for entry in entries:
+        pfn = entry & _PFN_MASK
+        if not entry & _PRESENT or pfn == 0:
+            return None
+        result.append(pfn * PAGE_SIZE)
+    return result

@@ -1,0 +1,175 @@
+"""What a segment's pages live in: a hugetlbfs file, or POSIX shared memory.
+
+Both map the same way in a worker (open the path, MAP_SHARED|MAP_FIXED), so the
+worker never needs to know which mode the primary chose.
+
+Some facts about hugetlbfs files (Documentation/admin-guide/mm/hugetlbpage.rst):
+
+* Pages are reserved when a MAP_SHARED mapping is made, not when the file is
+  sized: ``mmap`` fails with ENOMEM when the pool (or the mount's ``size=``
+  limit) cannot cover the whole length. That is where "not enough hugepages"
+  is caught, before a single page is touched.
+* The pages belong to the file, not to the process: they stay allocated while
+  the file exists *or* any mapping of it does. Unlinking the file is what
+  returns them once the last worker unmaps; a file left behind by a crash pins
+  its pages until someone removes it, which is DPDK's classic leak and why the
+  primary removes stale files of its prefix at start.
+* A worker mapping an existing file reuses the pages already in it (no new
+  reservation), so a worker cannot SIGBUS on pages the primary populated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import posix_ipc
+
+from . import _sys
+from .errors import HugepagesUnavailable
+from .table import MODE_HUGETLBFS, MODE_SHM
+from .window import Window
+
+__all__ = ["Mapped", "HugetlbfsBacking", "ShmBacking", "remove_stale"]
+
+log = logging.getLogger("hugeshmd.backing")
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+_POPULATE_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A segment's pages, mapped and populated in the primary."""
+
+    path: str
+    address: int
+    length: int
+    iovas: list[int] | None  # per page, when physical addresses are readable
+    numa_node: int
+
+
+class HugetlbfsBacking:
+    """Segments as files in a hugetlbfs mount of ``page_size`` pages."""
+
+    mode = MODE_HUGETLBFS
+
+    def __init__(self, mount: str, page_size: int, stem: str) -> None:
+        self.mount = mount
+        self.page_size = page_size
+        self.stem = stem
+
+    def path(self, segment_id: int) -> str:
+        return os.path.join(self.mount, f"{self.stem}seg{segment_id}")
+
+    def create(self, window: Window, segment_id: int, address: int, length: int,
+               progress: Progress | None = None) -> Mapped:
+        """Create, map at ``address`` and populate; HugepagesUnavailable on ENOMEM."""
+        path = self.path(segment_id)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+        try:
+            _map_and_populate(window, segment_id, address, length, fd, self.page_size, progress)
+        except OSError as err:
+            os.close(fd)
+            self._undo(window, segment_id, path)
+            raise HugepagesUnavailable(
+                f"could not map {length} bytes of {self.page_size}-byte hugepages at {path}: "
+                f"{err.strerror} (the pool or the mount's size= limit is exhausted)",
+                size=length, errno=err.errno, path=path,
+            ) from err
+        os.close(fd)
+        return Mapped(path, address, length, _sys.physical_addresses(address, length, self.page_size),
+                      numa_node(address))
+
+    def _undo(self, window: Window, segment_id: int, path: str) -> None:
+        if segment_id in window.segments:
+            window.unmap(segment_id)
+        os.unlink(path)
+
+    def remove(self, segment_id: int) -> None:
+        try:
+            os.unlink(self.path(segment_id))
+        except FileNotFoundError:
+            pass
+
+
+class ShmBacking:
+    """Segments as POSIX shared memory in /dev/shm: 4 KiB pages, the fallback."""
+
+    mode = MODE_SHM
+    page_size = _sys.PAGE_SIZE
+
+    def __init__(self, stem: str) -> None:
+        self.stem = stem
+
+    def name(self, segment_id: int) -> str:
+        return f"/{self.stem}seg{segment_id}"
+
+    def create(self, window: Window, segment_id: int, address: int, length: int,
+               progress: Progress | None = None) -> Mapped:
+        """Create, map at ``address`` and populate; MemoryError-like OSError if /dev/shm is full."""
+        shm = posix_ipc.SharedMemory(self.name(segment_id), posix_ipc.O_CREX, mode=0o660, size=length)
+        try:
+            _map_and_populate(window, segment_id, address, length, shm.fd, self.page_size, progress)
+        except OSError:
+            if segment_id in window.segments:
+                window.unmap(segment_id)
+            shm.unlink()
+            raise
+        finally:
+            shm.close_fd()
+        return Mapped(f"/dev/shm{self.name(segment_id)}", address, length, None, numa_node(address))
+
+    def remove(self, segment_id: int) -> None:
+        try:
+            posix_ipc.unlink_shared_memory(self.name(segment_id))
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def _map_and_populate(window: Window, segment_id: int, address: int, length: int, fd: int,
+                      page_size: int, progress: Progress | None) -> None:
+    window.map_fd(segment_id, address, length, fd, 0)
+    for offset in range(0, length, _POPULATE_CHUNK):
+        _sys.populate(address + offset, min(_POPULATE_CHUNK, length - offset), page_size)
+        if progress is not None:
+            progress(min(offset + _POPULATE_CHUNK, length), length)
+
+
+def numa_node(address: int, numa_maps: str = "/proc/self/numa_maps") -> int:
+    """The NUMA node holding every page of the mapping at ``address``; -1 if mixed or unknown."""
+    key = f"{address:x} "
+    try:
+        with open(numa_maps) as lines:
+            for line in lines:
+                if line.startswith(key):
+                    nodes = {t.split("=")[0] for t in line.split() if t[:1] == "N" and "=" in t}
+                    return int(next(iter(nodes))[1:]) if len(nodes) == 1 else -1
+    except OSError:
+        pass
+    return -1
+
+
+def remove_stale(stem: str, directories: list[str]) -> list[str]:
+    """Remove files named ``stem*`` in ``directories``; returns what was removed.
+
+    Call only while holding the primary lock of the prefix the stem names.
+    """
+    removed = []
+    for directory in directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(stem):
+                path = os.path.join(directory, name)
+                try:
+                    os.unlink(path)
+                except OSError as err:
+                    log.warning("could not remove stale %s: %s", path, err.strerror)
+                    continue
+                removed.append(path)
+    return removed

@@ -1,0 +1,379 @@
+"""The primary: maps the instance's memory, owns its table, serves its control socket.
+
+Start-up order matters and each step registers its own undo, so a failure at
+any point (a second primary, no hugepages, a taken address) leaves nothing
+behind: lock (before any socket: libzmq unlinks ipc paths it binds over), stale
+files of a dead predecessor, backing choice, address window, segment, table,
+sockets, then ``ready``. Shutdown runs the same undo list in reverse.
+
+The request loop never dies of a request: the frame shape is checked, then the
+message, then the arguments (:mod:`hugeshmd.protocol`); refusals are answered
+with a code; anything unexpected is logged with its traceback and answered as an
+internal error, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import zmq
+
+from . import hugepages, protocol, zones
+from .backing import HugetlbfsBacking, Mapped, ShmBacking, remove_stale
+from .config import DEFAULT_FALLBACK_MEMORY, Config
+from .errors import HugepagesUnavailable, HugeshmdError
+from .runtime import PrimaryLock, RuntimePaths, process_alive
+from .table import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord, Table
+from .units import format_size
+from .window import Window
+
+__all__ = ["Primary", "run"]
+
+log = logging.getLogger("hugeshmd.primary")
+
+HEARTBEAT_S = 1.0
+Backing = HugetlbfsBacking | ShmBacking
+
+
+class Primary:
+    """One instance's primary. :meth:`start`, then :meth:`serve`, then :meth:`shutdown`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root)
+        self.fallback_reason: str | None = None
+        self.requests = 0
+        self.errors: dict[str, int] = {}
+        self._seq = 0
+        self._stopping = False
+        self._undo = ExitStack()
+        self._started = time.monotonic()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # -- start-up ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Map the memory and bind the sockets; raises HugeshmdError, leaving nothing behind."""
+        try:
+            self._start()
+        except BaseException:
+            self._undo.close()
+            raise
+
+    def _start(self) -> None:
+        os.makedirs(self.paths.dir, mode=0o755, exist_ok=True)
+        lock = PrimaryLock.acquire(self.paths.lock)
+        self._undo.callback(lock.release)
+        self._remove_stale()
+        backing, memory = self._choose_backing()
+        window = Window.reserve(self.config.base_address, self.config.window_for(memory))
+        self._undo.callback(window.release)
+        backing, mapped = self._map_first_segment(backing, window, memory)
+        self.backing, self.window = backing, window
+        self.table = self._create_table(mapped)
+        self._bind()
+        self.table.set_state(STATE_READY, os.getpid())
+        log.info("ready: %s", self.summary())
+
+    def _remove_stale(self) -> None:
+        dirs = [m.path for m in hugepages.mounts()] + ["/dev/shm"]
+        removed = remove_stale(self.paths.file_stem(), dirs) + remove_stale("table.new.", [self.paths.dir])
+        for path in [self.paths.table, *self.paths.socket_paths()]:
+            if os.path.lexists(path):
+                os.unlink(path)
+                removed.append(path)
+        for path in removed:
+            log.warning("removed stale %s left by a previous primary of prefix %r", path, self.config.prefix)
+
+    def _choose_backing(self) -> tuple[Backing, int]:
+        config = self.config
+        shm = ShmBacking(self.paths.file_stem())
+        if config.huge_pages == "off":
+            return shm, _round_up(config.memory or DEFAULT_FALLBACK_MEMORY, shm.page_size)
+        try:
+            return self._hugetlbfs(), self._hugepage_memory()
+        except HugepagesUnavailable as err:
+            if config.huge_pages == "on":
+                raise
+            return shm, self._fall_back(err, shm)
+
+    def _fall_back(self, err: HugepagesUnavailable, shm: ShmBacking) -> int:
+        self.fallback_reason = err.message
+        log.warning("huge_pages=try: falling back to 4 KiB pages in /dev/shm: %s", err.message)
+        return _round_up(self.config.memory or DEFAULT_FALLBACK_MEMORY, shm.page_size)
+
+    def _hugetlbfs(self) -> HugetlbfsBacking:
+        size = self.config.page_size
+        mounts = [m for m in hugepages.mounts() if m.page_size == size]
+        if self.config.hugepage_dir is not None:
+            mounts = [m for m in mounts if os.path.realpath(m.path) == os.path.realpath(self.config.hugepage_dir)]
+            if not mounts:
+                raise HugepagesUnavailable(
+                    f"{self.config.hugepage_dir} is not a hugetlbfs mount of {format_size(size)} pages; "
+                    f"mount one with: {hugepages.mount_hint(size)}")
+        if not mounts:
+            raise HugepagesUnavailable(
+                f"no hugetlbfs mount of {format_size(size)} pages; mount one with: {hugepages.mount_hint(size)}")
+        return HugetlbfsBacking(mounts[0].path, size, self.paths.file_stem())
+
+    def _hugepage_memory(self) -> int:
+        size = self.config.page_size
+        pool = hugepages.pool(size)
+        if pool is None:
+            raise HugepagesUnavailable(f"this kernel has no {format_size(size)} hugepages")
+        available = max(0, pool.free - pool.reserved)
+        wanted = -(-self.config.memory // size) if self.config.memory else available
+        if wanted == 0 or wanted > available:
+            hint = hugepages.reserve_hint(size, pool.total + max(wanted, 1) - available)
+            raise HugepagesUnavailable(
+                f"asked for {wanted or 'all free'} hugepages of {format_size(size)}, {available} are free "
+                f"(of {pool.total}); reserve more with: {hint}",
+                size=wanted * size)
+        return wanted * size
+
+    def _map_first_segment(self, backing: Backing, window: Window, memory: int) -> tuple[Backing, Mapped]:
+        try:
+            mapped = backing.create(window, 0, window.base, memory, self._progress)
+        except HugepagesUnavailable as err:
+            if self.config.huge_pages == "on":
+                raise
+            backing = ShmBacking(self.paths.file_stem())
+            memory = self._fall_back(err, backing)
+            mapped = backing.create(window, 0, window.base, memory, self._progress)
+        self._undo.callback(backing.remove, 0)
+        return backing, mapped
+
+    def _progress(self, done: int, total: int) -> None:
+        log.debug("mapping: %s of %s", format_size(done), format_size(total))
+
+    def _create_table(self, mapped: Mapped) -> Table:
+        c = self.config
+        layout = Layout.plan(base=self.window.base, window=self.window.size, page_size=self.backing.page_size,
+                             mode=self.backing.mode, prefix=c.prefix, max_zones=c.max_zones, max_workers=c.max_workers)
+        table = Table.create(self.paths.table, layout)
+        self._undo.callback(os.unlink, self.paths.table)
+        self._undo.callback(table.close)
+        if mapped.iovas is not None:
+            table.write_iovas(0, mapped.iovas)
+        segment = SegmentRecord(0, mapped.address, mapped.length, self.backing.page_size, 0, mapped.numa_node,
+                                mapped.iovas[0] if mapped.iovas else mapped.address, 0,
+                                len(mapped.iovas or ()), mapped.path)
+        with table.locked() as base:
+            table.commit(base, segments=(segment,))
+        self._publish({"op": "segments", "segments": [segment._asdict()]})
+        return table
+
+    def _bind(self) -> None:
+        context = zmq.Context()
+        self._undo.callback(context.term)
+        self.router = self._socket(context, zmq.ROUTER, self.paths.control)
+        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.publisher = self._socket(context, zmq.PUB, self.paths.events)
+
+    def _socket(self, context: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+        sock = context.socket(kind)
+        # libzmq leaves the ipc:// file behind when the socket closes: remove it after.
+        self._undo.callback(_unlink_quietly, endpoint[len("ipc://"):])
+        self._undo.callback(sock.close, 200)
+        sock.setsockopt(zmq.LINGER, 200)
+        sock.bind(endpoint)
+        os.chmod(endpoint[len("ipc://"):], 0o660)
+        return sock
+
+    # -- serving -------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Answer requests until :meth:`stop` is called (from a signal handler or another thread)."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = time.monotonic()
+        while not self._stopping:
+            ready = dict(poller.poll(timeout=max(0, int((next_beat - time.monotonic()) * 1000))))
+            if self.router in ready:
+                self._serve_pending()
+            if self._wake_r.fileno() in ready:
+                self._drain_wakeups()
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + HEARTBEAT_S
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return. Safe from a signal handler."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending
+
+    def wakeup_fd(self) -> int:
+        return self._wake_w.fileno()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _serve_pending(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = self.handle(frames)
+            if reply is not None:
+                self.router.send_multipart(reply)
+
+    def handle(self, frames: list[bytes]) -> list[bytes] | None:
+        """The reply frames for one request's frames, or None when it cannot be answered."""
+        self.requests += 1
+        if len(frames) == 3 and frames[1] == b"":
+            envelope, body = frames[:2], frames[2]  # a REQ client
+        elif len(frames) == 2:
+            envelope, body = frames[:1], frames[1]  # a DEALER client
+        else:
+            self._count("MalformedFrame")
+            log.debug("dropped a request of %d frames", len(frames))
+            return None
+        return envelope + [protocol.encode(self._answer(body))]
+
+    def _answer(self, body: bytes) -> dict[str, Any]:
+        request_id, op = None, "?"
+        try:
+            message = protocol.decode(body)
+            request_id = message.get("id")
+            op, args = protocol.parse_request(message)
+            return protocol.ok_reply(getattr(self, f"_op_{op}")(**args), request_id)
+        except HugeshmdError as err:
+            self._count(type(err).__name__)
+            return protocol.error_reply(err, request_id)
+        except Exception as err:  # a bug: keep serving, but say so loudly
+            log.exception("internal error handling %r", op)
+            self._count("InternalError")
+            return protocol.error_reply(HugeshmdError(f"internal error in {op}: {type(err).__name__}"), request_id)
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def _publish(self, change: dict[str, Any]) -> None:
+        self._seq += 1
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            publisher.send(protocol.encode({"v": protocol.VERSION, "seq": self._seq, **change}))
+
+    def _heartbeat(self) -> None:
+        self.publisher.send(protocol.encode({"v": protocol.VERSION, "seq": self._seq, "op": "heartbeat"}))
+
+    # -- operations (each returns the reply's fields) ------------------------------
+
+    def _op_hello(self) -> dict[str, Any]:
+        return {"prefix": self.config.prefix, "pid": os.getpid(), "table": self.paths.table,
+                "state": STATE_NAMES[self.table.state()[0]], "generation": self.table.generation}
+
+    def _op_snapshot(self) -> dict[str, Any]:
+        snap = self.table.snapshot()
+        layout = self.table.layout
+        return {"seq": self._seq, "generation": snap.generation, "base": layout.base, "window": layout.window,
+                "page_size": layout.page_size, "segments": [s._asdict() for s in snap.segments]}
+
+    def _op_status(self) -> dict[str, Any]:
+        return self.status()
+
+    def _op_zones(self) -> dict[str, Any]:
+        return {"zones": [z._asdict() for z in self.table.snapshot().zones]}
+
+    def _op_reserve(self, name: str, size: int, align: int = 64) -> dict[str, Any]:
+        return zones.reserve(self.table, name, size, align)[2]._asdict()
+
+    def _op_lookup(self, name: str) -> dict[str, Any]:
+        snap = self.table.snapshot()
+        return snap.zones[zones.find(snap, name)]._asdict()
+
+    def _op_free(self, name: str) -> dict[str, Any]:
+        return zones.free(self.table, name)[2]._asdict()
+
+    def status(self) -> dict[str, Any]:
+        snap = self.table.snapshot()
+        memory = sum(s.length for s in snap.segments)
+        used = sum(z.size for z in snap.zones)
+        return {
+            "prefix": self.config.prefix, "pid": os.getpid(), "state": STATE_NAMES[self.table.state()[0]],
+            "mode": "hugepages" if self.backing.mode == MODE_HUGETLBFS else "fallback",
+            "fallback_reason": self.fallback_reason, "page_size": self.backing.page_size,
+            "base": self.window.base, "window": self.window.size, "memory": memory, "used": used,
+            "free": memory - used, "segments": len(snap.segments), "zones": len(snap.zones),
+            "workers": sum(1 for pid, start in self.table.workers() if process_alive(pid, start)),
+            "generation": snap.generation, "requests": self.requests, "errors": dict(self.errors),
+            "uptime": round(time.monotonic() - self._started, 3),
+        }
+
+    def summary(self) -> str:
+        s = self.status()
+        mode = s["mode"] if s["mode"] == "hugepages" else f"fallback ({s['fallback_reason'] or 'huge_pages=off'})"
+        return (f"prefix {s['prefix']}: {format_size(s['memory'])} of {format_size(s['page_size'])} pages, "
+                f"{mode}, window {s['base']:#x}+{format_size(s['window'])}, {s['zones']} zones, "
+                f"{s['workers']} workers")
+
+    # -- shutdown ------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Tell workers, unmap, remove every file this primary made. Idempotent."""
+        table = getattr(self, "table", None)
+        if table is not None and table.state()[0] != STATE_STOPPING:
+            table.set_state(STATE_STOPPING, os.getpid())
+            with table.locked() as base:
+                table.commit(base)  # a new generation: every worker's next call sees the state
+            self._publish({"op": "stopping"})
+        self._undo.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        try:
+            os.rmdir(self.paths.dir)
+        except OSError:
+            pass
+        log.info("stopped: prefix %s, all hugepage files and runtime files removed", self.config.prefix)
+
+
+def run(config: Config) -> int:
+    """Run a primary in the foreground until SIGTERM or SIGINT; the exit status.
+
+    The handlers go in before start-up, so a signal during a long mapping
+    still ends in a clean shutdown. SIGHUP is ignored (nothing reloads yet).
+    """
+    primary = Primary(config)
+    previous = signal.set_wakeup_fd(primary.wakeup_fd(), warn_on_full_buffer=False)
+    handlers = {sig: signal.signal(sig, lambda *_: primary.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        primary.start()
+        try:
+            primary.serve()
+        finally:
+            primary.shutdown()
+    finally:
+        signal.set_wakeup_fd(previous)
+        for sig, handler in {**handlers, signal.SIGHUP: hup}.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _round_up(size: int, to: int) -> int:
+    return -(-size // to) * to

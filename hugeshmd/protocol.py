@@ -1,0 +1,130 @@
+"""The control protocol: msgpack maps over ZeroMQ, one reply per request.
+
+A request is a map ``{"v": 1, "op": NAME, ...arguments, "id": optional}``; a
+reply is ``{"v": 1, "ok": true, ...result}`` or ``{"v": 1, "ok": false,
+"code": N, "error": CLASS, "message": TEXT}`` and echoes ``id``. Nothing is
+ever unpickled, every size is bounded, and every argument of every command is
+declared here with its validator, so the primary checks the frame, then the
+message, then the arguments, before any handler runs.
+
+Published changes (the ZeroMQ guide's Clone pattern) are maps with a ``seq``
+counting from 1; ``snapshot`` replies carry the ``seq`` they include.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import HugeshmdError, InvalidArgument, ProtocolError, error_for_code
+from .zones import check_align, check_name, check_size
+
+__all__ = ["VERSION", "MAX_MESSAGE", "Command", "COMMANDS", "encode", "decode", "parse_request",
+           "ok_reply", "error_reply", "result_of"]
+
+VERSION = 1
+MAX_MESSAGE = 64 * 1024  # also the sockets' ZMQ_MAXMSGSIZE
+
+# unpackb takes every limit but max_buffer_size; decode() bounds the frame itself.
+_LIMITS = dict(
+    max_str_len=4096,
+    max_bin_len=4096,
+    max_array_len=4096,
+    max_map_len=64,
+    max_ext_len=0,
+)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    """One msgpack map, or ProtocolError saying what is wrong with the frame."""
+    if len(frame) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=True, **_LIMITS)
+    except (ValueError, msgpack.UnpackException, msgpack.ExtraData) as err:
+        # UnicodeDecodeError (a ValueError) lands here for non-UTF-8 strings.
+        raise ProtocolError(f"not a msgpack message: {type(err).__name__}: {err}") from err
+    if not isinstance(message, dict):
+        raise ProtocolError(f"a message must be a map, not {type(message).__name__}")
+    return message
+
+
+Validator = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A request: its name and its arguments, each with a validator and whether required."""
+
+    name: str
+    required: dict[str, Validator] = field(default_factory=dict)
+    optional: dict[str, Validator] = field(default_factory=dict)
+
+    def arguments(self, message: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(message) - set(self.required) - set(self.optional) - {"v", "op", "id"}
+        if unknown:
+            raise InvalidArgument(f"{self.name}: unknown argument(s) {sorted(unknown)}")
+        args = {}
+        for key, check in self.required.items():
+            if key not in message:
+                raise InvalidArgument(f"{self.name}: missing argument {key!r}")
+            args[key] = check(message[key])
+        for key, check in self.optional.items():
+            if key in message:
+                args[key] = check(message[key])
+        return args
+
+
+COMMANDS = {
+    c.name: c
+    for c in (
+        Command("hello"),
+        Command("snapshot"),
+        Command("status"),
+        Command("zones"),
+        Command("reserve", {"name": check_name, "size": check_size}, {"align": check_align}),
+        Command("lookup", {"name": check_name}),
+        Command("free", {"name": check_name}),
+    )
+}
+
+
+def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(op, validated arguments); ProtocolError or InvalidArgument otherwise."""
+    version = message.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported; this primary speaks {VERSION}")
+    op = message.get("op")
+    command = COMMANDS.get(op) if isinstance(op, str) else None
+    if command is None:
+        raise ProtocolError(f"unknown operation {op!r}; known: {', '.join(sorted(COMMANDS))}")
+    return op, command.arguments(message)
+
+
+def _echo(request_id: object) -> dict[str, Any]:
+    return {"id": request_id} if isinstance(request_id, (int, str)) and not isinstance(request_id, bool) else {}
+
+
+def ok_reply(result: dict[str, Any], request_id: object = None) -> dict[str, Any]:
+    return {"v": VERSION, "ok": True, **result, **_echo(request_id)}
+
+
+def error_reply(err: HugeshmdError, request_id: object = None) -> dict[str, Any]:
+    return {"v": VERSION, "ok": False, "code": err.code, "error": type(err).__name__,
+            "message": err.message, **_echo(request_id)}
+
+
+def result_of(reply: dict[str, Any]) -> dict[str, Any]:
+    """The reply's fields if ok; otherwise raise the exception class its code names."""
+    if reply.get("ok") is True:
+        return reply
+    code = reply.get("code")
+    cls = error_for_code(code if isinstance(code, int) else 1)
+    raise cls(str(reply.get("message", "error without message")))

@@ -1,0 +1,191 @@
+"""Where an instance lives on the host, and the lock that says it is alive.
+
+Per instance (the *prefix*): a runtime dir holding ``primary.lock``, the shared
+``table`` and the ZeroMQ ``ipc://`` endpoints; hugepage files named
+``hugeshmd.<prefix>.seg<N>`` in a hugetlbfs mount, or POSIX shared-memory
+objects ``/hugeshmd.<prefix>.seg<N>`` in fallback mode.
+
+Some facts about the lock:
+
+* The primary holds ``flock(LOCK_EX)`` on ``primary.lock`` for its whole life.
+  The kernel drops it when the process dies, however it dies, so "lock free"
+  is the only reliable meaning of "no primary" and of "these files are stale".
+* It is taken *before* binding any socket: libzmq unlinks an existing
+  ``ipc://`` path when it binds, so a second primary binding first would steal
+  the first one's endpoint (libzmq ipc_listener_t::set_local_address).
+* A primary removes its lock file on exit. A racing starter may have opened the
+  old inode and then lock it after the unlink, so after locking we check that
+  the path still names the inode we hold, and start over if it does not.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import InstanceLocked, InvalidArgument
+
+__all__ = [
+    "validate_prefix",
+    "RuntimePaths",
+    "PrimaryLock",
+    "primary_alive",
+    "process_start_time",
+    "process_alive",
+]
+
+_PREFIX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it can name files and endpoints; else InvalidArgument."""
+    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+        raise InvalidArgument(
+            f"invalid prefix {prefix!r}: use 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)",
+            name=prefix,
+        )
+    return prefix
+
+
+def default_runtime_root() -> str:
+    """``/run/hugeshmd`` for root, ``$XDG_RUNTIME_DIR/hugeshmd`` otherwise."""
+    if os.geteuid() == 0:
+        return "/run/hugeshmd"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/hugeshmd-{os.geteuid()}"
+    return os.path.join(base, "hugeshmd")
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Every path of one instance. ``root`` defaults to :func:`default_runtime_root`."""
+
+    prefix: str
+    root: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str, root: str | None = None) -> RuntimePaths:
+        return cls(validate_prefix(prefix), root or os.environ.get("HUGESHMD_RUNTIME_ROOT") or default_runtime_root())
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(self.root, self.prefix)
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.dir, "primary.lock")
+
+    @property
+    def table(self) -> str:
+        return os.path.join(self.dir, "table")
+
+    @property
+    def control(self) -> str:
+        return "ipc://" + os.path.join(self.dir, "control")
+
+    @property
+    def events(self) -> str:
+        return "ipc://" + os.path.join(self.dir, "events")
+
+    def socket_paths(self) -> list[str]:
+        return [os.path.join(self.dir, "control"), os.path.join(self.dir, "events")]
+
+    def file_stem(self) -> str:
+        """Stem of this instance's hugepage files and shm objects."""
+        return f"hugeshmd.{self.prefix}."
+
+
+class PrimaryLock:
+    """The exclusive lifetime lock of a primary. Use :meth:`acquire`."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: str) -> PrimaryLock:
+        """Take the lock or raise InstanceLocked naming the holder's pid."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise InstanceLocked(
+                    f"another primary (pid {holder}) holds {path}", path=path, pid=holder
+                ) from None
+            if _same_inode(fd, path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return cls(path, fd)
+            os.close(fd)  # unlinked under us by an exiting primary: start over
+
+    def release(self, unlink: bool = True) -> None:
+        """Remove the lock file (while still holding it) and drop the lock."""
+        if self._fd is None:
+            return
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def primary_alive(lock_path: str) -> bool:
+    """True while some process holds the primary lock at ``lock_path``."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as err:
+        if err.errno == errno.EWOULDBLOCK:
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing drops our probe lock, if we got it
+    return False
+
+
+def _same_inode(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (proc(5) stat field 22).
+
+    With the pid it identifies a process across pid reuse. None if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and parentheses; the fields after the
+    # last ")" are plain numbers, starting with field 3 (state).
+    return int(raw[raw.rindex(b")") + 2 :].split()[19])
+
+
+def process_alive(pid: int, start: int) -> bool:
+    """True while the process that had ``pid`` and ``start`` still exists."""
+    return process_start_time(pid) == start

@@ -1,0 +1,256 @@
+"""The worker side: attach to an instance, then reserve, look up and free zones.
+
+Everything here works on the shared table (:mod:`hugeshmd.table`) and never
+talks to the primary on the fast path: ``lookup`` is a read of the generation
+word plus a dict lookup, ``reserve`` and ``free`` are a change committed under
+the table's flock. ZeroMQ is imported only to wait for a primary that is not
+ready yet (:func:`attach`'s slow path).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import zones
+from .errors import HugeshmdError, NotFound, PrimaryUnavailable
+from .runtime import RuntimePaths, primary_alive, process_alive, process_start_time
+from .table import STATE_READY, STATE_STOPPING, SegmentRecord, Snapshot, Table, ZoneRecord
+from .window import Window
+from .zones import Zone, check_align, check_name, check_size, make_zone
+
+__all__ = ["attach", "Secondary", "Segment"]
+
+Segment = SegmentRecord
+
+
+def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str | None = None) -> Secondary:
+    """Attach this process to the instance ``prefix``: every segment at the primary's address.
+
+    Waits up to ``timeout`` seconds for a primary to be ready. Raises
+    PrimaryUnavailable when none is, AddressUnavailable when part of the
+    instance's address window is already mapped in this process (nothing is
+    overwritten), TableCorrupt when the shared table fails its checks.
+    """
+    paths = RuntimePaths.for_prefix(prefix, runtime_root)
+    table = _open_ready_table(paths, timeout)
+    try:
+        return Secondary(paths, table)
+    except BaseException:
+        table.close()
+        raise
+
+
+def _open_ready_table(paths: RuntimePaths, timeout: float) -> Table:
+    deadline = time.monotonic() + timeout
+    table = _try_open(paths)
+    if table is not None:
+        return table
+    from .client import Control  # the slow path: wait for the primary to answer
+
+    with Control(paths) as control:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PrimaryUnavailable(
+                    f"no primary is running for prefix {paths.prefix!r} "
+                    f"(waited {timeout:g} s for {paths.control})",
+                    prefix=paths.prefix, path=paths.dir,
+                )
+            try:
+                control.request("hello", timeout=left)
+            except PrimaryUnavailable:
+                continue
+            table = _try_open(paths)
+            if table is not None:
+                return table
+            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))  # answered but not yet ready
+
+
+def _try_open(paths: RuntimePaths) -> Table | None:
+    """The table if a live primary has made it ready, else None."""
+    if not primary_alive(paths.lock):
+        return None
+    try:
+        table = Table.open(paths.table)
+    except FileNotFoundError:
+        return None
+    if table.state()[0] != STATE_READY:
+        table.close()
+        return None
+    return table
+
+
+class Secondary:
+    """This process's attachment to one instance. Made by :func:`attach`.
+
+    Usable as a context manager; :meth:`close` detaches. Zones already handed
+    out keep their memory mapped until they (and their views) are gone.
+    """
+
+    def __init__(self, paths: RuntimePaths, table: Table) -> None:
+        self.prefix = paths.prefix
+        self._paths = paths
+        self._table = table
+        layout = table.layout
+        self._window: Window | None = None
+        self._window = Window.reserve(layout.base, layout.window)
+        self._segments_generation = -1
+        self._zones: dict[str, tuple[ZoneRecord, Zone]] = {}
+        self._by_name: dict[str, Zone] = {}
+        self._seen = -1
+        self._generation: Sequence[int] = table.generation_word()
+        self._refresh()
+        start = process_start_time(os.getpid()) or 0
+        self._worker = table.register_worker(os.getpid(), start, process_alive)
+
+    # -- reading -----------------------------------------------------------
+
+    def lookup(self, name: str) -> Zone:
+        """The zone called ``name``. A local read: no round trip to the primary.
+
+        Raises NotFound if there is none, PrimaryUnavailable once the primary
+        has stopped, HugeshmdError if this Secondary is closed.
+        """
+        if self._generation[0] != self._seen:
+            self._refresh()
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise NotFound(f"no zone named {name!r}", name=name) from None
+
+    @property
+    def zones(self) -> list[Zone]:
+        """Every zone of the instance, by address."""
+        if self._generation[0] != self._seen:
+            self._refresh()
+        return [zone for _, zone in sorted(self._zones.values(), key=lambda rz: rz[0].address)]
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segments mapped in this process (applying any published change first)."""
+        if self._generation[0] != self._seen:
+            self._refresh()
+        return list(self._table.snapshot().segments)
+
+    @property
+    def base(self) -> int:
+        return self._table.layout.base
+
+    @property
+    def page_size(self) -> int:
+        return self._table.layout.page_size
+
+    # -- writing -----------------------------------------------------------
+
+    def reserve(self, name: str, size: int, align: int | None = None) -> Zone:
+        """Reserve a new zone of ``size`` bytes, aligned to ``align`` (default 64).
+
+        Raises AlreadyExists if the name is taken, OutOfMemory if no segment has
+        room, InvalidArgument for a bad name (1-63 bytes of UTF-8), size or
+        alignment (a power of two), PrimaryUnavailable once the primary stopped.
+        """
+        name, size, align = check_name(name), check_size(size), check_align(align)
+        self._check_primary()
+        base, new, record = zones.reserve(self._table, name, size, align)
+        if base.generation != self._seen:
+            self._refresh()
+            return self._by_name[name]
+        zone = make_zone(record, self._window)
+        self._zones[name] = (record, zone)
+        self._by_name[name] = zone
+        self._seen = new.generation
+        return zone
+
+    def free(self, name: str) -> None:
+        """Free the zone called ``name``; NotFound if there is none.
+
+        Zone objects of it that are still held stay mapped, but the memory may
+        be handed to the next ``reserve``.
+        """
+        check_name(name)
+        self._check_primary()
+        base, new, _ = zones.free(self._table, name)
+        if base.generation != self._seen:
+            self._refresh()
+            return
+        del self._zones[name], self._by_name[name]
+        self._seen = new.generation
+
+    # -- keeping up with the table ----------------------------------------------
+
+    def _refresh(self) -> None:
+        if self._window is None:
+            raise HugeshmdError(f"this Secondary of prefix {self.prefix!r} is closed")
+        self._check_primary()
+        snap = self._table.snapshot()
+        if snap.segments_generation != self._segments_generation:
+            self._apply_segments(snap)
+        zones: dict[str, tuple[ZoneRecord, Zone]] = {}
+        for record in snap.zones:
+            known = self._zones.get(record.name)
+            zones[record.name] = known if known and known[0] == record else (record, make_zone(record, self._window))
+        self._zones = zones
+        self._by_name = {name: zone for name, (_, zone) in zones.items()}
+        self._seen = snap.generation
+
+    def _apply_segments(self, snap: Snapshot) -> None:
+        """Map new segments and unmap removed ones, before any zone in them is seen."""
+        assert self._window is not None
+        wanted = {s.id: s for s in snap.segments}
+        for sid in set(self._window.segments) - set(wanted):
+            self._window.unmap(sid)
+        for sid, s in wanted.items():
+            if sid not in self._window.segments:
+                try:
+                    self._window.map(sid, s.address, s.length, s.path, s.offset)
+                except FileNotFoundError as err:
+                    raise PrimaryUnavailable(
+                        f"segment {sid} of prefix {self.prefix!r} vanished ({s.path}): "
+                        "its primary stopped or was replaced",
+                        prefix=self.prefix, path=s.path,
+                    ) from err
+        self._segments_generation = snap.segments_generation
+
+    def _check_primary(self) -> None:
+        state, pid = self._table.state()
+        if state == STATE_STOPPING:
+            raise PrimaryUnavailable(
+                f"the primary of prefix {self.prefix!r} (pid {pid}) has stopped; "
+                "zones already held stay readable until released",
+                prefix=self.prefix, path=self._paths.dir,
+            )
+
+    # -- lifetime ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach. Idempotent. The window is unmapped once no Zone or view needs it."""
+        if self._window is None:
+            return
+        try:
+            self._table.unregister_worker(self._worker, os.getpid())
+        except (OSError, ValueError):
+            pass
+        self._zones, self._by_name = {}, {}
+        self._generation = (-2,)  # every call now takes the slow path and fails
+        self._window = None  # released when the last Zone holding it is gone
+        self._table.close()
+
+    def __enter__(self) -> Secondary:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._window is None else f"{len(self._by_name)} zones"
+        return f"<Secondary prefix={self.prefix!r} base={self._table.layout.base:#x} {state}>"
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+

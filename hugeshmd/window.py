@@ -1,0 +1,92 @@
+"""The address window: one reserved VA range per instance, segments mapped inside.
+
+The primary and every worker reserve ``[base, base + size)`` with
+MAP_FIXED_NOREPLACE before mapping anything (see :mod:`hugeshmd._sys` for why),
+so MAP_FIXED is only ever used over our own PROT_NONE reservation and nothing
+else in the process can be overwritten. The reservation costs no memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from . import _sys
+from .errors import AddressUnavailable
+
+__all__ = ["Window", "conflicts"]
+
+
+def conflicts(base: int, size: int, maps: str = "/proc/self/maps") -> list[str]:
+    """Lines of ``maps`` whose range overlaps ``[base, base + size)``."""
+    found = []
+    with open(maps) as lines:
+        for line in lines:
+            start, _, end = line.split(" ", 1)[0].partition("-")
+            if int(start, 16) < base + size and int(end, 16) > base:
+                found.append(line.rstrip("\n"))
+    return found
+
+
+class Window:
+    """A reserved VA range and the segments mapped in it. Unmapped on release or GC."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.size = size
+        self.segments: dict[int, tuple[int, int]] = {}  # id -> (address, length)
+        self._released = False
+
+    @classmethod
+    def reserve(cls, base: int, size: int, option: str = "--base-address") -> Window:
+        """Reserve the range or raise AddressUnavailable naming what is in the way."""
+        try:
+            _sys.reserve(base, size)
+        except OSError as err:
+            if err.errno != errno.EEXIST:
+                raise AddressUnavailable(
+                    f"cannot reserve [{base:#x}, {base + size:#x}): {err.strerror}",
+                    address=base, size=size, errno=err.errno,
+                ) from err
+            taken = conflicts(base, size)
+            raise AddressUnavailable(
+                f"[{base:#x}, {base + size:#x}) is already in use in process {os.getpid()}: "
+                + ("; ".join(taken[:3]) or "a mapping the kernel would not replace")
+                + f". Move the instance's window with the primary's {option} option.",
+                address=base, size=size, errno=err.errno, conflicts=taken,
+            ) from err
+        return cls(base, size)
+
+    def map(self, segment_id: int, address: int, length: int, path: str, offset: int,
+            writable: bool = True) -> None:
+        """Map ``length`` bytes of the file at ``path`` at ``address`` inside the window."""
+        if not (self.base <= address and address + length <= self.base + self.size):
+            raise ValueError(f"segment {segment_id} [{address:#x}, +{length:#x}) is outside the window")
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            self.map_fd(segment_id, address, length, fd, offset, writable)
+        finally:
+            os.close(fd)
+
+    def map_fd(self, segment_id: int, address: int, length: int, fd: int, offset: int,
+               writable: bool = True) -> None:
+        _sys.map_fixed(address, length, fd, offset, writable)
+        self.segments[segment_id] = (address, length)
+
+    def unmap(self, segment_id: int) -> None:
+        """Drop a segment's pages; its range stays reserved."""
+        address, length = self.segments.pop(segment_id)
+        _sys.unreserve(address, length)
+
+    def release(self) -> None:
+        """Unmap the whole window, segments and reservation. Idempotent."""
+        if not self._released:
+            self._released = True
+            self.segments.clear()
+            _sys.munmap(self.base, self.size)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass

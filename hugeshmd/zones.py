@@ -1,0 +1,202 @@
+"""Named zones (DPDK's memzones): validation, placement, and the Zone object.
+
+Placement is first-fit over the gaps between zones, inside one segment (a zone
+never straddles two backing files). Zones are kept sorted by address in the
+table, so one pass over the committed snapshot finds both the gap and the index
+at which the new record is inserted. The heap of a later issue replaces this
+for small allocations; zones stay for large, named, long-lived regions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import _sys
+from .errors import AlreadyExists, InvalidArgument, NotFound, OutOfMemory
+from .table import NAME_MAX, SegmentRecord, Snapshot, Table, ZoneRecord
+
+if TYPE_CHECKING:
+    import numpy
+
+__all__ = ["Zone", "check_name", "check_size", "check_align", "place", "find", "reserve", "free", "make_zone"]
+
+DEFAULT_ALIGN = 64  # a cache line, as DPDK's memzones
+MAX_ALIGN = 1 << 30
+MAX_SIZE = 1 << 62
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a valid zone name; else InvalidArgument."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"zone name must be str, not {type(name).__name__}", name=name)
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError as err:
+        raise InvalidArgument(f"zone name is not valid UTF-8: {name!r}", name=name) from err
+    if not 0 < len(raw) <= NAME_MAX or "\0" in name:
+        raise InvalidArgument(
+            f"zone name must be 1-{NAME_MAX} bytes of UTF-8 without NUL, got {len(raw)} bytes",
+            name=name,
+        )
+    return name
+
+
+def check_size(size: object) -> int:
+    """Return ``size`` if it is a positive int of sane magnitude; else InvalidArgument."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidArgument(f"size must be int, not {type(size).__name__}", size=size)
+    if not 0 < size <= MAX_SIZE:
+        raise InvalidArgument(f"size must be in 1..2**62 bytes, got {size}", size=size)
+    return size
+
+
+def check_align(align: object) -> int:
+    """``None`` means the default (64); otherwise a power of two up to 1 GiB."""
+    if align is None:
+        return DEFAULT_ALIGN
+    if isinstance(align, bool) or not isinstance(align, int):
+        raise InvalidArgument(f"align must be int or None, not {type(align).__name__}", size=align)
+    if align <= 0 or align & (align - 1) or align > MAX_ALIGN:
+        raise InvalidArgument(f"align must be a power of two up to 2**30, got {align}", size=align)
+    return max(align, DEFAULT_ALIGN)
+
+
+def find(snapshot: Snapshot, name: str) -> int:
+    """Index of the zone called ``name`` in ``snapshot``; NotFound if none."""
+    for i, zone in enumerate(snapshot.zones):
+        if zone.name == name:
+            return i
+    raise NotFound(f"no zone named {name!r}", name=name)
+
+
+IovaOf = Callable[[SegmentRecord, int], int]
+
+
+def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf) -> tuple[int, ZoneRecord]:
+    """Choose where a new zone goes: (index to insert at, its record).
+
+    Raises AlreadyExists if the name is taken, OutOfMemory if no gap fits.
+    """
+    zones = snapshot.zones
+    if any(zone.name == name for zone in zones):
+        raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+    i = 0
+    largest = 0
+    for segment in sorted(snapshot.segments, key=lambda s: s.address):
+        cursor, end = segment.address, segment.address + segment.length
+        while i < len(zones) and zones[i].address < end:
+            if zones[i].address >= cursor:
+                fit = _fit(cursor, zones[i].address, size, align)
+                if fit is not None:
+                    return i, _record(name, fit, size, align, segment, iova_of)
+                largest = max(largest, zones[i].address - cursor)
+            cursor = max(cursor, zones[i].end)
+            i += 1
+        fit = _fit(cursor, end, size, align)
+        if fit is not None:
+            return i, _record(name, fit, size, align, segment, iova_of)
+        largest = max(largest, end - cursor)
+    raise OutOfMemory(
+        f"no free run of {size} bytes (aligned to {align}) for zone {name!r}; "
+        f"the largest free run is {largest} bytes",
+        name=name, size=size,
+    )
+
+
+def reserve(table: Table, name: str, size: int, align: int) -> tuple[Snapshot, Snapshot, ZoneRecord]:
+    """Commit a new zone: (the version it was based on, the new version, its record).
+
+    Arguments must already be checked. Raises AlreadyExists or OutOfMemory.
+    """
+    with table.locked() as base:
+        index, record = place(base, name, size, align, table.iova_of)
+        return base, table.commit(base, insert=(index, record)), record
+
+
+def free(table: Table, name: str) -> tuple[Snapshot, Snapshot, ZoneRecord]:
+    """Commit the removal of a zone: (base version, new version, its record). NotFound if none."""
+    with table.locked() as base:
+        index = find(base, name)
+        return base, table.commit(base, remove=index), base.zones[index]
+
+
+def _fit(start: int, end: int, size: int, align: int) -> int | None:
+    address = (start + align - 1) & ~(align - 1)
+    return address if address + size <= end else None
+
+
+def _record(name: str, address: int, size: int, align: int, segment: SegmentRecord,
+            iova_of: IovaOf) -> ZoneRecord:
+    return ZoneRecord(name, address, size, iova_of(segment, address), align, segment.id,
+                      os.getpid(), time.time_ns())
+
+
+class Zone:
+    """A named run of shared memory at the same address in every process.
+
+    ``memoryview(zone)`` is a writable, zero-copy view of format ``B`` over
+    ``zone.size`` bytes at ``zone.address``; ``len(zone)`` is its size and
+    ``zone[i]``/``zone[a:b]`` index bytes. The memory stays mapped while any
+    Zone or view of it is alive, even after its Secondary is closed.
+
+    Python 3.11 cannot give a Python class the buffer protocol (``__buffer__``
+    arrived in 3.12), so each Zone is an instance of a ctypes byte-array type of
+    its size with this class mixed in: ctypes supplies the buffer, this class
+    the behaviour. Construct Zones only through ``Secondary.reserve``/``lookup``.
+    """
+
+    __slots__ = ()
+    name: str
+    address: int
+    size: int
+    iova: int
+
+    def __repr__(self) -> str:
+        return f"<Zone {self.name!r} at {self.address:#x} size {self.size} iova {self.iova:#x}>"
+
+    def __getitem__(self, key: int | slice) -> Any:
+        return memoryview(self)[key]  # type: ignore[call-overload]
+
+    def __setitem__(self, key: int | slice, value: Any) -> None:
+        memoryview(self)[key] = value  # type: ignore[call-overload]
+
+    def ndarray(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> numpy.ndarray:
+        """A numpy array over the zone, sharing its memory (numpy is imported here).
+
+        Raises InvalidArgument if ``shape`` needs more bytes than the zone has.
+        """
+        import numpy
+
+        dtype = numpy.dtype(dtype)
+        if shape is None:
+            return numpy.frombuffer(self, dtype=dtype, count=self.size // dtype.itemsize)
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        count = 1
+        for dim in dims:
+            count *= dim
+        if count * dtype.itemsize > self.size:
+            raise InvalidArgument(
+                f"shape {dims} of {dtype} needs {count * dtype.itemsize} bytes; zone {self.name!r} has {self.size}",
+                name=self.name, size=self.size,
+            )
+        return numpy.frombuffer(self, dtype=dtype, count=count).reshape(dims)
+
+
+_types: dict[int, type] = {}
+
+
+def make_zone(record: ZoneRecord, keepalive: object) -> Zone:
+    """A Zone over mapped memory. ``keepalive`` (the mapping) lives as long as the Zone."""
+    cls = _types.get(record.size)
+    if cls is None:
+        cls = _types[record.size] = type("Zone", (Zone, _sys.byte_array_type(record.size)), {})
+    zone = cls.from_address(record.address)
+    zone.name = record.name
+    zone.address = record.address
+    zone.size = record.size
+    zone.iova = record.iova
+    zone._mapping = keepalive
+    return zone  # type: ignore[no-any-return]
