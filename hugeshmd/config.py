@@ -117,6 +117,10 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         values.update(_parse(_read_toml(path), f"{path}: "))
     values.update(_parse({k: v for k, v in (overrides or {}).items() if v is not None}, ""))
     _check_page_size(values["page_size"])
+    if values["base_address"] % values["page_size"]:
+        raise InvalidArgument(
+            f"invalid base_address: {values['base_address']:#x} is not a multiple of page_size "
+            f"{values['page_size']:#x}", name="base_address")
     return Config(**{f.name: values[f.name] for f in fields(Config)})
 
 

@@ -70,6 +70,7 @@ class Primary:
 
     def _start(self) -> None:
         os.makedirs(self.paths.dir, mode=0o755, exist_ok=True)
+        self._undo.callback(_rmdir_quietly, self.paths.dir)  # last undo: fails if another primary uses it
         lock = PrimaryLock.acquire(self.paths.lock)
         self._undo.callback(lock.release)
         self._remove_stale()
@@ -99,7 +100,8 @@ class Primary:
         if config.huge_pages == "off":
             return shm, _round_up(config.memory or DEFAULT_FALLBACK_MEMORY, shm.page_size)
         try:
-            return self._hugetlbfs(), self._hugepage_memory()
+            memory = self._hugepage_memory()  # first: "no such page size" beats "mount one"
+            return self._hugetlbfs(), memory
         except HugepagesUnavailable as err:
             if config.huge_pages == "on":
                 raise
@@ -338,10 +340,6 @@ class Primary:
         self._undo.close()
         self._wake_r.close()
         self._wake_w.close()
-        try:
-            os.rmdir(self.paths.dir)
-        except OSError:
-            pass
         log.info("stopped: prefix %s, all hugepage files and runtime files removed", self.config.prefix)
 
 
@@ -366,6 +364,13 @@ def run(config: Config) -> int:
         for sig, handler in {**handlers, signal.SIGHUP: hup}.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _rmdir_quietly(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:

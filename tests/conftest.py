@@ -1,0 +1,177 @@
+"""Fixtures for tests with real processes, real sockets and real hugepages.
+
+Every test gets its own prefix and runtime root, so tests can run side by side;
+every process a fixture starts is stopped by PID, and the fixtures assert that
+the primary left no hugepage file, shm object or runtime file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hugeshmd import hugepages
+
+PYTHON = sys.executable
+HERE = Path(__file__).parent
+START_TIMEOUT = 60.0
+
+
+def free_hugepages(page_size: int = 2 << 20) -> int:
+    pool = hugepages.pool(page_size)
+    return 0 if pool is None else pool.free - pool.reserved
+
+
+def hugetlbfs_mount(page_size: int = 2 << 20) -> str | None:
+    mount = hugepages.find_mount(page_size)
+    return None if mount is None else mount.path
+
+
+needs_hugepages = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and (free_hugepages() < 64 or hugetlbfs_mount() is None),
+    reason="needs 64 free 2 MiB hugepages and a hugetlbfs mount (CI provides them)",
+)
+
+
+class Primary:
+    """A primary subprocess. Ready when its log says so (no sleeps)."""
+
+    def __init__(self, prefix: str, root: str, *args: str) -> None:
+        self.prefix, self.root = prefix, root
+        cmd = [PYTHON, "-m", "hugeshmd", "primary", "--prefix", prefix, "--runtime-root", root, *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if " ready: " in line:
+                self._ready.set()
+        self._ready.set()  # exited: wake the waiter
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> Primary:
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            raise AssertionError(f"primary did not become ready:\n{self.text}")
+        return self
+
+    def wait_exit(self, timeout: float = START_TIMEOUT) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    @property
+    def text(self) -> str:
+        return "".join(self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait_exit()
+
+
+class Worker:
+    """A worker subprocess running tests/worker_agent.py; :meth:`call` sends one command."""
+
+    def __init__(self, root: str) -> None:
+        env = dict(os.environ, HUGESHMD_RUNTIME_ROOT=root)
+        self.proc = subprocess.Popen([PYTHON, str(HERE / "worker_agent.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"worker died (exit {self.proc.wait()})")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def ok(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.call(op, **args)
+        assert "error" not in reply, reply
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def leftovers(prefix: str, root: str) -> list[str]:
+    """Every file an instance of ``prefix`` may leave: hugepage files, shm objects, runtime dir."""
+    stem = f"hugeshmd.{prefix}."
+    found = [os.path.join(root, prefix)] if os.path.exists(os.path.join(root, prefix)) else []
+    for directory in [m.path for m in hugepages.mounts()] + ["/dev/shm"]:
+        try:
+            found += [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(stem)]
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def root() -> Iterator[str]:
+    # Short, because an ipc:// path must fit in sun_path (108 bytes).
+    path = tempfile.mkdtemp(prefix="hsd", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_primary(prefix: str, root: str) -> Iterator[Any]:
+    """Start primaries of this test's prefix; all are stopped and checked for leftovers."""
+    started: list[Primary] = []
+
+    def start(*args: str, wait: bool = True, prefix_: str | None = None) -> Primary:
+        primary = Primary(prefix_ or prefix, root, *args)
+        started.append(primary)
+        return primary.wait_ready() if wait else primary
+
+    yield start
+    for primary in started:
+        primary.stop()
+    for primary in started:
+        if primary.proc.returncode not in (-signal.SIGKILL,):
+            assert leftovers(primary.prefix, root) == [], primary.text
+
+
+@pytest.fixture
+def workers(root: str) -> Iterator[Any]:
+    made: list[Worker] = []
+
+    def make() -> Worker:
+        made.append(Worker(root))
+        return made[-1]
+
+    yield make
+    for worker in made:
+        worker.stop()

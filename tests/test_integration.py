@@ -1,0 +1,126 @@
+"""A real primary and real worker processes sharing memory at the same addresses."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import PYTHON, needs_hugepages
+
+pytestmark = needs_hugepages
+
+
+def test_workers_see_identical_addresses_and_share_data(start_primary, prefix, workers):
+    start_primary("--memory", "32M", "--huge-pages", "on")
+    a, b = workers(), workers()
+    seen_a, seen_b = a.ok("attach", prefix=prefix), b.ok("attach", prefix=prefix)
+    assert seen_a == seen_b
+    assert seen_a["segments"][0][0] == seen_a["base"] == 0x1000_0000_0000
+    assert seen_a["segments"][0][2].endswith(f"hugeshmd.{prefix}.seg0")
+
+    zone = a.ok("reserve", name="frames", size=1 << 20)
+    assert b.ok("lookup", name="frames") == zone
+    a.ok("write", name="frames", offset=4096, hex="deadbeef")
+    assert b.ok("read", name="frames", offset=4096, length=4)["hex"] == "deadbeef"
+    b.ok("write", name="frames", offset=0, hex="0102")  # and back the other way, while both stay attached
+    assert a.ok("read", name="frames", offset=0, length=2)["hex"] == "0102"
+
+
+def test_zone_lifecycle_across_workers(start_primary, prefix, workers):
+    start_primary("--memory", "8M", "--huge-pages", "on")
+    a, b = workers(), workers()
+    a.ok("attach", prefix=prefix)
+    b.ok("attach", prefix=prefix)
+    first = a.ok("reserve", name="z", size=3 << 20)
+    assert b.call("reserve", name="z", size=10)["error"] == "AlreadyExists"
+    assert b.call("reserve", name="huge", size=6 << 20)["error"] == "OutOfMemory"
+    assert b.call("reserve", name="x" * 64, size=10)["error"] == "InvalidArgument"
+    assert b.call("reserve", name="neg", size=-1)["error"] == "InvalidArgument"
+    assert b.call("reserve", name="al", size=10, align=3)["error"] == "InvalidArgument"
+    b.ok("free", name="z")
+    assert a.call("lookup", name="z")["error"] == "NotFound"
+    assert a.call("free", name="z")["error"] == "NotFound"
+    # the freed run is reused, and now the large zone fits
+    assert b.ok("reserve", name="huge", size=6 << 20)["address"] == first["address"]
+    assert [z["name"] for z in a.ok("zones")["zones"]] == ["huge"]
+
+
+def test_zone_iova_is_physical_for_hugepages(start_primary, prefix, workers):
+    start_primary("--memory", "8M", "--huge-pages", "on")
+    w = workers()
+    w.ok("attach", prefix=prefix)
+    zone = w.ok("reserve", name="dma", size=4096, align=2 << 20)
+    assert zone["address"] % (2 << 20) == 0
+    # running as root, pagemap gives real frame numbers: the iova is not the VA
+    assert zone["iova"] != zone["address"] and zone["iova"] % (2 << 20) == 0
+
+
+def test_numpy_array_shared_between_processes(start_primary, prefix, root):
+    pytest.importorskip("numpy")
+    start_primary("--memory", "16M", "--huge-pages", "on")
+    writer = f"""
+import hugeshmd, numpy
+with hugeshmd.attach({prefix!r}) as shm:
+    arr = shm.reserve("matrix", 8 * 1000 * 1000).ndarray("float64", (1000, 1000))
+    arr[:] = numpy.arange(1e6).reshape(1000, 1000)
+    del arr
+"""
+    reader = f"""
+import hugeshmd
+with hugeshmd.attach({prefix!r}) as shm:
+    arr = shm.lookup("matrix").ndarray("float64", (1000, 1000))
+    print(arr[999, 999], arr.sum())
+    del arr
+"""
+    env = {"HUGESHMD_RUNTIME_ROOT": root, "PATH": "/usr/bin:/bin"}
+    subprocess.run([PYTHON, "-c", writer], check=True, env=env)
+    out = subprocess.run([PYTHON, "-c", reader], check=True, env=env, capture_output=True, text=True).stdout
+    assert out.split() == ["999999.0", str(sum(range(1000000)) * 1.0)]
+
+
+def test_zone_memory_outlives_close_while_held_then_unmaps(start_primary, prefix, workers):
+    start_primary("--memory", "8M", "--huge-pages", "on")
+    w = workers()
+    base = w.ok("attach", prefix=prefix)["base"]
+    w.ok("reserve", name="kept", size=64)
+    w.ok("write", name="kept", offset=0, hex="cafe")
+    w.ok("hold", name="kept")
+    w.ok("close")
+    assert w.ok("read_held", length=2)["hex"] == "cafe"  # still mapped: no use-after-unmap
+    assert w.ok("maps", base=base, size=1 << 36)["lines"]
+    assert w.call("lookup", name="kept")["error"] == "HugeshmdError"  # the Secondary itself is closed
+    w.ok("drop_held")
+    assert w.ok("maps", base=base, size=1 << 36)["lines"] == []  # last reference gone: window unmapped
+
+
+def test_address_conflict_in_worker_is_reported_and_overwrites_nothing(start_primary, prefix, root):
+    start_primary("--memory", "8M", "--huge-pages", "on")
+    code = f"""
+import ctypes, mmap, hugeshmd
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+addr = 0x1000_0000_0000 + (5 << 20)   # inside the instance's window
+got = libc.mmap(addr, 4096, 3, 0x22 | 0x100000, -1, 0)
+assert got == addr, hex(got or 0)
+ctypes.memmove(addr, b"mine", 4)
+try:
+    hugeshmd.attach({prefix!r})
+except hugeshmd.AddressUnavailable as err:
+    print("refused", err.address == 0x1000_0000_0000, any(l.startswith("100000500000-") for l in err.conflicts))
+    print(str(err))
+print(ctypes.string_at(addr, 4))
+"""
+    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
+                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout.splitlines()
+    assert out[0] == "refused True True"
+    assert "--base-address" in out[1] and "100000500000-100000501000" in out[1]
+    assert out[2] == "b'mine'"  # our own mapping was not overwritten
+
+
+def test_primary_on_another_base_address(start_primary, prefix, workers):
+    start_primary("--memory", "4M", "--huge-pages", "on", "--base-address", "0x200000000000", "--window", "1G")
+    w = workers()
+    attached = w.ok("attach", prefix=prefix)
+    assert attached["base"] == 0x2000_0000_0000
+    assert w.ok("maps", base=0x2000_0000_0000, size=1 << 30)["lines"][0].startswith("200000000000-")

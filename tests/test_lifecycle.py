@@ -1,0 +1,150 @@
+"""Starting, stopping, crashing: a primary's life and what workers see of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import PYTHON, Primary, leftovers, needs_hugepages
+
+import hugeshmd
+from hugeshmd import hugepages
+from hugeshmd.client import Subscription
+from hugeshmd.runtime import RuntimePaths
+
+
+def hugepages_free() -> int:
+    pool = hugepages.pool(2 << 20)
+    return 0 if pool is None else pool.free
+
+
+def test_no_primary_raises_primary_unavailable_after_timeout(prefix, root):
+    started = time.monotonic()
+    with pytest.raises(hugeshmd.PrimaryUnavailable) as err:
+        hugeshmd.attach(prefix, timeout=0.5, runtime_root=root)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert repr(prefix) in str(err.value) and f"{root}/{prefix}" in str(err.value)
+
+
+def test_second_primary_is_refused_and_first_keeps_serving(start_primary, prefix, workers):
+    first = start_primary("--memory", "4M", "--huge-pages", "off")
+    second = start_primary("--memory", "4M", "--huge-pages", "off", wait=False)
+    assert second.wait_exit() == 1
+    assert f"another primary (pid {first.proc.pid}) holds" in second.text
+    w = workers()
+    w.ok("attach", prefix=prefix)
+    assert w.ok("reserve", name="still-here", size=10)["size"] == 10
+
+
+@needs_hugepages
+def test_clean_shutdown_returns_every_page_and_file(start_primary, prefix, root, workers):
+    before = hugepages_free()
+    primary = start_primary("--memory", "16M", "--huge-pages", "on")
+    assert hugepages_free() == before - 8
+    w = workers()
+    w.ok("attach", prefix=prefix)
+    w.ok("reserve", name="z", size=1 << 20)
+    w.stop()
+    assert primary.stop(signal.SIGINT) == 0
+    assert leftovers(prefix, root) == []
+    assert hugepages_free() == before
+
+
+def test_workers_are_told_when_the_primary_stops(start_primary, prefix, workers):
+    primary = start_primary("--memory", "4M", "--huge-pages", "off")
+    w = workers()
+    w.ok("attach", prefix=prefix)
+    w.ok("reserve", name="z", size=16)
+    w.ok("write", name="z", offset=0, hex="abcd")
+    w.ok("hold", name="z")
+    assert primary.stop() == 0
+    told = w.call("lookup", name="z")
+    assert told["error"] == "PrimaryUnavailable" and "has stopped" in told["message"]
+    assert w.call("reserve", name="y", size=1)["error"] == "PrimaryUnavailable"
+    assert w.ok("read_held", length=2)["hex"] == "abcd"  # what a worker holds stays readable
+
+
+@needs_hugepages
+def test_kill_9_leaves_stale_files_that_the_next_primary_removes(start_primary, prefix, root):
+    before = hugepages_free()
+    crashed = start_primary("--memory", "8M", "--huge-pages", "on")
+    assert crashed.stop(signal.SIGKILL) == -signal.SIGKILL
+    stale = leftovers(prefix, root)
+    assert any(p.endswith(f"hugeshmd.{prefix}.seg0") for p in stale)
+    assert hugepages_free() == before - 4  # DPDK's leak, until someone cleans up
+    successor = start_primary("--memory", "8M", "--huge-pages", "on")
+    assert "removed stale" in successor.text and f"hugeshmd.{prefix}.seg0" in successor.text
+    assert successor.stop() == 0
+    assert hugepages_free() == before and leftovers(prefix, root) == []
+
+
+def test_attach_waits_for_a_primary_that_starts_later(prefix, root, start_primary):
+    code = f"import hugeshmd; s = hugeshmd.attach({prefix!r}, timeout=30); print(hex(s.base)); s.close()"
+    worker = subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
+    start_primary("--memory", "4M", "--huge-pages", "off")
+    out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0 and out.strip() == "0x100000000000"
+
+
+def test_subscription_gets_snapshot_then_numbered_changes(start_primary, prefix, root):
+    primary = start_primary("--memory", "4M", "--huge-pages", "off")
+    sub = Subscription(RuntimePaths.for_prefix(prefix, root), timeout=5)
+    try:
+        assert sub.snapshot["segments"][0]["address"] == 0x1000_0000_0000
+        first = sub.seq
+        assert sub.poll(0.2) == []  # heartbeats carry no change and cause no resync
+        assert sub.resyncs == 1
+        primary.proc.send_signal(signal.SIGTERM)
+        changes = sub.poll(10)
+        assert [(c["op"], c["seq"]) for c in changes] == [("stopping", first + 1)]
+    finally:
+        sub.close()
+    assert primary.wait_exit() == 0
+
+
+def test_worker_killed_while_writing_zones_blocks_no_one(start_primary, prefix, root, workers):
+    start_primary("--memory", "8M", "--huge-pages", "off")
+    churn = f"""
+import hugeshmd, itertools, sys
+shm = hugeshmd.attach({prefix!r})
+print("attached", flush=True)
+for i in itertools.count():
+    shm.reserve(f"c{{i}}", 4096)
+    shm.free(f"c{{i}}")
+"""
+    env = dict(os.environ, HUGESHMD_RUNTIME_ROOT=root)
+    survivor = workers()
+    survivor.ok("attach", prefix=prefix)
+    for _ in range(5):
+        victim = subprocess.Popen([PYTHON, "-c", churn], stdout=subprocess.PIPE, text=True, env=env)
+        assert victim.stdout.readline() == "attached\n"
+        time.sleep(0.05)  # let it churn: the kill must land at an arbitrary point of a change
+        victim.kill()
+        victim.wait()
+        victim.stdout.close()
+        # the table is consistent (checksummed snapshot reads) and its lock is free
+        names = [z["name"] for z in survivor.ok("zones")["zones"]]
+        assert len(names) <= 1 and all(n.startswith("c") for n in names)
+        for name in names:
+            survivor.ok("free", name=name)
+        survivor.ok("reserve", name="after", size=4096)
+        survivor.ok("free", name="after")
+
+
+def test_primary_start_failure_leaves_nothing(prefix, root, tmp_path):
+    # huge_pages=on with a directory that is no hugetlbfs mount fails after the lock was taken
+    failed = Primary(prefix, root, "--memory", "4M", "--huge-pages", "on", "--hugepage-dir", str(tmp_path))
+    assert failed.wait_exit() == 1
+    assert f"hugeshmd: {tmp_path} is not a hugetlbfs mount of 2 MiB pages; mount one with:" in failed.text
+    assert leftovers(prefix, root) == []
+
+
+def test_invalid_option_fails_before_touching_anything(prefix, root):
+    failed = Primary(prefix, root, "--memory", "4M", "--base-address", "0x100000000001")
+    assert failed.wait_exit() == 1
+    assert "invalid base_address: 0x100000000001 is not a multiple of page_size" in failed.text
+    assert not os.path.exists(os.path.join(root, prefix))

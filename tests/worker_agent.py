@@ -1,0 +1,71 @@
+"""A worker process driven by a test: one JSON command per stdin line, one JSON reply per line.
+
+Lets a test hold several attached workers alive at once and interleave them.
+Errors come back as {"error": class name, "message": ...}, never as a crash.
+"""
+
+import json
+import sys
+
+import hugeshmd
+
+state: dict = {}
+
+
+def zone_dict(zone: hugeshmd.Zone) -> dict:
+    return {"name": zone.name, "address": zone.address, "size": zone.size, "iova": zone.iova}
+
+
+def run(cmd: dict) -> dict:
+    op = cmd["op"]
+    shm = state.get("shm")
+    if op == "attach":
+        state["shm"] = shm = hugeshmd.attach(cmd["prefix"], timeout=cmd.get("timeout", 5.0))
+        return {"base": shm.base, "segments": [[s.address, s.length, s.path] for s in shm.segments]}
+    if op == "reserve":
+        return zone_dict(shm.reserve(cmd["name"], cmd["size"], cmd.get("align")))
+    if op == "lookup":
+        return zone_dict(shm.lookup(cmd["name"]))
+    if op == "free":
+        shm.free(cmd["name"])
+        return {}
+    if op == "zones":
+        return {"zones": [zone_dict(z) for z in shm.zones]}
+    if op == "write":
+        zone = shm.lookup(cmd["name"])
+        data = bytes.fromhex(cmd["hex"])
+        memoryview(zone)[cmd["offset"] : cmd["offset"] + len(data)] = data
+        return {}
+    if op == "read":
+        zone = shm.lookup(cmd["name"])
+        return {"hex": bytes(memoryview(zone)[cmd["offset"] : cmd["offset"] + cmd["length"]]).hex()}
+    if op == "hold":  # keep a Zone object alive across close()
+        state.setdefault("held", []).append(shm.lookup(cmd["name"]))
+        return {}
+    if op == "read_held":
+        return {"hex": bytes(memoryview(state["held"][-1])[: cmd["length"]]).hex()}
+    if op == "drop_held":
+        state.pop("held", None)
+        return {}
+    if op == "maps":
+        base = cmd["base"]
+        with open("/proc/self/maps") as maps:
+            return {"lines": [line.strip() for line in maps if int(line.split("-")[0], 16) >= base
+                              and int(line.split("-")[0], 16) < base + cmd["size"]]}
+    if op == "close":
+        shm.close()
+        return {}
+    raise ValueError(f"unknown op {op}")
+
+
+def main() -> None:
+    for line in sys.stdin:
+        try:
+            reply = run(json.loads(line))
+        except Exception as err:  # reported to the test, which asserts on it
+            reply = {"error": type(err).__name__, "message": str(err)}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
