@@ -9,6 +9,7 @@ named, before any hugepage is touched.
 from __future__ import annotations
 
 import tomllib
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -17,9 +18,10 @@ from .errors import InvalidArgument
 from .runtime import validate_prefix
 from .units import GiB, MiB, parse_size
 
-__all__ = ["Config", "OPTIONS", "load", "DEFAULT_BASE_ADDRESS"]
+__all__ = ["Config", "OPTIONS", "load", "default_base_address", "DEFAULT_BASE_ADDRESS"]
 
-DEFAULT_BASE_ADDRESS = 0x1000_0000_0000  # 16 TiB: far above PIE binaries and brk, far below the mmap base
+DEFAULT_BASE_ADDRESS = 0x1000_0000_0000  # 16 TiB: far above brk, far below PIE binaries and the mmap base
+BASE_SLOT = 1 << 40  # other prefixes default to one of 63 further 1 TiB slots, up to 80 TiB
 DEFAULT_FALLBACK_MEMORY = 256 * MiB
 MIN_WINDOW = 64 * GiB
 
@@ -75,8 +77,10 @@ OPTIONS = (
     Option("page_size", 2 * MiB, _size, "hugepage size: 2M or 1G"),
     Option("huge_pages", "try", _choice("try", "on", "off"),
            "try: hugepages, else 4 KiB /dev/shm; on: hugepages or refuse to start; off: /dev/shm"),
-    Option("base_address", DEFAULT_BASE_ADDRESS, _address, "start of the address window in every process"),
-    Option("window", None, _optional_size, "size of the address window; default max(64G, memory)"),
+    Option("base_address", None, _address,
+           "start of the address window in every process; default 0x100000000000 for prefix 'default', "
+           "a 1 TiB slot above it chosen by the prefix's CRC-32 otherwise"),
+    Option("window", None, _optional_size, "size of the address window; default max(64G, memory), at most 1T"),
     Option("hugepage_dir", None, _optional_str, "hugetlbfs mount to use; default the first of page_size"),
     Option("runtime_root", None, _optional_str,
            "parent of the runtime dir; default /run/hugeshmd (root) or $XDG_RUNTIME_DIR/hugeshmd"),
@@ -103,7 +107,7 @@ class Config:
     def window_for(self, memory: int) -> int:
         """The window size: as configured, else room for growth to max(64 GiB, memory)."""
         align = max(self.page_size, 2 * MiB)
-        size = self.window or max(MIN_WINDOW, memory)
+        size = self.window or min(max(MIN_WINDOW, memory), BASE_SLOT)
         return -(-size // align) * align
 
 
@@ -117,11 +121,25 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         values.update(_parse(_read_toml(path), f"{path}: "))
     values.update(_parse({k: v for k, v in (overrides or {}).items() if v is not None}, ""))
     _check_page_size(values["page_size"])
+    if values["base_address"] is None:
+        values["base_address"] = default_base_address(values["prefix"])
     if values["base_address"] % values["page_size"]:
         raise InvalidArgument(
             f"invalid base_address: {values['base_address']:#x} is not a multiple of page_size "
             f"{values['page_size']:#x}", name="base_address")
     return Config(**{f.name: values[f.name] for f in fields(Config)})
+
+
+def default_base_address(prefix: str) -> int:
+    """Where an instance's window starts unless configured: distinct per prefix, mostly.
+
+    Two instances with the same base cannot both be attached by one worker
+    (that worker gets AddressUnavailable naming the option), so the default
+    spreads prefixes over 64 slots; ``default`` keeps the first.
+    """
+    if prefix == "default":
+        return DEFAULT_BASE_ADDRESS
+    return DEFAULT_BASE_ADDRESS + (1 + zlib.crc32(prefix.encode()) % 63) * BASE_SLOT
 
 
 def _read_toml(path: str) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from .errors import TableCorrupt
+from .errors import OutOfMemory, TableCorrupt
 
 __all__ = ["SegmentRecord", "ZoneRecord", "Snapshot", "Table", "MODE_HUGETLBFS", "MODE_SHM"]
 
@@ -352,7 +352,8 @@ class Table:
             zones = zones[:remove] + zones[remove + 1 :]
         if insert is not None:
             if len(zones) >= self.layout.max_zones:
-                raise OverflowError(f"zone table full ({self.layout.max_zones} zones)")
+                raise OutOfMemory(f"the zone table is full ({self.layout.max_zones} zones); "
+                                  "start the primary with a larger max_zones", size=self.layout.max_zones)
             i, record = insert
             old = old[: i * _ZONE.size] + record.pack() + old[i * _ZONE.size :]
             zones = zones[:i] + (record,) + zones[i:]
@@ -383,7 +384,8 @@ class Table:
                 if old_pid == 0 or not alive(old_pid, old_start):
                     _WORKER.pack_into(self._mm, at, pid, 0, start)
                     return i
-        raise OverflowError(f"worker table full ({self.layout.max_workers} workers)")
+        raise OutOfMemory(f"the worker table is full ({self.layout.max_workers} live workers); "
+                          "start the primary with a larger max_workers", size=self.layout.max_workers)
 
     def unregister_worker(self, index: int, pid: int) -> None:
         at = self.layout.workers_at + index * _WORKER.size

@@ -7,6 +7,8 @@ import subprocess
 import pytest
 from conftest import PYTHON, needs_hugepages
 
+from hugeshmd.config import default_base_address
+
 pytestmark = needs_hugepages
 
 
@@ -15,7 +17,7 @@ def test_workers_see_identical_addresses_and_share_data(start_primary, prefix, w
     a, b = workers(), workers()
     seen_a, seen_b = a.ok("attach", prefix=prefix), b.ok("attach", prefix=prefix)
     assert seen_a == seen_b
-    assert seen_a["segments"][0][0] == seen_a["base"] == 0x1000_0000_0000
+    assert seen_a["segments"][0][0] == seen_a["base"] == default_base_address(prefix)
     assert seen_a["segments"][0][2].endswith(f"hugeshmd.{prefix}.seg0")
 
     zone = a.ok("reserve", name="frames", size=1 << 20)
@@ -95,26 +97,27 @@ def test_zone_memory_outlives_close_while_held_then_unmaps(start_primary, prefix
 
 def test_address_conflict_in_worker_is_reported_and_overwrites_nothing(start_primary, prefix, root):
     start_primary("--memory", "8M", "--huge-pages", "on")
+    base = default_base_address(prefix)
     code = f"""
 import ctypes, mmap, hugeshmd
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-addr = 0x1000_0000_0000 + (5 << 20)   # inside the instance's window
+addr = {base} + (5 << 20)   # inside the instance's window
 got = libc.mmap(addr, 4096, 3, 0x22 | 0x100000, -1, 0)
 assert got == addr, hex(got or 0)
 ctypes.memmove(addr, b"mine", 4)
 try:
     hugeshmd.attach({prefix!r})
 except hugeshmd.AddressUnavailable as err:
-    print("refused", err.address == 0x1000_0000_0000, any(l.startswith("100000500000-") for l in err.conflicts))
+    print("refused", err.address == {base}, any(l.startswith("{base + (5 << 20):x}-") for l in err.conflicts))
     print(str(err))
 print(ctypes.string_at(addr, 4))
 """
     out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
                          env={"HUGESHMD_RUNTIME_ROOT": root}).stdout.splitlines()
     assert out[0] == "refused True True"
-    assert "--base-address" in out[1] and "100000500000-100000501000" in out[1]
+    assert "--base-address" in out[1] and f"{base + (5 << 20):x}-{base + (5 << 20) + 4096:x}" in out[1]
     assert out[2] == "b'mine'"  # our own mapping was not overwritten
 
 
@@ -124,3 +127,20 @@ def test_primary_on_another_base_address(start_primary, prefix, workers):
     attached = w.ok("attach", prefix=prefix)
     assert attached["base"] == 0x2000_0000_0000
     assert w.ok("maps", base=0x2000_0000_0000, size=1 << 30)["lines"][0].startswith("200000000000-")
+
+
+def test_two_instances_side_by_side_one_worker_attaches_both(start_primary, prefix, root):
+    a, b = prefix + "-a", prefix + "-b"
+    explicit = [] if default_base_address(a) != default_base_address(b) else ["--base-address", "0x500000000000"]
+    start_primary("--memory", "4M", "--huge-pages", "off", prefix_=a)
+    start_primary("--memory", "4M", "--huge-pages", "off", *explicit, prefix_=b)
+    code = f"""
+import hugeshmd
+sa, sb = hugeshmd.attach({a!r}), hugeshmd.attach({b!r})
+za, zb = sa.reserve("same-name", 16), sb.reserve("same-name", 16)
+za[0:1], zb[0:1] = b"A", b"B"
+print(za.address != zb.address, bytes(sa.lookup("same-name")[0:1]), bytes(sb.lookup("same-name")[0:1]))
+"""
+    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
+                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    assert out.split() == ["True", "b'A'", "b'B'"]

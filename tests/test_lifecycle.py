@@ -13,6 +13,7 @@ from conftest import PYTHON, Primary, leftovers, needs_hugepages
 import hugeshmd
 from hugeshmd import hugepages
 from hugeshmd.client import Subscription
+from hugeshmd.config import default_base_address
 from hugeshmd.runtime import RuntimePaths
 
 
@@ -87,14 +88,14 @@ def test_attach_waits_for_a_primary_that_starts_later(prefix, root, start_primar
                               env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
     start_primary("--memory", "4M", "--huge-pages", "off")
     out, _ = worker.communicate(timeout=60)
-    assert worker.returncode == 0 and out.strip() == "0x100000000000"
+    assert worker.returncode == 0 and out.strip() == hex(default_base_address(prefix))
 
 
 def test_subscription_gets_snapshot_then_numbered_changes(start_primary, prefix, root):
     primary = start_primary("--memory", "4M", "--huge-pages", "off")
     sub = Subscription(RuntimePaths.for_prefix(prefix, root), timeout=5)
     try:
-        assert sub.snapshot["segments"][0]["address"] == 0x1000_0000_0000
+        assert sub.snapshot["segments"][0]["address"] == default_base_address(prefix)
         first = sub.seq
         assert sub.poll(0.2) == []  # heartbeats carry no change and cause no resync
         assert sub.resyncs == 1
