@@ -37,7 +37,7 @@ class Control:
         if self._socket is None:
             socket = self._context.socket(zmq.REQ)
             socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE * 64)
+            socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY)
             socket.connect(self.paths.control)
             self._socket = socket
         return self._socket
@@ -58,7 +58,7 @@ class Control:
                 f"within {wait:g} s",
                 prefix=self.paths.prefix, path=self.paths.control,
             )
-        return protocol.result_of(protocol.decode(socket.recv()))
+        return protocol.result_of(protocol.decode(socket.recv(), protocol.MAX_REPLY))
 
     def close(self) -> None:
         if self._socket is not None:
@@ -104,7 +104,7 @@ class Subscription:
         changes: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         while self._socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            self._take(protocol.decode(self._socket.recv()), changes)
+            self._take(protocol.decode(self._socket.recv(), protocol.MAX_REPLY), changes)
             if changes:
                 deadline = time.monotonic()  # drain what is queued, then return
         return changes

@@ -28,7 +28,7 @@ from . import hugepages, protocol, zones
 from .backing import HugetlbfsBacking, Mapped, ShmBacking, remove_stale
 from .config import DEFAULT_FALLBACK_MEMORY, Config
 from .errors import HugepagesUnavailable, HugeshmdError
-from .runtime import PrimaryLock, RuntimePaths, process_alive
+from .runtime import PrimaryLock, RuntimePaths, process_alive, process_start_time
 from .table import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord, Table
 from .units import format_size
 from .window import Window
@@ -81,7 +81,7 @@ class Primary:
         self.backing, self.window = backing, window
         self.table = self._create_table(mapped)
         self._bind()
-        self.table.set_state(STATE_READY, os.getpid())
+        self.table.set_state(STATE_READY, os.getpid(), process_start_time(os.getpid()) or 0)
         log.info("ready: %s", self.summary())
 
     def _remove_stale(self) -> None:
@@ -176,13 +176,15 @@ class Primary:
     def _bind(self) -> None:
         context = zmq.Context()
         self._undo.callback(context.term)
-        self.router = self._socket(context, zmq.ROUTER, self.paths.control)
-        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.publisher = self._socket(context, zmq.PUB, self.paths.events)
+        # ZMQ_MAXMSGSIZE must be set before bind: libzmq copies a socket's
+        # options into each listener when it binds, and ignores later changes.
+        self.router = self._socket(context, zmq.ROUTER, self.paths.control, {zmq.MAXMSGSIZE: protocol.MAX_MESSAGE})
+        self.publisher = self._socket(context, zmq.PUB, self.paths.events, {})
 
-    def _socket(self, context: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+    def _socket(self, context: zmq.Context, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
         sock = context.socket(kind)
+        for option, value in options.items():
+            sock.setsockopt(option, value)
         # libzmq leaves the ipc:// file behind when the socket closes: remove it after.
         self._undo.callback(_unlink_quietly, endpoint[len("ipc://"):])
         self._undo.callback(sock.close, 200)
@@ -333,7 +335,7 @@ class Primary:
         """Tell workers, unmap, remove every file this primary made. Idempotent."""
         table = getattr(self, "table", None)
         if table is not None and table.state()[0] != STATE_STOPPING:
-            table.set_state(STATE_STOPPING, os.getpid())
+            table.set_state(STATE_STOPPING, *table.owner())
             with table.locked() as base:
                 table.commit(base)  # a new generation: every worker's next call sees the state
             self._publish({"op": "stopping"})

@@ -13,6 +13,7 @@ counting from 1; ``snapshot`` replies carry the ``seq`` they include.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,32 +23,44 @@ import msgpack
 from .errors import HugeshmdError, InvalidArgument, ProtocolError, error_for_code
 from .zones import check_align, check_name, check_size
 
-__all__ = ["VERSION", "MAX_MESSAGE", "Command", "COMMANDS", "encode", "decode", "parse_request",
+__all__ = ["VERSION", "MAX_MESSAGE", "MAX_REPLY", "quote", "Command", "COMMANDS", "encode", "decode", "parse_request",
            "ok_reply", "error_reply", "result_of"]
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024  # also the sockets' ZMQ_MAXMSGSIZE
 
-# unpackb takes every limit but max_buffer_size; decode() bounds the frame itself.
-_LIMITS = dict(
-    max_str_len=4096,
-    max_bin_len=4096,
-    max_array_len=4096,
-    max_map_len=64,
-    max_ext_len=0,
-)
+MAX_REPLY = 64 << 20  # replies list every zone; a client accepts this much
+
+# What a client sent is quoted in error replies only through this: bounded in
+# depth and length, so no input can make a reply large or a repr recurse.
+_quote = reprlib.Repr()
+_quote.maxlevel, _quote.maxstring, _quote.maxother, _quote.maxlist, _quote.maxdict = 2, 80, 80, 4, 4
+
+
+def quote(value: object) -> str:
+    return _quote.repr(value)
 
 
 def encode(message: dict[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def decode(frame: bytes) -> dict[str, Any]:
-    """One msgpack map, or ProtocolError saying what is wrong with the frame."""
-    if len(frame) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE}")
+# Requests are small: tighter than the frame bound unpackb applies by default.
+_REQUEST_LIMITS = dict(max_str_len=4096, max_bin_len=4096, max_array_len=4096, max_map_len=64, max_ext_len=0)
+_REPLY_LIMITS = dict(max_ext_len=0)
+
+
+def decode(frame: bytes, max_size: int = MAX_MESSAGE) -> dict[str, Any]:
+    """One msgpack map, or ProtocolError saying what is wrong with the frame.
+
+    A request (``max_size`` MAX_MESSAGE) gets tight per-container limits; a
+    reply (up to MAX_REPLY) is bounded by its size, as unpackb does by default.
+    """
+    if len(frame) > max_size:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds {max_size}")
+    limits = _REQUEST_LIMITS if max_size <= MAX_MESSAGE else _REPLY_LIMITS
     try:
-        message = msgpack.unpackb(frame, raw=False, strict_map_key=True, **_LIMITS)
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=True, **limits)
     except (ValueError, msgpack.UnpackException, msgpack.ExtraData) as err:
         # UnicodeDecodeError (a ValueError) lands here for non-UTF-8 strings.
         raise ProtocolError(f"not a msgpack message: {type(err).__name__}: {err}") from err
@@ -70,7 +83,7 @@ class Command:
     def arguments(self, message: dict[str, Any]) -> dict[str, Any]:
         unknown = set(message) - set(self.required) - set(self.optional) - {"v", "op", "id"}
         if unknown:
-            raise InvalidArgument(f"{self.name}: unknown argument(s) {sorted(unknown)}")
+            raise InvalidArgument(f"{self.name}: unknown argument(s) {quote(sorted(map(str, unknown)))}")
         args = {}
         for key, check in self.required.items():
             if key not in message:
@@ -99,12 +112,12 @@ COMMANDS = {
 def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(op, validated arguments); ProtocolError or InvalidArgument otherwise."""
     version = message.get("v")
-    if version != VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported; this primary speaks {VERSION}")
+    if type(version) is not int or version != VERSION:
+        raise ProtocolError(f"protocol version {quote(version)} is not supported; this primary speaks {VERSION}")
     op = message.get("op")
     command = COMMANDS.get(op) if isinstance(op, str) else None
     if command is None:
-        raise ProtocolError(f"unknown operation {op!r}; known: {', '.join(sorted(COMMANDS))}")
+        raise ProtocolError(f"unknown operation {quote(op)}; known: {', '.join(sorted(COMMANDS))}")
     return op, command.arguments(message)
 
 

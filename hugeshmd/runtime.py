@@ -13,6 +13,9 @@ Some facts about the lock:
 * It is taken *before* binding any socket: libzmq unlinks an existing
   ``ipc://`` path when it binds, so a second primary binding first would steal
   the first one's endpoint (libzmq ipc_listener_t::set_local_address).
+* Tools may probe the lock (:func:`primary_alive`) by taking it shared for an
+  instant, so a starting primary that finds it taken retries for a moment
+  before concluding that a rival holds it: a rival holds it for its whole life.
 * A primary removes its lock file on exit. A racing starter may have opened the
   old inode and then lock it after the unlink, so after locking we check that
   the path still names the inode we hold, and start over if it does not.
@@ -24,6 +27,7 @@ import errno
 import fcntl
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from .errors import InstanceLocked, InvalidArgument
@@ -109,14 +113,10 @@ class PrimaryLock:
         """Take the lock or raise InstanceLocked naming the holder's pid."""
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_within(fd, PROBE_GRACE_S):
                 holder = _read_pid(fd)
                 os.close(fd)
-                raise InstanceLocked(
-                    f"another primary (pid {holder}) holds {path}", path=path, pid=holder
-                ) from None
+                raise InstanceLocked(f"another primary (pid {holder}) holds {path}", path=path, pid=holder)
             if _same_inode(fd, path):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -153,6 +153,22 @@ def primary_alive(lock_path: str) -> bool:
     finally:
         os.close(fd)  # closing drops our probe lock, if we got it
     return False
+
+
+PROBE_GRACE_S = 0.05
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """LOCK_EX, retried while someone holds it, for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)  # backoff under contention; a probe holds it for microseconds
 
 
 def _same_inode(fd: int, path: str) -> bool:

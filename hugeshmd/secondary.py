@@ -16,7 +16,7 @@ from typing import Any
 
 from . import zones
 from .errors import HugeshmdError, NotFound, PrimaryUnavailable
-from .runtime import RuntimePaths, primary_alive, process_alive, process_start_time
+from .runtime import RuntimePaths, process_alive, process_start_time
 from .table import STATE_READY, STATE_STOPPING, SegmentRecord, Snapshot, Table, ZoneRecord
 from .window import Window
 from .zones import Zone, check_align, check_name, check_size, make_zone
@@ -70,14 +70,17 @@ def _open_ready_table(paths: RuntimePaths, timeout: float) -> Table:
 
 
 def _try_open(paths: RuntimePaths) -> Table | None:
-    """The table if a live primary has made it ready, else None."""
-    if not primary_alive(paths.lock):
-        return None
+    """The table if a live primary has made it ready, else None.
+
+    Liveness is the primary's pid and start time as recorded in the table, not
+    a probe of its lock: a probe would hold the lock for an instant, and a
+    primary starting in that instant would take it for a rival's.
+    """
     try:
         table = Table.open(paths.table)
     except FileNotFoundError:
         return None
-    if table.state()[0] != STATE_READY:
+    if table.state()[0] != STATE_READY or not process_alive(*table.owner()):
         table.close()
         return None
     return table

@@ -21,6 +21,10 @@ Some facts about how it stays consistent without a lock a dead process can keep:
   again, and retry if it moved (a seqlock): the writer of ``g + 2`` reuses the
   slot of ``g``. On x86-64 (TSO) stores become visible in program order, which
   is what this relies on; a weakly ordered CPU would need barriers here.
+* An flock belongs to an open file description, not to a process or thread:
+  two threads using one descriptor would both "hold" it, and so would a parent
+  and a child after fork(2). So a thread lock is taken first, and a process
+  that finds its pid changed (a forked child) opens the file anew for locking.
 * The worker list is advisory (pid plus start time, checked against /proc), so
   it is updated in place under the same lock without a generation bump; a torn
   entry only ever reads as a dead worker.
@@ -32,6 +36,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -60,6 +65,8 @@ _HEADER_CRC_AT = _HEADER.size
 _GEN_AT = 512  # u64 committed generation
 _STATE_AT = 520  # u32 state, u32 primary pid
 _STATE = struct.Struct("<II")
+_OWNER_START_AT = 528  # u64 primary's start time (with its pid, identifies it across pid reuse)
+_U64 = struct.Struct("<Q")
 _META = struct.Struct("<QQIII4x")  # generation, segments_generation, seg_count, zone_count, crc
 _META_AT = (576, 640)
 _SEGMENT = struct.Struct("<IIQQQQiIQII192s")
@@ -198,6 +205,9 @@ class Table:
         self.path = path
         self.layout = layout
         self._fd = fd
+        self._lock_fd = fd
+        self._lock_pid = os.getpid()
+        self._thread_lock = threading.Lock()
         self._mm = mm
         self._words = memoryview(mm).cast("Q")  # fast generation reads
         self._cache: Snapshot | None = None
@@ -242,6 +252,8 @@ class Table:
             return
         self._words.release()
         self._mm.close()
+        if self._lock_fd != self._fd:
+            os.close(self._lock_fd)
         os.close(self._fd)
         self._fd = -1
 
@@ -259,8 +271,14 @@ class Table:
         """(state, primary pid)."""
         return _STATE.unpack_from(self._mm, _STATE_AT)
 
-    def set_state(self, state: int, pid: int) -> None:
+    def set_state(self, state: int, pid: int, start: int = 0) -> None:
+        """Record the primary's state and identity (pid and start time)."""
+        _U64.pack_into(self._mm, _OWNER_START_AT, start)
         _STATE.pack_into(self._mm, _STATE_AT, state, pid)
+
+    def owner(self) -> tuple[int, int]:
+        """(pid, start time) of the primary that last set the state."""
+        return _STATE.unpack_from(self._mm, _STATE_AT)[1], _U64.unpack_from(self._mm, _OWNER_START_AT)[0]
 
     def snapshot(self) -> Snapshot:
         """The committed version; decoded once per generation, then cached."""
@@ -309,11 +327,19 @@ class Table:
     @contextmanager
     def locked(self) -> Iterator[Snapshot]:
         """Hold the writer lock; yields the committed snapshot to base a change on."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield self.snapshot()
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with self._thread_lock:
+            fd = self._own_lock_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield self.snapshot()
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _own_lock_fd(self) -> int:
+        if self._lock_pid != os.getpid():  # a forked child: get an flock of its own
+            self._lock_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self._lock_pid = os.getpid()
+        return self._lock_fd
 
     def commit(self, base: Snapshot, *, insert: tuple[int, ZoneRecord] | None = None,
                remove: int | None = None,
