@@ -51,6 +51,8 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 
 
 def _count(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():  # from the command line
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
         raise ValueError(f"{value!r} is not a whole number from 1 to 1048576")
     return value
@@ -80,7 +82,7 @@ OPTIONS = (
     Option("base_address", None, _address,
            "start of the address window in every process; default 0x100000000000 for prefix 'default', "
            "a 1 TiB slot above it chosen by the prefix's CRC-32 otherwise"),
-    Option("window", None, _optional_size, "size of the address window; default max(64G, memory), at most 1T"),
+    Option("window", None, _optional_size, "size of the address window; default max(64G, memory)"),
     Option("hugepage_dir", None, _optional_str, "hugetlbfs mount to use; default the first of page_size"),
     Option("runtime_root", None, _optional_str,
            "parent of the runtime dir; default /run/hugeshmd (root) or $XDG_RUNTIME_DIR/hugeshmd"),
@@ -105,9 +107,16 @@ class Config:
     log_level: str
 
     def window_for(self, memory: int) -> int:
-        """The window size: as configured, else room for growth to max(64 GiB, memory)."""
+        """The window size: as configured, else room for growth to max(64 GiB, memory).
+
+        Never less than ``memory`` (which may be known only at start, from the
+        free pool): InvalidArgument if a configured window cannot hold it.
+        """
         align = max(self.page_size, 2 * MiB)
-        size = self.window or min(max(MIN_WINDOW, memory), BASE_SLOT)
+        size = self.window or max(MIN_WINDOW, memory)
+        if size < memory:
+            raise InvalidArgument(f"invalid window: {size} bytes cannot hold memory of {memory} bytes",
+                                  name="window")
         return -(-size // align) * align
 
 
@@ -117,17 +126,32 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
     Raises InvalidArgument naming the key (and the file) of the first bad value.
     """
     values = {o.name: o.default for o in OPTIONS}
+    where = dict.fromkeys(values, "")
     if path is not None:
-        values.update(_parse(_read_toml(path), f"{path}: "))
-    values.update(_parse({k: v for k, v in (overrides or {}).items() if v is not None}, ""))
-    _check_page_size(values["page_size"])
+        from_file = _parse(_read_toml(path), f"{path}: ")
+        values.update(from_file)
+        where.update(dict.fromkeys(from_file, f"{path}: "))
+    from_flags = _parse({k: v for k, v in (overrides or {}).items() if v is not None}, "")
+    values.update(from_flags)
+    where.update(dict.fromkeys(from_flags, ""))
+    _cross_check(values, where)
+    return Config(**{f.name: values[f.name] for f in fields(Config)})
+
+
+def _cross_check(values: dict[str, Any], where: dict[str, str]) -> None:
+    """Checks of one value against another, naming where the offending one came from."""
+    size = values["page_size"]
+    if size < 4096 or size & (size - 1):
+        raise InvalidArgument(f"{where['page_size']}invalid page_size: {size} is not a power of two "
+                              "of at least 4096", name="page_size")
     if values["base_address"] is None:
         values["base_address"] = default_base_address(values["prefix"])
-    if values["base_address"] % values["page_size"]:
-        raise InvalidArgument(
-            f"invalid base_address: {values['base_address']:#x} is not a multiple of page_size "
-            f"{values['page_size']:#x}", name="base_address")
-    return Config(**{f.name: values[f.name] for f in fields(Config)})
+    if values["base_address"] % size:
+        raise InvalidArgument(f"{where['base_address']}invalid base_address: {values['base_address']:#x} "
+                              f"is not a multiple of page_size {size:#x}", name="base_address")
+    if values["window"] is not None and values["memory"] is not None and values["window"] < values["memory"]:
+        raise InvalidArgument(f"{where['window']}invalid window: {values['window']} bytes cannot hold "
+                              f"memory of {values['memory']} bytes", name="window")
 
 
 def default_base_address(prefix: str) -> int:
@@ -164,8 +188,3 @@ def _parse(raw: dict[str, Any], where: str) -> dict[str, Any]:
         except (ValueError, TypeError, InvalidArgument) as err:
             raise InvalidArgument(f"{where}invalid {key}: {err}", name=key) from err
     return parsed
-
-
-def _check_page_size(size: int) -> None:
-    if size < 4096 or size & (size - 1):
-        raise InvalidArgument(f"invalid page_size: {size} is not a power of two of at least 4096", name="page_size")

@@ -41,12 +41,12 @@ __all__ = [
     "process_alive",
 ]
 
-_PREFIX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would allow a final newline
 
 
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can name files and endpoints; else InvalidArgument."""
-    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise InvalidArgument(
             f"invalid prefix {prefix!r}: use 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)",
             name=prefix,

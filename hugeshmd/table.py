@@ -118,6 +118,8 @@ class ZoneRecord(NamedTuple):
 
     def pack(self) -> bytes:
         raw = self.name.encode()
+        if not 0 < len(raw) <= NAME_MAX:  # struct would truncate silently, maybe mid-character
+            raise ValueError(f"zone name of {len(raw)} bytes does not fit in {NAME_MAX}")
         return _ZONE.pack(
             self.address, self.size, self.iova, self.align, self.segment, self.flags,
             self.owner, 0, self.created_ns, len(raw), raw,
@@ -238,10 +240,13 @@ class Table:
             if size < HEADER_SIZE:
                 raise TableCorrupt(f"{path} is truncated ({size} bytes)", path=path)
             mm = mmap.mmap(fd, size)
-            layout = Layout.unpack(mm, path)
-            if layout.file_size != size:
+            try:
+                layout = Layout.unpack(mm, path)
+                if layout.file_size != size:
+                    raise TableCorrupt(f"{path}: size {size} != recorded {layout.file_size}", path=path)
+            except BaseException:
                 mm.close()
-                raise TableCorrupt(f"{path}: size {size} != recorded {layout.file_size}", path=path)
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -327,26 +332,35 @@ class Table:
     @contextmanager
     def locked(self) -> Iterator[Snapshot]:
         """Hold the writer lock; yields the committed snapshot to base a change on."""
+        if self._lock_pid != os.getpid():
+            self._after_fork()
         with self._thread_lock:
-            fd = self._own_lock_fd()
+            fd = self._lock_fd
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 yield self.snapshot()
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _own_lock_fd(self) -> int:
-        if self._lock_pid != os.getpid():  # a forked child: get an flock of its own
-            self._lock_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            self._lock_pid = os.getpid()
-        return self._lock_fd
+    def _after_fork(self) -> None:
+        # A forked child shares the parent's open file description (and so its
+        # flock), and inherits the thread lock in whatever state another parent
+        # thread left it: it gets a descriptor and a thread lock of its own.
+        self._lock_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        self._thread_lock = threading.Lock()
+        self._lock_pid = os.getpid()
 
     def commit(self, base: Snapshot, *, insert: tuple[int, ZoneRecord] | None = None,
                remove: int | None = None,
                segments: tuple[SegmentRecord, ...] | None = None) -> Snapshot:
         """Publish the version after ``base``: one zone inserted at an index, one
         removed, and/or a new segment list. Call only inside :meth:`locked`."""
+        if base.generation != self.generation:
+            raise RuntimeError(f"commit on generation {base.generation}, but {self.generation} is committed")
         zones, zone_raw = self._zone_change(base, insert, remove)
+        if segments is not None and len(segments) > self.layout.max_segments:
+            raise OutOfMemory(f"the segment table is full ({self.layout.max_segments} segments)",
+                              size=self.layout.max_segments)
         new = Snapshot(
             base.generation + 1,
             base.generation + 1 if segments is not None else base.segments_generation,

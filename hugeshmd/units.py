@@ -11,7 +11,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*", re.IGNORECASE | re.ASCII)
 _FACTORS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
 
@@ -26,11 +26,13 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise ValueError(f"size must not be negative: {text}")
         return text
-    match = _SIZE.match(text)
+    if not isinstance(text, str):
+        raise ValueError(f"not a size: {text!r}")
+    match = _SIZE.fullmatch(text)
     if match is None:
         raise ValueError(f"not a size: {text!r} (write e.g. 512M, 2G, 1GiB)")
-    number, unit, _ = match.groups()
-    return int(number) * _FACTORS[unit.lower()]
+    number, unit = match.groups()
+    return int(number) * _FACTORS[(unit or "").lower()]
 
 
 def format_size(size: int) -> str:

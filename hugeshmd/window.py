@@ -60,8 +60,6 @@ class Window:
     def map(self, segment_id: int, address: int, length: int, path: str, offset: int,
             writable: bool = True) -> None:
         """Map ``length`` bytes of the file at ``path`` at ``address`` inside the window."""
-        if not (self.base <= address and address + length <= self.base + self.size):
-            raise ValueError(f"segment {segment_id} [{address:#x}, +{length:#x}) is outside the window")
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
             self.map_fd(segment_id, address, length, fd, offset, writable)
@@ -70,6 +68,12 @@ class Window:
 
     def map_fd(self, segment_id: int, address: int, length: int, fd: int, offset: int,
                writable: bool = True) -> None:
+        """Map ``fd`` at ``address``; ValueError unless the range lies inside the window.
+
+        This check is what keeps MAP_FIXED inside our own reservation.
+        """
+        if not (self.base <= address and address + length <= self.base + self.size):
+            raise ValueError(f"segment {segment_id} [{address:#x}, +{length:#x}) is outside the window")
         _sys.map_fixed(address, length, fd, offset, writable)
         self.segments[segment_id] = (address, length)
 

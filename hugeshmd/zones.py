@@ -58,9 +58,9 @@ def check_align(align: object) -> int:
     if align is None:
         return DEFAULT_ALIGN
     if isinstance(align, bool) or not isinstance(align, int):
-        raise InvalidArgument(f"align must be int or None, not {type(align).__name__}", size=align)
+        raise InvalidArgument(f"align must be int or None, not {type(align).__name__}", align=align)
     if align <= 0 or align & (align - 1) or align > MAX_ALIGN:
-        raise InvalidArgument(f"align must be a power of two up to 2**30, got {align}", size=align)
+        raise InvalidArgument(f"align must be a power of two up to 2**30, got {align}", align=align)
     return max(align, DEFAULT_ALIGN)
 
 
@@ -176,6 +176,8 @@ class Zone:
         dims = (shape,) if isinstance(shape, int) else tuple(shape)
         count = 1
         for dim in dims:
+            if dim < 0:
+                raise InvalidArgument(f"negative dimension in shape {dims}", name=self.name, size=self.size)
             count *= dim
         if count * dtype.itemsize > self.size:
             raise InvalidArgument(

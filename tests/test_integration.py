@@ -144,3 +144,48 @@ print(za.address != zb.address, bytes(sa.lookup("same-name")[0:1]), bytes(sb.loo
     out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
                          env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
     assert out.split() == ["True", "b'A'", "b'B'"]
+
+
+def test_threads_of_one_worker_never_commit_at_once(start_primary, prefix, root):
+    # flock is per open file description: without the table's thread lock two
+    # threads sharing the descriptor would both "hold" it and lose updates.
+    start_primary("--memory", "64M", "--huge-pages", "off", "--max-zones", "4096")
+    code = f"""
+import threading, hugeshmd
+shm = hugeshmd.attach({prefix!r})
+def churn(t):
+    for i in range(300):
+        shm.reserve(f"{{t}}-{{i}}", 4096)
+        if i % 3 == 0:
+            shm.free(f"{{t}}-{{i}}")
+threads = [threading.Thread(target=churn, args=(t,)) for t in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+zones = shm.zones
+ends = sorted((z.address, z.address + z.size) for z in zones)
+print(len(zones), all(a[1] <= b[0] for a, b in zip(ends, ends[1:])))
+"""
+    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
+                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    assert out.split() == [str(4 * 200), "True"]  # every surviving zone there, none overlapping
+
+
+def test_forked_child_shares_the_mapping_and_locks_on_its_own(start_primary, prefix, root):
+    start_primary("--memory", "8M", "--huge-pages", "off")
+    code = f"""
+import os, hugeshmd
+shm = hugeshmd.attach({prefix!r})
+parent = shm.reserve("parent", 16)
+parent[0:2] = b"pp"
+pid = os.fork()
+if pid == 0:
+    child = shm.reserve("child", 16)       # commits through the child's own lock descriptor
+    child[0:2] = b"cc"
+    parent[2:4] = b"c!"                     # MAP_SHARED survives fork: the parent sees this
+    os._exit(0 if shm._table._lock_fd != shm._table._fd else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), bytes(shm.lookup("child")[0:2]), bytes(parent[0:4]))
+"""
+    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
+                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    assert out.split() == ["0", "b'cc'", "b'ppc!'"]

@@ -1,0 +1,603 @@
+"""Unit tests of hugeshmd.table: the shared, crash-atomic table file.
+
+Every table lives in pytest's tmp_path. A second ``Table.open`` of the same file
+is a separate mapping, which is what another process sees. Corruption and
+crashes are simulated by writing bytes into the file with ``os.pwrite`` (a
+MAP_SHARED mapping and the page cache are one and the same on Linux).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from hugeshmd import table as table_mod
+from hugeshmd.errors import OutOfMemory, TableCorrupt
+from hugeshmd.table import (
+    HEADER_SIZE,
+    MODE_HUGETLBFS,
+    MODE_SHM,
+    STATE_READY,
+    Layout,
+    SegmentRecord,
+    Snapshot,
+    Table,
+    ZoneRecord,
+)
+
+BASE = 0x1000_0000_0000
+PAGE = 2 << 20
+MiB = 1 << 20
+
+
+def make_layout(**changes: object) -> Layout:
+    args: dict[str, object] = dict(base=BASE, window=64 * MiB, page_size=PAGE, mode=MODE_HUGETLBFS,
+                                   prefix="t", max_zones=16, max_workers=8)
+    args.update(changes)
+    return Layout.plan(**args)  # type: ignore[arg-type]
+
+
+def segment(sid: int = 0, address: int = BASE, length: int = 8 * MiB, *, iova_index: int = 0,
+            iova_count: int = 0, path: str = "/dev/hugepages/hugeshmd.t.seg0") -> SegmentRecord:
+    return SegmentRecord(sid, address, length, PAGE, 0, -1, address, iova_index, iova_count, path)
+
+
+def zone(name: str, address: int, size: int = 4096) -> ZoneRecord:
+    return ZoneRecord(name, address, size, address, 64, 0, 1234, 42)
+
+
+def poke(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def peek(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def zones_at(layout: Layout, slot: int) -> int:
+    return layout.slot_at[slot] + layout.max_segments * table_mod._SEGMENT.size
+
+
+@pytest.fixture
+def path(tmp_path) -> str:
+    return str(tmp_path / "table")
+
+
+@pytest.fixture
+def table(path: str) -> Iterator[Table]:
+    t = Table.create(path, make_layout())
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def reopen(path: str) -> Iterator[Callable[[], Table]]:
+    """Open more mappings of the test's table file; all are closed at the end."""
+    opened: list[Table] = []
+
+    def open_() -> Table:
+        opened.append(Table.open(path))
+        return opened[-1]
+
+    yield open_
+    for t in opened:
+        t.close()
+
+
+def commit_zones(t: Table, *records: ZoneRecord) -> Snapshot:
+    """Append zones (given in address order) one commit each."""
+    snap = t.snapshot()
+    for record in records:
+        with t.locked() as base:
+            snap = t.commit(base, insert=(len(base.zones), record))
+    return snap
+
+
+# -- creating and opening ------------------------------------------------------
+
+
+def test_fresh_table_is_generation_zero_and_empty(table: Table, reopen) -> None:
+    assert table.generation == 0
+    assert table.snapshot() == Snapshot(0, 0, (), ())
+    assert table.workers() == []
+    assert table.state() == (0, 0)
+    other = reopen()
+    assert other.generation == 0
+    assert other.snapshot() == Snapshot(0, 0, (), ())
+
+
+def test_create_leaves_only_the_table_file(tmp_path, path: str) -> None:
+    t = Table.create(path, make_layout())
+    t.close()
+    assert sorted(os.listdir(tmp_path)) == ["table"]
+    assert os.path.getsize(path) == t.layout.file_size
+
+
+def test_create_replaces_an_existing_table(path: str, reopen) -> None:
+    Table.create(path, make_layout(max_zones=16)).close()
+    Table.create(path, make_layout(max_zones=32)).close()
+    assert reopen().layout.max_zones == 32
+
+
+def test_open_reads_back_the_layout(table: Table, reopen) -> None:
+    layout = reopen().layout
+    assert layout == table.layout
+    assert (layout.base, layout.window, layout.page_size, layout.prefix) == (BASE, 64 * MiB, PAGE, "t")
+    assert (layout.max_zones, layout.max_workers, layout.max_iovas) == (16, 8, 32)
+
+
+def test_layout_of_shm_mode_has_no_iova_table() -> None:
+    layout = make_layout(mode=MODE_SHM, page_size=4096)
+    assert layout.max_iovas == 0
+    assert layout.workers_at == layout.iova_at == HEADER_SIZE
+
+
+def test_layout_areas_do_not_overlap() -> None:
+    layout = make_layout()
+    assert layout.iova_at >= HEADER_SIZE
+    assert layout.workers_at >= layout.iova_at + layout.max_iovas * 8
+    assert layout.slot_at[0] >= layout.workers_at + layout.max_workers * table_mod._WORKER.size
+    assert layout.slot_at[1] == layout.slot_at[0] + layout.slot_size
+    assert layout.slot_size >= layout.max_segments * table_mod._SEGMENT.size + layout.max_zones * table_mod._ZONE.size
+    assert layout.file_size == layout.slot_at[1] + layout.slot_size
+
+
+def test_open_missing_file_raises_file_not_found(tmp_path) -> None:
+    # secondary._try_open relies on this being FileNotFoundError, not TableCorrupt
+    with pytest.raises(FileNotFoundError):
+        Table.open(str(tmp_path / "absent"))
+
+
+# -- committing and reading ----------------------------------------------------
+
+
+def test_commit_bumps_generation_and_another_mapping_sees_it(table: Table, reopen) -> None:
+    seg = segment()
+    with table.locked() as base:
+        assert base.generation == 0
+        new = table.commit(base, segments=(seg,))
+    assert new == Snapshot(1, 1, (seg,), ())
+    assert table.generation == 1
+
+    other = reopen()
+    assert other.generation == 1
+    assert other.snapshot() == Snapshot(1, 1, (seg,), ())
+
+    # and the other way round: a change made through the second mapping
+    z = zone("a", BASE)
+    with other.locked() as base:
+        other.commit(base, insert=(0, z))
+    assert table.generation == 2
+    assert table.snapshot() == Snapshot(2, 1, (seg,), (z,))  # segments_generation unchanged
+
+
+def test_generation_word_view_follows_commits_of_another_mapping(table: Table, reopen) -> None:
+    word = table.generation_word()
+    assert word.tolist() == [0]
+    other = reopen()
+    commit_zones(other, zone("a", BASE), zone("b", BASE + 4096))
+    assert word.tolist() == [2]
+    word.release()
+
+
+def test_snapshot_is_decoded_once_per_generation(table: Table) -> None:
+    first = table.snapshot()
+    assert table.snapshot() is first
+    commit_zones(table, zone("a", BASE))
+    assert table.snapshot() is not first
+    assert table.snapshot().generation == 1
+
+
+def test_commit_without_change_still_bumps_generation(table: Table, reopen) -> None:
+    commit_zones(table, zone("a", BASE))
+    with table.locked() as base:
+        table.commit(base)
+    assert reopen().snapshot() == Snapshot(2, 0, (), (zone("a", BASE),))
+
+
+def test_zones_stay_sorted_through_inserts_and_removes(table: Table, reopen) -> None:
+    def insert(i: int, record: ZoneRecord) -> None:
+        with table.locked() as base:
+            table.commit(base, insert=(i, record))
+
+    def remove(i: int) -> None:
+        with table.locked() as base:
+            table.commit(base, remove=i)
+
+    insert(0, zone("m", BASE + 0x10000))
+    insert(0, zone("a", BASE))  # at the front
+    insert(2, zone("z", BASE + 0x20000))  # at the end
+    insert(1, zone("f", BASE + 0x8000))  # in the middle
+    insert(3, zone("p", BASE + 0x18000))
+    assert [z.name for z in table.snapshot().zones] == ["a", "f", "m", "p", "z"]
+    remove(2)  # m
+    remove(0)  # a
+    insert(1, zone("g", BASE + 0x9000))
+    remove(3)  # z, the last
+
+    expected = (zone("f", BASE + 0x8000), zone("g", BASE + 0x9000), zone("p", BASE + 0x18000))
+    snap = reopen().snapshot()
+    assert snap.generation == 9
+    assert snap.zones == expected
+    addresses = [z.address for z in snap.zones]
+    assert addresses == sorted(addresses)
+    assert snap.zone_index() == {"f": 0, "g": 1, "p": 2}
+
+
+def test_insert_and_remove_in_one_commit(table: Table, reopen) -> None:
+    commit_zones(table, zone("a", BASE), zone("b", BASE + 4096))
+    with table.locked() as base:
+        table.commit(base, remove=0, insert=(1, zone("c", BASE + 8192)))
+    assert reopen().snapshot().zones == (zone("b", BASE + 4096), zone("c", BASE + 8192))
+
+
+def test_records_round_trip_every_field(table: Table, reopen) -> None:
+    name = "é" * 31 + "x"  # 63 bytes of UTF-8, the maximum
+    z = ZoneRecord(name, BASE + 0x200000, 3 * MiB, 0xABC_DEF0_0000, 2 * MiB, 7, 99999, 1_700_000_000_123_456_789, 5)
+    seg = SegmentRecord(7, BASE, 8 * MiB, PAGE, 4 * MiB, 1, 0xABC_DEF0_0000, 3, 4, "/p/" + "x" * 188, 9)
+    with table.locked() as base:
+        table.commit(base, segments=(seg,), insert=(0, z))
+    snap = reopen().snapshot()
+    assert snap.segments == (seg,)
+    assert snap.zones == (z,)
+    assert snap.zones[0].end == BASE + 0x200000 + 3 * MiB
+
+
+def test_segment_path_too_long_is_refused_before_anything_is_written(table: Table, reopen) -> None:
+    commit_zones(table, zone("a", BASE))
+    with table.locked() as base, pytest.raises(ValueError, match="backing path too long"):
+        table.commit(base, segments=(segment(path="/" + "x" * 191),))
+    assert table.generation == 1
+    assert reopen().snapshot() == Snapshot(1, 0, (), (zone("a", BASE),))
+
+
+@pytest.mark.parametrize("name", ["x" * 64, "é" * 32], ids=["64 ascii bytes", "32 two-byte chars"])
+def test_zone_name_too_long_is_refused_before_anything_is_written(table: Table, reopen, name: str) -> None:
+    with table.locked() as base, pytest.raises(ValueError):
+        table.commit(base, insert=(0, zone(name, BASE)))
+    assert table.generation == 0
+    assert reopen().snapshot() == Snapshot(0, 0, (), ())
+
+
+def test_zone_table_full_raises_out_of_memory_and_changes_nothing(path: str, reopen) -> None:
+    t = Table.create(path, make_layout(max_zones=3))
+    try:
+        full = commit_zones(t, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
+        message = r"the zone table is full \(3 zones\); start the primary with a larger max_zones"
+        with t.locked() as base, pytest.raises(OutOfMemory, match=message) as info:
+            t.commit(base, insert=(3, zone("d", BASE + 12288)))
+        assert info.value.size == 3
+        assert t.generation == 3
+        assert reopen().snapshot() == full
+        # replacing one zone in a single commit is allowed when full
+        with t.locked() as base:
+            t.commit(base, remove=1, insert=(1, zone("e", BASE + 4096)))
+        assert [z.name for z in reopen().snapshot().zones] == ["a", "e", "c"]
+    finally:
+        t.close()
+
+
+def test_segment_table_full_is_refused_and_changes_nothing(path: str, reopen) -> None:
+    t = Table.create(path, make_layout(max_segments=2))
+    try:
+        segs = tuple(segment(i, BASE + i * 8 * MiB) for i in range(3))
+        # unchecked, the third record overwrote the zone area and every other
+        # mapping then found the committed generation corrupt
+        with t.locked() as base, pytest.raises(OutOfMemory, match=r"the segment table is full \(2 segments\)"):
+            t.commit(base, segments=segs)
+        assert t.generation == 0
+        assert reopen().snapshot() == Snapshot(0, 0, (), ())
+    finally:
+        t.close()
+
+
+def test_reader_retries_when_a_commit_lands_during_its_read(table: Table, reopen) -> None:
+    commit_zones(table, zone("a", BASE))
+    reader = reopen()
+    decode = reader._decode
+    calls: list[int] = []
+
+    def racing_decode(generation: int) -> Snapshot | None:
+        calls.append(generation)
+        snap = decode(generation)
+        if len(calls) == 1:  # a writer commits while this reader is mid-read
+            commit_zones(table, zone("b", BASE + 4096))
+        return snap
+
+    reader._decode = racing_decode  # type: ignore[method-assign]
+    snap = reader.snapshot()
+    assert calls == [1, 2]
+    assert snap == Snapshot(2, 0, (), (zone("a", BASE), zone("b", BASE + 4096)))
+
+
+# -- corruption and crashes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("area", ["zone", "segment", "meta count"])
+def test_corrupt_committed_slot_is_detected(table: Table, path: str, reopen, area: str) -> None:
+    with table.locked() as base:
+        table.commit(base, segments=(segment(),), insert=(0, zone("a", BASE)))
+    slot = 1  # generation 1
+    offset = {
+        "zone": zones_at(table.layout, slot) + 60,  # inside the zone's name (from byte 57)
+        "segment": table.layout.slot_at[slot] + 8,  # the segment's address
+        "meta count": table_mod._META_AT[slot] + 20,  # zone_count
+    }[area]
+    byte = peek(path, offset, 1)[0]
+    poke(path, offset, bytes([byte ^ 0x01]))
+    with pytest.raises(TableCorrupt, match="generation 1 fails its checksum") as info:
+        reopen().snapshot()
+    assert info.value.path == path
+
+
+def test_garbage_in_the_inactive_slot_is_harmless(table: Table, path: str, reopen) -> None:
+    # A writer killed mid-change leaves garbage in the slot of generation g + 1
+    # and in its meta record, but never touches the generation word.
+    committed = commit_zones(table, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
+    assert committed.generation == 3
+    inactive = 0
+    poke(path, zones_at(table.layout, inactive), b"\xa5" * 4 * table_mod._ZONE.size)
+    poke(path, table.layout.slot_at[inactive], b"\x5a" * 256)
+    poke(path, table_mod._META_AT[inactive], b"\xff" * table_mod._META.size)
+
+    reader = reopen()
+    assert reader.snapshot() == committed
+
+    with reader.locked() as base:
+        reader.commit(base, remove=1)
+    assert reopen().snapshot() == Snapshot(4, 0, (), (zone("a", BASE), zone("c", BASE + 8192)))
+
+
+def test_a_change_killed_before_its_commit_point_is_invisible(table: Table, path: str, reopen) -> None:
+    # The worst case: everything of generation g + 1 written, the generation
+    # word not yet stored. Readers must still see g, and the next commit wins.
+    committed = commit_zones(table, zone("a", BASE))
+    with table.locked() as base:
+        table.commit(base, insert=(1, zone("ghost", BASE + 4096)))
+    poke(path, table_mod._GEN_AT, struct.pack("<Q", 1))  # undo the one-word store
+
+    reader = reopen()
+    assert reader.generation == 1
+    assert reader.snapshot() == committed
+    with reader.locked() as base:
+        assert base == committed
+        reader.commit(base, insert=(1, zone("real", BASE + 8192)))
+    assert reopen().snapshot() == Snapshot(2, 0, (), (zone("a", BASE), zone("real", BASE + 8192)))
+
+
+def test_bad_magic_is_refused(table: Table, path: str) -> None:
+    poke(path, 0, b"NOTATABL")
+    with pytest.raises(TableCorrupt, match="is not a hugeshmd table \\(bad magic\\)"):
+        Table.open(path)
+
+
+def test_bad_header_checksum_is_refused(table: Table, path: str) -> None:
+    poke(path, 24, struct.pack("<Q", BASE + PAGE))  # the recorded base address
+    with pytest.raises(TableCorrupt, match="header checksum mismatch"):
+        Table.open(path)
+
+
+def rewrite_header(path: str, fields: dict[int, int]) -> None:
+    """Rewrite header fields *with* a valid checksum (a well-formed header of another format)."""
+    values = list(table_mod._HEADER.unpack(peek(path, 0, table_mod._HEADER.size)))
+    for index, value in fields.items():
+        values[index] = value
+    raw = table_mod._HEADER.pack(*values)
+    poke(path, 0, raw + struct.pack("<I", zlib.crc32(raw)))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({1: 2}, "table format 2 is not 1"),  # field 1: format version
+        ({13: table_mod._ZONE.size + 8}, "table format 1 is not 1"),  # field 13: zone record size
+    ],
+)
+def test_other_format_is_refused(table: Table, path: str, fields: dict[str, int], message: str) -> None:
+    rewrite_header(path, fields)
+    with pytest.raises(TableCorrupt, match=message):
+        Table.open(path)
+
+
+def test_header_rewrite_helper_keeps_a_valid_table(table: Table, path: str, reopen) -> None:
+    rewrite_header(path, {1: 1})  # no change: the file must still open (guards the tests above)
+    assert reopen().layout == table.layout
+
+
+@pytest.mark.parametrize("size", [0, 100, HEADER_SIZE - 1])
+def test_file_shorter_than_a_header_is_refused(table: Table, path: str, size: int) -> None:
+    os.truncate(path, size)
+    with pytest.raises(TableCorrupt, match=f"is truncated \\({size} bytes\\)"):
+        Table.open(path)
+
+
+@pytest.mark.parametrize("delta", [-4096, +4096])
+def test_file_of_another_size_than_recorded_is_refused(table: Table, path: str, delta: int) -> None:
+    size = table.layout.file_size + delta
+    os.truncate(path, size)
+    with pytest.raises(TableCorrupt, match=f"size {size} != recorded {table.layout.file_size}"):
+        Table.open(path)
+
+
+# -- the writer lock -----------------------------------------------------------
+
+
+def test_locked_holds_the_flock_against_other_open_files(table: Table, path: str, reopen) -> None:
+    other = reopen()  # a second Table: the lock must exclude it too
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with other.locked() as base:
+            assert base.generation == 0
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after the block
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def test_locked_releases_the_flock_when_the_block_raises(table: Table, path: str) -> None:
+    with pytest.raises(RuntimeError, match="boom"), table.locked():
+        raise RuntimeError("boom")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+def test_locked_yields_the_latest_commit_of_another_mapping(table: Table, reopen) -> None:
+    table.snapshot()  # cache generation 0 in this mapping
+    commit_zones(reopen(), zone("a", BASE))
+    with table.locked() as base:
+        assert base == Snapshot(1, 0, (), (zone("a", BASE),))
+
+
+def test_locked_excludes_other_threads_using_the_same_table(table: Table) -> None:
+    # An flock belongs to the open file description: two threads on one fd
+    # would both "hold" it, so the table must also take a thread lock.
+    order: list[str] = []
+    inside, leave = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with table.locked():
+            order.append("A in")
+            inside.set()
+            leave.wait(5)
+            order.append("A out")
+
+    def contender() -> None:
+        inside.wait(5)
+        with table.locked():
+            order.append("B in")
+
+    threads = [threading.Thread(target=holder), threading.Thread(target=contender)]
+    for thread in threads:
+        thread.start()
+    assert inside.wait(5)
+    time.sleep(0.05)  # room for B to get in, which it must not
+    assert order == ["A in"]
+    leave.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["A in", "A out", "B in"]
+
+
+def test_locked_in_a_forked_child_takes_an_flock_of_its_own(table: Table, monkeypatch) -> None:
+    # After fork(2) parent and child share the table's descriptor, and so any
+    # flock on it. Simulated without forking: this process takes a new pid,
+    # and the table's original descriptor plays the parent's.
+    parent_fd = table._fd
+    monkeypatch.setattr(table_mod.os, "getpid", lambda: 999_999_999)
+    with table.locked():
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(parent_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(parent_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(parent_fd, fcntl.LOCK_UN)
+
+
+# -- state word -------------------------------------------------------------------
+
+
+def test_state_and_owner_are_shared_between_mappings(table: Table, reopen) -> None:
+    assert table.owner() == (0, 0)
+    table.set_state(STATE_READY, 4321, 99_887_766)
+    other = reopen()
+    assert other.state() == (STATE_READY, 4321)
+    assert other.owner() == (4321, 99_887_766)
+    assert table.generation == 0  # not a versioned change
+
+
+# -- workers ------------------------------------------------------------------------
+
+
+def everyone_alive(pid: int, start: int) -> bool:
+    return True
+
+
+def test_workers_register_and_unregister(table: Table, reopen) -> None:
+    assert table.register_worker(101, 5001, everyone_alive) == 0
+    assert table.register_worker(102, 5002, everyone_alive) == 1
+    assert reopen().workers() == [(101, 5001), (102, 5002)]
+    table.unregister_worker(0, 101)
+    assert table.workers() == [(102, 5002)]
+    assert table.register_worker(103, 5003, everyone_alive) == 0  # the freed entry first
+    assert table.workers() == [(103, 5003), (102, 5002)]
+    assert table.generation == 0  # advisory, no generation bump
+
+
+def test_unregister_with_another_pid_leaves_the_entry(table: Table) -> None:
+    index = table.register_worker(101, 5001, everyone_alive)
+    table.unregister_worker(index, 999)
+    assert table.workers() == [(101, 5001)]
+
+
+def test_register_reuses_the_entry_of_a_dead_worker(table: Table) -> None:
+    for pid in range(201, 209):
+        table.register_worker(pid, pid * 10, everyone_alive)
+    with pytest.raises(OutOfMemory, match=r"the worker table is full \(8 live workers\); .* larger max_workers"):
+        table.register_worker(300, 3000, everyone_alive)
+
+    asked: list[tuple[int, int]] = []
+
+    def alive(pid: int, start: int) -> bool:
+        asked.append((pid, start))
+        return pid != 205
+
+    assert table.register_worker(300, 3000, alive) == 4
+    assert asked == [(201, 2010), (202, 2020), (203, 2030), (204, 2040), (205, 2050)]
+    assert (300, 3000) in table.workers()
+    assert (205, 2050) not in table.workers()
+    assert len(table.workers()) == 8
+
+
+# -- iovas ------------------------------------------------------------------------------
+
+
+def test_iova_of_without_iovas_is_the_address(table: Table) -> None:
+    seg = segment(iova_count=0)
+    assert table.iova_of(seg, BASE) == BASE
+    assert table.iova_of(seg, BASE + 3 * PAGE + 17) == BASE + 3 * PAGE + 17
+
+
+def test_iova_of_with_iovas_maps_each_page(table: Table, reopen) -> None:
+    pages = [0x1_4000_0000, 0x7_0020_0000, 0x0_3FE0_0000, 0x2_0000_0000]
+    table.write_iovas(2, pages)  # the segment's pages start at entry 2
+    seg = segment(address=BASE + 4 * PAGE, length=4 * PAGE, iova_index=2, iova_count=4)
+    other = reopen()
+    for t in (table, other):
+        assert t.iova_of(seg, BASE + 4 * PAGE) == 0x1_4000_0000
+        assert t.iova_of(seg, BASE + 5 * PAGE + 0x123) == 0x7_0020_0123
+        assert t.iova_of(seg, BASE + 6 * PAGE + PAGE - 1) == 0x0_3FE0_0000 + PAGE - 1
+        assert t.iova_of(seg, BASE + 7 * PAGE) == 0x2_0000_0000
+
+
+def test_write_iovas_beyond_the_table_raises_overflow(table: Table) -> None:
+    assert table.layout.max_iovas == 32
+    table.write_iovas(30, [1, 2])  # fits exactly
+    with pytest.raises(OverflowError, match="iova table full"):
+        table.write_iovas(31, [1, 2])
+
+
+# -- closing --------------------------------------------------------------------------------
+
+
+def test_close_is_idempotent(path: str) -> None:
+    t = Table.create(path, make_layout())
+    t.close()
+    t.close()
+    with pytest.raises(ValueError):
+        t.generation  # noqa: B018 - the released view refuses reads

@@ -1,0 +1,77 @@
+"""The address window in this process: reserve, conflicts, bounds, release."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hugeshmd import _sys
+from hugeshmd.errors import AddressUnavailable
+from hugeshmd.window import Window, conflicts
+
+BASE = 0x3000_0000_0000  # far from anything this test process maps
+SIZE = 64 << 20
+
+
+def mapped(base: int, size: int) -> list[str]:
+    return conflicts(base, size)
+
+
+@pytest.fixture
+def window():
+    w = Window.reserve(BASE, SIZE)
+    yield w
+    w.release()
+
+
+def test_reserve_maps_one_prot_none_range(window):
+    lines = mapped(BASE, SIZE)
+    assert len(lines) == 1 and lines[0].startswith(f"{BASE:x}-{BASE + SIZE:x} ---p")
+
+
+def test_second_reservation_is_refused_naming_the_first(window):
+    with pytest.raises(AddressUnavailable) as info:
+        Window.reserve(BASE + (1 << 20), 1 << 20)
+    assert info.value.address == BASE + (1 << 20)
+    assert info.value.conflicts == mapped(BASE, SIZE)
+    assert "--base-address" in str(info.value) and f"{BASE:x}-{BASE + SIZE:x}" in str(info.value)
+
+
+def test_segment_maps_inside_and_drops_back_to_reserved(window, tmp_path):
+    path = tmp_path / "seg"
+    path.write_bytes(b"x" * (2 << 20))
+    window.map(7, BASE + (4 << 20), 2 << 20, str(path), 0)
+    assert (_sys.byte_array_type(1).from_address(BASE + (4 << 20)))[0].value == ord("x")
+    assert any(line.endswith(str(path)) for line in mapped(BASE, SIZE))
+    window.unmap(7)
+    assert not any(str(path) in line for line in mapped(BASE, SIZE))
+    assert window.segments == {}
+
+
+@pytest.mark.parametrize("address, length", [(BASE - 4096, 8192), (BASE + SIZE - 4096, 8192), (0, 4096)])
+def test_map_fixed_never_leaves_the_window(window, address, length):
+    fd = os.memfd_create("t")
+    try:
+        os.ftruncate(fd, length)
+        with pytest.raises(ValueError, match="outside the window"):
+            window.map_fd(1, address, length, fd, 0)
+    finally:
+        os.close(fd)
+    assert window.segments == {}
+
+
+def test_release_is_idempotent_and_unmaps_everything():
+    w = Window.reserve(BASE, SIZE)
+    w.release()
+    w.release()
+    assert mapped(BASE, SIZE) == []
+
+
+def test_conflicts_lists_only_overlapping_lines():
+    address = _sys.mmap(0, 8192, _sys.PROT_READ, _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS)
+    try:
+        assert [line.split()[0] for line in conflicts(address + 4096, 4096)] == [f"{address:x}-{address + 8192:x}"]
+        assert conflicts(address + 8192 + (1 << 40), 4096) == []
+    finally:
+        _sys.munmap(address, 8192)
