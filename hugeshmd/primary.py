@@ -301,8 +301,7 @@ class Primary:
         return zones.reserve(self.table, name, size, align)[2]._asdict()
 
     def _op_lookup(self, name: str) -> dict[str, Any]:
-        snap = self.table.snapshot()
-        return snap.zones[zones.find(snap, name)]._asdict()
+        return zones.find(self.table.snapshot(), name)._asdict()
 
     def _op_free(self, name: str) -> dict[str, Any]:
         return zones.free(self.table, name)[2]._asdict()

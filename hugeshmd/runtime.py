@@ -26,9 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import time
-from dataclasses import dataclass
 
 from .errors import InstanceLocked, InvalidArgument
 
@@ -41,12 +39,15 @@ __all__ = [
     "process_alive",
 ]
 
-_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would allow a final newline
+_PREFIX_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_PREFIX_REST = _PREFIX_FIRST | frozenset(".-")
 
 
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can name files and endpoints; else InvalidArgument."""
-    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+    # Plain set checks rather than a regex: `re` is not worth its import to a worker.
+    if (not isinstance(prefix, str) or not 0 < len(prefix) <= 64 or prefix[0] not in _PREFIX_FIRST
+            or not _PREFIX_REST.issuperset(prefix)):
         raise InvalidArgument(
             f"invalid prefix {prefix!r}: use 1-64 of A-Z a-z 0-9 _ . - (not starting with . or -)",
             name=prefix,
@@ -62,12 +63,23 @@ def default_runtime_root() -> str:
     return os.path.join(base, "hugeshmd")
 
 
-@dataclass(frozen=True)
 class RuntimePaths:
     """Every path of one instance. ``root`` defaults to :func:`default_runtime_root`."""
 
-    prefix: str
-    root: str
+    __slots__ = ("prefix", "root")
+
+    def __init__(self, prefix: str, root: str) -> None:
+        self.prefix = prefix
+        self.root = root
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RuntimePaths) and (self.prefix, self.root) == (other.prefix, other.root)
+
+    def __hash__(self) -> int:
+        return hash((self.prefix, self.root))
+
+    def __repr__(self) -> str:
+        return f"RuntimePaths(prefix={self.prefix!r}, root={self.root!r})"
 
     @classmethod
     def for_prefix(cls, prefix: str, root: str | None = None) -> RuntimePaths:

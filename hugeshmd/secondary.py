@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from . import zones
 from .errors import HugeshmdError, NotFound, PrimaryUnavailable
@@ -101,8 +100,8 @@ class Secondary:
         self._window: Window | None = None
         self._window = Window.reserve(layout.base, layout.window)
         self._segments_generation = -1
-        self._zones: dict[str, tuple[ZoneRecord, Zone]] = {}
-        self._by_name: dict[str, Zone] = {}
+        self._records: dict[str, ZoneRecord] = {}  # every zone at generation _seen
+        self._by_name: dict[str, Zone] = {}  # the Zone objects made so far, made on first lookup
         self._seen = -1
         self._generation: Sequence[int] = table.generation_word()
         self._refresh()
@@ -122,14 +121,21 @@ class Secondary:
         try:
             return self._by_name[name]
         except KeyError:
-            raise NotFound(f"no zone named {name!r}", name=name) from None
+            return self._zone(name)
+
+    def _zone(self, name: str) -> Zone:
+        record = self._records.get(name)
+        if record is None:
+            raise NotFound(f"no zone named {name!r}", name=name)
+        zone = self._by_name[name] = make_zone(record, self._window)
+        return zone
 
     @property
     def zones(self) -> list[Zone]:
         """Every zone of the instance, by address."""
         if self._generation[0] != self._seen:
             self._refresh()
-        return [zone for _, zone in sorted(self._zones.values(), key=lambda rz: rz[0].address)]
+        return [self.lookup(r.name) for r in sorted(self._records.values(), key=lambda r: r.address)]
 
     @property
     def segments(self) -> list[Segment]:
@@ -160,10 +166,9 @@ class Secondary:
         base, new, record = zones.reserve(self._table, name, size, align)
         if base.generation != self._seen:
             self._refresh()
-            return self._by_name[name]
-        zone = make_zone(record, self._window)
-        self._zones[name] = (record, zone)
-        self._by_name[name] = zone
+            return self.lookup(name)
+        self._records[name] = record
+        zone = self._by_name[name] = make_zone(record, self._window)
         self._seen = new.generation
         return zone
 
@@ -179,7 +184,8 @@ class Secondary:
         if base.generation != self._seen:
             self._refresh()
             return
-        del self._zones[name], self._by_name[name]
+        del self._records[name]
+        self._by_name.pop(name, None)
         self._seen = new.generation
 
     # -- keeping up with the table ----------------------------------------------
@@ -191,12 +197,10 @@ class Secondary:
         snap = self._table.snapshot()
         if snap.segments_generation != self._segments_generation:
             self._apply_segments(snap)
-        zones: dict[str, tuple[ZoneRecord, Zone]] = {}
-        for record in snap.zones:
-            known = self._zones.get(record.name)
-            zones[record.name] = known if known and known[0] == record else (record, make_zone(record, self._window))
-        self._zones = zones
-        self._by_name = {name: zone for name, (_, zone) in zones.items()}
+        records = dict(snap.by_name)  # a copy: the snapshot's index moves on with the next commit
+        old = self._records
+        self._by_name = {name: zone for name, zone in self._by_name.items() if records.get(name) == old[name]}
+        self._records = records
         self._seen = snap.generation
 
     def _apply_segments(self, snap: Snapshot) -> None:
@@ -236,7 +240,7 @@ class Secondary:
             self._table.unregister_worker(self._worker, os.getpid())
         except (OSError, ValueError):
             pass
-        self._zones, self._by_name = {}, {}
+        self._records, self._by_name = {}, {}
         self._generation = (-2,)  # every call now takes the slow path and fails
         self._window = None  # released when the last Zone holding it is gone
         self._table.close()
@@ -244,11 +248,11 @@ class Secondary:
     def __enter__(self) -> Secondary:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._window is None else f"{len(self._by_name)} zones"
+        state = "closed" if self._window is None else f"{len(self._records)} zones"
         return f"<Secondary prefix={self.prefix!r} base={self._table.layout.base:#x} {state}>"
 
     def __del__(self) -> None:

@@ -12,7 +12,7 @@ Some facts about how it stays consistent without a lock a dead process can keep:
   killed mid-change blocks no one (flock(2)); DPDK's shared rwlocks are exactly
   the lock we avoid.
 * There are two *slots*, each a full copy of the segment and zone records plus
-  a *meta* record (generation, counts, CRC32). Committed generation ``g`` lives
+  a *meta* record (generation, counts, checksums). Committed generation ``g`` lives
   in slot ``g & 1``. A writer builds ``g + 1`` in the other slot, then stores
   the 8-byte generation word. Killed before that store, it leaves ``g``
   untouched; the store itself is one aligned 8-byte write, which x86-64 never
@@ -25,6 +25,10 @@ Some facts about how it stays consistent without a lock a dead process can keep:
   two threads using one descriptor would both "hold" it, and so would a parent
   and a child after fork(2). So a thread lock is taken first, and a process
   that finds its pid changed (a forked child) opens the file anew for locking.
+* Checksums cost O(1) per change: each zone record carries the CRC32 of its
+  own bytes, and the meta record the sum of those (mod 2**32) plus a CRC32 of
+  itself and the segment records. Readers verify all of it when they decode a
+  new generation; a writer adjusts the sum for the one record it changed.
 * The worker list is advisory (pid plus start time, checked against /proc), so
   it is updated in place under the same lock without a generation bump; a torn
   entry only ever reads as a dead worker.
@@ -32,20 +36,21 @@ Some facts about how it stays consistent without a lock a dead process can keep:
 
 from __future__ import annotations
 
+import _thread
 import fcntl
 import mmap
 import os
 import struct
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import NamedTuple
+from collections import namedtuple
+from collections.abc import Callable
 
 from .errors import OutOfMemory, TableCorrupt
+from .records import NAME_MAX, PATH_MAX, SEGMENT, ZONE, ZONE_BODY, SegmentRecord, Snapshot, ZoneRecord
 
-__all__ = ["SegmentRecord", "ZoneRecord", "Snapshot", "Table", "MODE_HUGETLBFS", "MODE_SHM"]
+__all__ = ["Layout", "Table", "SegmentRecord", "ZoneRecord", "Snapshot", "MODE_HUGETLBFS", "MODE_SHM",
+           "NAME_MAX", "PATH_MAX"]
 
 MAGIC = b"HUGESHMD"
 FORMAT = 1
@@ -54,8 +59,6 @@ MODE_HUGETLBFS = 1
 MODE_SHM = 2
 STATE_STARTING, STATE_READY, STATE_STOPPING = 0, 1, 2
 STATE_NAMES = {STATE_STARTING: "starting", STATE_READY: "ready", STATE_STOPPING: "stopping"}
-NAME_MAX = 63  # bytes of UTF-8
-PATH_MAX = 191
 
 # Static header: written once by the primary, covered by header_crc.
 _HEADER = struct.Struct("<8sIIQQQQIIIIIIIIQQQQQQ64s")
@@ -67,106 +70,26 @@ _STATE_AT = 520  # u32 state, u32 primary pid
 _STATE = struct.Struct("<II")
 _OWNER_START_AT = 528  # u64 primary's start time (with its pid, identifies it across pid reuse)
 _U64 = struct.Struct("<Q")
-_META = struct.Struct("<QQIII4x")  # generation, segments_generation, seg_count, zone_count, crc
+_U32 = struct.Struct("<I")
+# generation, segments generation, segment count, zone count, sum of zone CRCs, CRC of the rest + segments
+_META = struct.Struct("<QQIIII")
+_META_HEAD = _META.size - 4
 _META_AT = (576, 640)
-_SEGMENT = struct.Struct("<IIQQQQiIQII192s")
-_ZONE = struct.Struct("<QQQQIIIIQB63s8x")
 _WORKER = struct.Struct("<IIQ")  # pid, reserved, start time (clock ticks since boot)
 _IOVA = struct.Struct("<Q")
 
 
-class SegmentRecord(NamedTuple):
-    id: int
-    address: int
-    length: int
-    page_size: int
-    offset: int  # in the backing file
-    numa_node: int  # -1 when unknown or mixed
-    iova: int  # of the first page
-    iova_index: int  # first entry in the iova array; iova_count 0 means iova == VA
-    iova_count: int
-    path: str
-    flags: int = 0
-
-    def pack(self) -> bytes:
-        return _SEGMENT.pack(
-            self.id, self.flags, self.address, self.length, self.page_size, self.offset,
-            self.numa_node, 0, self.iova, self.iova_index, self.iova_count, _encode_path(self.path),
-        )
-
-    @classmethod
-    def unpack(cls, fields: tuple) -> SegmentRecord:
-        sid, flags, addr, length, psize, off, node, _, iova, idx, cnt, path = fields
-        return cls(sid, addr, length, psize, off, node, iova, idx, cnt,
-                   path.rstrip(b"\0").decode(), flags)
-
-
-class ZoneRecord(NamedTuple):
-    name: str
-    address: int
-    size: int
-    iova: int
-    align: int
-    segment: int
-    owner: int  # pid of the creator
-    created_ns: int
-    flags: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.address + self.size
-
-    def pack(self) -> bytes:
-        raw = self.name.encode()
-        if not 0 < len(raw) <= NAME_MAX:  # struct would truncate silently, maybe mid-character
-            raise ValueError(f"zone name of {len(raw)} bytes does not fit in {NAME_MAX}")
-        return _ZONE.pack(
-            self.address, self.size, self.iova, self.align, self.segment, self.flags,
-            self.owner, 0, self.created_ns, len(raw), raw,
-        )
-
-    @classmethod
-    def unpack(cls, fields: tuple) -> ZoneRecord:
-        addr, size, iova, align, seg, flags, owner, _, created, n, raw = fields
-        return cls(raw[:n].decode(), addr, size, iova, align, seg, owner, created, flags)
-
-
-class Snapshot(NamedTuple):
-    """One committed version of the table. Immutable; zones sorted by address."""
-
-    generation: int
-    segments_generation: int
-    segments: tuple[SegmentRecord, ...]
-    zones: tuple[ZoneRecord, ...]
-
-    def zone_index(self) -> dict[str, int]:
-        return {zone.name: i for i, zone in enumerate(self.zones)}
-
-
-class Layout(NamedTuple):
+class Layout(namedtuple("Layout", "file_size base window page_size mode max_segments max_zones max_workers "
+                                  "max_iovas iova_at workers_at slot_at slot_size created_ns prefix")):
     """The static header: sizes and offsets of every area, and the instance's window."""
 
-    file_size: int
-    base: int
-    window: int
-    page_size: int
-    mode: int
-    max_segments: int
-    max_zones: int
-    max_workers: int
-    max_iovas: int
-    iova_at: int
-    workers_at: int
-    slot_at: tuple[int, int]
-    slot_size: int
-    created_ns: int
-    prefix: str
+    __slots__ = ()
 
     @classmethod
     def plan(cls, *, base: int, window: int, page_size: int, mode: int, prefix: str,
              max_segments: int = 256, max_zones: int = 1024, max_workers: int = 1024) -> Layout:
         max_iovas = window // page_size if mode == MODE_HUGETLBFS else 0
-        slot_size = _round(max_segments * _SEGMENT.size + max_zones * _ZONE.size)
+        slot_size = _round(max_segments * SEGMENT.size + max_zones * ZONE.size)
         iova_at = HEADER_SIZE
         workers_at = iova_at + _round(max_iovas * _IOVA.size)
         slot0 = workers_at + _round(max_workers * _WORKER.size)
@@ -178,7 +101,7 @@ class Layout(NamedTuple):
         raw = _HEADER.pack(
             MAGIC, FORMAT, HEADER_SIZE, self.file_size, self.base, self.window, self.page_size,
             self.mode, self.max_segments, self.max_zones, self.max_workers, self.max_iovas,
-            _SEGMENT.size, _ZONE.size, _WORKER.size, self.iova_at, self.workers_at,
+            SEGMENT.size, ZONE.size, _WORKER.size, self.iova_at, self.workers_at,
             self.slot_at[0], self.slot_at[1], self.slot_size, self.created_ns,
             self.prefix.encode(),
         )
@@ -192,12 +115,40 @@ class Layout(NamedTuple):
         (crc,) = _HEADER_CRC.unpack_from(buf, _HEADER_CRC_AT)
         if crc != zlib.crc32(buf[:_HEADER.size]):
             raise TableCorrupt(f"{path}: header checksum mismatch", path=path)
-        if fields[1] != FORMAT or fields[12:15] != (_SEGMENT.size, _ZONE.size, _WORKER.size):
+        if fields[1] != FORMAT or fields[12:15] != (SEGMENT.size, ZONE.size, _WORKER.size):
             raise TableCorrupt(f"{path}: table format {fields[1]} is not {FORMAT}", path=path)
         (_, _, _, file_size, base, window, psize, mode, mseg, mzone, mwork, miova, _, _, _,
          iova_at, workers_at, s0, s1, ssize, created, prefix) = fields
         return cls(file_size, base, window, psize, mode, mseg, mzone, mwork, miova, iova_at,
                    workers_at, (s0, s1), ssize, created, prefix.rstrip(b"\0").decode())
+
+
+class _WriteLock:
+    """The context of :meth:`Table.locked`: thread lock, then flock; yields the snapshot."""
+
+    __slots__ = ("_table", "_fd")
+
+    def __init__(self, table: Table) -> None:
+        self._table = table
+
+    def __enter__(self) -> Snapshot:
+        table = self._table
+        if table._lock_pid != os.getpid():
+            table._after_fork()
+        table._thread_lock.acquire()
+        self._fd = table._lock_fd
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            table._thread_lock.release()
+            raise
+        return table.snapshot()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._table._thread_lock.release()
 
 
 class Table:
@@ -209,10 +160,12 @@ class Table:
         self._fd = fd
         self._lock_fd = fd
         self._lock_pid = os.getpid()
-        self._thread_lock = threading.Lock()
+        self._thread_lock = _thread.allocate_lock()
         self._mm = mm
-        self._words = memoryview(mm).cast("Q")  # fast generation reads
+        self._view = memoryview(mm)
+        self._words = self._view.cast("Q")  # fast generation reads
         self._cache: Snapshot | None = None
+        self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
 
     @classmethod
     def create(cls, path: str, layout: Layout, mode: int = 0o644) -> Table:
@@ -222,8 +175,8 @@ class Table:
         try:
             os.ftruncate(fd, layout.file_size)
             os.pwrite(fd, layout.pack(), 0)
-            os.pwrite(fd, _META.pack(0, 0, 0, 0, zlib.crc32(_META.pack(0, 0, 0, 0, 0)[:24])),
-                      _META_AT[0])
+            empty = _META.pack(0, 0, 0, 0, 0, 0)[:_META_HEAD]
+            os.pwrite(fd, empty + _U32.pack(zlib.crc32(empty)), _META_AT[0])
             os.rename(tmp, path)
         except BaseException:
             os.close(fd)
@@ -256,6 +209,7 @@ class Table:
         if self._fd < 0:
             return
         self._words.release()
+        self._view.release()
         self._mm.close()
         if self._lock_fd != self._fd:
             os.close(self._lock_fd)
@@ -266,7 +220,7 @@ class Table:
 
     @property
     def generation(self) -> int:
-        return self._words[_GEN_AT // 8]
+        return self._words[_GEN_AT // 8]  # type: ignore[no-any-return]
 
     def generation_word(self) -> memoryview:
         """A one-element view of the generation word, for the cheapest possible check."""
@@ -274,7 +228,7 @@ class Table:
 
     def state(self) -> tuple[int, int]:
         """(state, primary pid)."""
-        return _STATE.unpack_from(self._mm, _STATE_AT)
+        return _STATE.unpack_from(self._mm, _STATE_AT)  # type: ignore[return-value]
 
     def set_state(self, state: int, pid: int, start: int = 0) -> None:
         """Record the primary's state and identity (pid and start time)."""
@@ -300,22 +254,46 @@ class Table:
 
     def _decode(self, generation: int) -> Snapshot | None:
         meta_at = _META_AT[generation & 1]
-        gen, seg_gen, nseg, nzone, crc = _META.unpack_from(self._mm, meta_at)
+        gen, seg_gen, nseg, nzone, zone_sum, crc = _META.unpack_from(self._mm, meta_at)
         if gen != generation or nseg > self.layout.max_segments or nzone > self.layout.max_zones:
             return None
-        segs, zones = self._areas(generation & 1, nseg, nzone)
-        if zlib.crc32(zones, zlib.crc32(segs, zlib.crc32(self._mm[meta_at : meta_at + 24]))) != crc:
+        seg_at, zone_at = self._areas(generation & 1)
+        segs = self._mm[seg_at : seg_at + nseg * SEGMENT.size]
+        if zlib.crc32(segs, zlib.crc32(self._mm[meta_at : meta_at + _META_HEAD])) != crc:
             return None
-        return Snapshot(
-            gen, seg_gen,
-            tuple(SegmentRecord.unpack(f) for f in _SEGMENT.iter_unpack(segs)),
-            tuple(ZoneRecord.unpack(f) for f in _ZONE.iter_unpack(zones)),
-        )
+        zones = self._decode_zones(self._mm[zone_at : zone_at + nzone * ZONE.size], zone_sum)
+        if zones is None:
+            return None
+        return Snapshot(gen, seg_gen, tuple(SegmentRecord.unpack(f) for f in SEGMENT.iter_unpack(segs)), zones)
 
-    def _areas(self, slot: int, nseg: int, nzone: int) -> tuple[bytes, bytes]:
+    def _decode_zones(self, raw: bytes, zone_sum: int) -> tuple[ZoneRecord, ...] | None:
+        """Zone records, each checked against its CRC and all against their sum; None if any fails.
+
+        A change touches one record, so the records of the last decode are
+        reused when their bytes are identical (identical bytes pass the same
+        check): a worker catching up after another's reserve decodes one record.
+        """
+        verified, fresh, records, total, view = self._verified, {}, [], 0, memoryview(raw)
+        for at in range(0, len(raw), ZONE.size):
+            chunk = raw[at : at + ZONE.size]
+            crc = _U32.unpack_from(chunk, ZONE_BODY)[0]
+            record = verified.get(chunk)
+            if record is None:
+                if zlib.crc32(view[at : at + ZONE_BODY]) != crc:
+                    return None
+                record = ZoneRecord.unpack(ZONE.unpack(chunk))
+            fresh[chunk] = record
+            records.append(record)
+            total += crc
+        if total & 0xFFFFFFFF != zone_sum:
+            return None
+        self._verified = fresh
+        return tuple(records)
+
+    def _areas(self, slot: int) -> tuple[int, int]:
+        """Offsets of a slot's segment records and zone records."""
         at = self.layout.slot_at[slot]
-        zones_at = at + self.layout.max_segments * _SEGMENT.size
-        return self._mm[at : at + nseg * _SEGMENT.size], self._mm[zones_at : zones_at + nzone * _ZONE.size]
+        return at, at + self.layout.max_segments * SEGMENT.size
 
     def iova_of(self, segment: SegmentRecord, address: int) -> int:
         """The I/O address of ``address`` in ``segment`` (the VA when iovas are unknown)."""
@@ -329,75 +307,76 @@ class Table:
 
     # -- writing -----------------------------------------------------------
 
-    @contextmanager
-    def locked(self) -> Iterator[Snapshot]:
-        """Hold the writer lock; yields the committed snapshot to base a change on."""
-        if self._lock_pid != os.getpid():
-            self._after_fork()
-        with self._thread_lock:
-            fd = self._lock_fd
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield self.snapshot()
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+    def locked(self) -> _WriteLock:
+        """``with table.locked() as snapshot:`` holds the writer lock; the committed snapshot."""
+        return _WriteLock(self)
 
     def _after_fork(self) -> None:
         # A forked child shares the parent's open file description (and so its
         # flock), and inherits the thread lock in whatever state another parent
         # thread left it: it gets a descriptor and a thread lock of its own.
         self._lock_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        self._thread_lock = threading.Lock()
+        self._thread_lock = _thread.allocate_lock()
         self._lock_pid = os.getpid()
 
-    def commit(self, base: Snapshot, *, insert: tuple[int, ZoneRecord] | None = None,
-               remove: int | None = None,
+    def commit(self, base: Snapshot, *, insert: ZoneRecord | None = None, remove: ZoneRecord | None = None,
                segments: tuple[SegmentRecord, ...] | None = None) -> Snapshot:
-        """Publish the version after ``base``: one zone inserted at an index, one
-        removed, and/or a new segment list. Call only inside :meth:`locked`."""
+        """Publish the version after ``base``: a zone removed, one inserted, and/or a new
+        segment list. Call only inside :meth:`locked`, with the snapshot it gave."""
         if base.generation != self.generation:
             raise RuntimeError(f"commit on generation {base.generation}, but {self.generation} is committed")
-        zones, zone_raw = self._zone_change(base, insert, remove)
         if segments is not None and len(segments) > self.layout.max_segments:
             raise OutOfMemory(f"the segment table is full ({self.layout.max_segments} segments)",
                               size=self.layout.max_segments)
-        new = Snapshot(
-            base.generation + 1,
-            base.generation + 1 if segments is not None else base.segments_generation,
-            base.segments if segments is None else segments,
-            zones,
-        )
+        if insert is not None and len(base.zones) - (remove is not None) >= self.layout.max_zones:
+            raise OutOfMemory(f"the zone table is full ({self.layout.max_zones} zones); "
+                              "start the primary with a larger max_zones", size=self.layout.max_zones)
+        record = insert.pack(zlib.crc32) if insert is not None else b""
+        removed_at = base.index_of(remove) if remove is not None else None
+        base_sum = _META.unpack_from(self._mm, _META_AT[base.generation & 1])[4]
+        new = base.successor(segments, insert, remove)
         slot = new.generation & 1
-        at = self.layout.slot_at[slot]
-        zones_at = at + self.layout.max_segments * _SEGMENT.size
-        seg_raw = b"".join(s.pack() for s in new.segments)
-        self._mm[at : at + len(seg_raw)] = seg_raw
-        self._mm[zones_at : zones_at + len(zone_raw)] = zone_raw
-        head = _META.pack(new.generation, new.segments_generation, len(new.segments), len(zones), 0)[:24]
-        crc = zlib.crc32(zone_raw, zlib.crc32(seg_raw, zlib.crc32(head)))
-        _META.pack_into(self._mm, _META_AT[slot], new.generation, new.segments_generation,
-                        len(new.segments), len(zones), crc)
+        zone_sum = self._write_zones(base_sum, base, new, removed_at, insert, record)
+        head = _META.pack(new.generation, new.segments_generation, len(new.segments), len(new.zones),
+                          zone_sum, 0)[:_META_HEAD]
+        segments_view = self._write_segments(base, new, slot)
+        crc = zlib.crc32(segments_view, zlib.crc32(head))
+        segments_view.release()
+        self._mm[_META_AT[slot] : _META_AT[slot] + _META.size] = head + _U32.pack(crc)
         self._words[_GEN_AT // 8] = new.generation  # the commit point
         self._cache = new
         return new
 
-    def _zone_change(self, base: Snapshot, insert: tuple[int, ZoneRecord] | None,
-                     remove: int | None) -> tuple[tuple[ZoneRecord, ...], bytes]:
-        # Unchanged records are copied as bytes from the committed slot, not
-        # packed again: a change packs one record and the rest is a memcpy.
-        _, old = self._areas(base.generation & 1, len(base.segments), len(base.zones))
-        zones = base.zones
-        if remove is not None:
-            old = old[: remove * _ZONE.size] + old[(remove + 1) * _ZONE.size :]
-            zones = zones[:remove] + zones[remove + 1 :]
+    def _write_segments(self, base: Snapshot, new: Snapshot, slot: int) -> memoryview:
+        """Fill the slot's segment records (a memmove when unchanged); a view of them."""
+        dst, _ = self._areas(slot)
+        size = len(new.segments) * SEGMENT.size
+        if new.segments is base.segments:
+            self._mm.move(dst, self._areas(base.generation & 1)[0], size)
+        else:
+            self._mm[dst : dst + size] = b"".join(s.pack() for s in new.segments)
+        return self._view[dst : dst + size]
+
+    def _write_zones(self, zone_sum: int, base: Snapshot, new: Snapshot, removed_at: int | None,
+                     insert: ZoneRecord | None, record: bytes) -> int:
+        """Fill the new slot's zone records with at most three memmoves; the new sum of their CRCs."""
+        size = ZONE.size
+        _, src = self._areas(base.generation & 1)
+        _, dst = self._areas(new.generation & 1)
+        count = len(base.zones)
+        if removed_at is None:
+            self._mm.move(dst, src, count * size)
+        else:
+            zone_sum -= _U32.unpack_from(self._mm, src + removed_at * size + ZONE_BODY)[0]
+            self._mm.move(dst, src, removed_at * size)
+            self._mm.move(dst + removed_at * size, src + (removed_at + 1) * size, (count - removed_at - 1) * size)
+            count -= 1
         if insert is not None:
-            if len(zones) >= self.layout.max_zones:
-                raise OutOfMemory(f"the zone table is full ({self.layout.max_zones} zones); "
-                                  "start the primary with a larger max_zones", size=self.layout.max_zones)
-            i, record = insert
-            old = old[: i * _ZONE.size] + record.pack() + old[i * _ZONE.size :]
-            zones = zones[:i] + (record,) + zones[i:]
-        return zones, old
+            i = new.index_of(insert)
+            self._mm.move(dst + (i + 1) * size, dst + i * size, (count - i) * size)
+            self._mm[dst + i * size : dst + (i + 1) * size] = record
+            zone_sum += _U32.unpack_from(record, ZONE_BODY)[0]
+        return zone_sum & 0xFFFFFFFF
 
     def write_iovas(self, index: int, iovas: list[int]) -> None:
         if index + len(iovas) > self.layout.max_iovas:
@@ -436,10 +415,3 @@ class Table:
 
 def _round(size: int, to: int = 4096) -> int:
     return -(-size // to) * to
-
-
-def _encode_path(path: str) -> bytes:
-    raw = path.encode()
-    if len(raw) > PATH_MAX:
-        raise ValueError(f"backing path too long ({len(raw)} > {PATH_MAX} bytes): {path}")
-    return raw

@@ -1,10 +1,10 @@
 """Named zones (DPDK's memzones): validation, placement, and the Zone object.
 
-Placement is first-fit over the gaps between zones, inside one segment (a zone
-never straddles two backing files). Zones are kept sorted by address in the
-table, so one pass over the committed snapshot finds both the gap and the index
-at which the new record is inserted. The heap of a later issue replaces this
-for small allocations; zones stay for large, named, long-lived regions.
+Placement is first-fit over the free gaps of the committed snapshot (see
+:mod:`hugeshmd.records`), inside one segment: a zone never straddles two
+backing files. A reserve costs O(gaps), not O(zones). The heap of a later issue
+replaces this for small allocations; zones stay for large, named, long-lived
+regions.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from . import _sys
 from .errors import AlreadyExists, InvalidArgument, NotFound, OutOfMemory
-from .table import NAME_MAX, SegmentRecord, Snapshot, Table, ZoneRecord
+from .records import NAME_MAX, SegmentRecord, Snapshot, ZoneRecord
+from .table import Table
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     import numpy
 
 __all__ = ["Zone", "check_name", "check_size", "check_align", "place", "find", "reserve", "free", "make_zone"]
@@ -64,41 +67,33 @@ def check_align(align: object) -> int:
     return max(align, DEFAULT_ALIGN)
 
 
-def find(snapshot: Snapshot, name: str) -> int:
-    """Index of the zone called ``name`` in ``snapshot``; NotFound if none."""
-    for i, zone in enumerate(snapshot.zones):
-        if zone.name == name:
-            return i
-    raise NotFound(f"no zone named {name!r}", name=name)
+def find(snapshot: Snapshot, name: str) -> ZoneRecord:
+    """The zone called ``name`` in ``snapshot``; NotFound if none."""
+    try:
+        return snapshot.by_name[name]
+    except KeyError:
+        raise NotFound(f"no zone named {name!r}", name=name) from None
 
 
 IovaOf = Callable[[SegmentRecord, int], int]
 
 
-def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf) -> tuple[int, ZoneRecord]:
-    """Choose where a new zone goes: (index to insert at, its record).
+def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf) -> ZoneRecord:
+    """Where a new zone goes: the first free gap it fits in, aligned.
 
     Raises AlreadyExists if the name is taken, OutOfMemory if no gap fits.
     """
-    zones = snapshot.zones
-    if any(zone.name == name for zone in zones):
+    if name in snapshot.by_name:
         raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
-    i = 0
-    largest = 0
-    for segment in sorted(snapshot.segments, key=lambda s: s.address):
-        cursor, end = segment.address, segment.address + segment.length
-        while i < len(zones) and zones[i].address < end:
-            if zones[i].address >= cursor:
-                fit = _fit(cursor, zones[i].address, size, align)
-                if fit is not None:
-                    return i, _record(name, fit, size, align, segment, iova_of)
-                largest = max(largest, zones[i].address - cursor)
-            cursor = max(cursor, zones[i].end)
-            i += 1
-        fit = _fit(cursor, end, size, align)
-        if fit is not None:
-            return i, _record(name, fit, size, align, segment, iova_of)
-        largest = max(largest, end - cursor)
+    mask = align - 1
+    for start, end, segment_id in snapshot.gaps:
+        if end - start >= size:
+            address = (start + mask) & ~mask
+            if address + size <= end:
+                segment = next(s for s in snapshot.segments if s.id == segment_id)
+                return ZoneRecord(name, address, size, iova_of(segment, address), align, segment_id,
+                                  os.getpid(), time.time_ns())
+    largest = max((end - start for start, end, _ in snapshot.gaps), default=0)
     raise OutOfMemory(
         f"no free run of {size} bytes (aligned to {align}) for zone {name!r}; "
         f"the largest free run is {largest} bytes",
@@ -112,26 +107,15 @@ def reserve(table: Table, name: str, size: int, align: int) -> tuple[Snapshot, S
     Arguments must already be checked. Raises AlreadyExists or OutOfMemory.
     """
     with table.locked() as base:
-        index, record = place(base, name, size, align, table.iova_of)
-        return base, table.commit(base, insert=(index, record)), record
+        record = place(base, name, size, align, table.iova_of)
+        return base, table.commit(base, insert=record), record
 
 
 def free(table: Table, name: str) -> tuple[Snapshot, Snapshot, ZoneRecord]:
     """Commit the removal of a zone: (base version, new version, its record). NotFound if none."""
     with table.locked() as base:
-        index = find(base, name)
-        return base, table.commit(base, remove=index), base.zones[index]
-
-
-def _fit(start: int, end: int, size: int, align: int) -> int | None:
-    address = (start + align - 1) & ~(align - 1)
-    return address if address + size <= end else None
-
-
-def _record(name: str, address: int, size: int, align: int, segment: SegmentRecord,
-            iova_of: IovaOf) -> ZoneRecord:
-    return ZoneRecord(name, address, size, iova_of(segment, address), align, segment.id,
-                      os.getpid(), time.time_ns())
+        record = find(base, name)
+        return base, table.commit(base, remove=record), record
 
 
 class Zone:
@@ -187,14 +171,20 @@ class Zone:
         return numpy.frombuffer(self, dtype=dtype, count=count).reshape(dims)
 
 
-_types: dict[int, type] = {}
+MAX_ZONE_TYPES = 1024
+_types: dict[int, type] = {}  # Zone type per size, oldest evicted first
 
 
 def make_zone(record: ZoneRecord, keepalive: object) -> Zone:
-    """A Zone over mapped memory. ``keepalive`` (the mapping) lives as long as the Zone."""
+    """A Zone over mapped memory. ``keepalive`` (the mapping) lives as long as the Zone.
+
+    The first Zone of a size not seen lately costs a type creation (~10 us).
+    """
     cls = _types.get(record.size)
     if cls is None:
-        cls = _types[record.size] = type("Zone", (Zone, _sys.byte_array_type(record.size)), {})
+        if len(_types) >= MAX_ZONE_TYPES:
+            del _types[next(iter(_types))]
+        cls = _types[record.size] = _sys.byte_array_type(record.size, Zone)
     zone = cls.from_address(record.address)
     zone.name = record.name
     zone.address = record.address

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from hugeshmd import records
 from hugeshmd import table as table_mod
 from hugeshmd.errors import OutOfMemory, TableCorrupt
 from hugeshmd.table import (
@@ -68,7 +69,7 @@ def peek(path: str, offset: int, size: int) -> bytes:
 
 
 def zones_at(layout: Layout, slot: int) -> int:
-    return layout.slot_at[slot] + layout.max_segments * table_mod._SEGMENT.size
+    return layout.slot_at[slot] + layout.max_segments * records.SEGMENT.size
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def commit_zones(t: Table, *records: ZoneRecord) -> Snapshot:
     snap = t.snapshot()
     for record in records:
         with t.locked() as base:
-            snap = t.commit(base, insert=(len(base.zones), record))
+            snap = t.commit(base, insert=record)
     return snap
 
 
@@ -151,7 +152,7 @@ def test_layout_areas_do_not_overlap() -> None:
     assert layout.workers_at >= layout.iova_at + layout.max_iovas * 8
     assert layout.slot_at[0] >= layout.workers_at + layout.max_workers * table_mod._WORKER.size
     assert layout.slot_at[1] == layout.slot_at[0] + layout.slot_size
-    assert layout.slot_size >= layout.max_segments * table_mod._SEGMENT.size + layout.max_zones * table_mod._ZONE.size
+    assert layout.slot_size >= layout.max_segments * records.SEGMENT.size + layout.max_zones * records.ZONE.size
     assert layout.file_size == layout.slot_at[1] + layout.slot_size
 
 
@@ -179,7 +180,7 @@ def test_commit_bumps_generation_and_another_mapping_sees_it(table: Table, reope
     # and the other way round: a change made through the second mapping
     z = zone("a", BASE)
     with other.locked() as base:
-        other.commit(base, insert=(0, z))
+        other.commit(base, insert=z)
     assert table.generation == 2
     assert table.snapshot() == Snapshot(2, 1, (seg,), (z,))  # segments_generation unchanged
 
@@ -211,11 +212,11 @@ def test_commit_without_change_still_bumps_generation(table: Table, reopen) -> N
 def test_zones_stay_sorted_through_inserts_and_removes(table: Table, reopen) -> None:
     def insert(i: int, record: ZoneRecord) -> None:
         with table.locked() as base:
-            table.commit(base, insert=(i, record))
+            table.commit(base, insert=record)
 
     def remove(i: int) -> None:
         with table.locked() as base:
-            table.commit(base, remove=i)
+            table.commit(base, remove=base.zones[i])
 
     insert(0, zone("m", BASE + 0x10000))
     insert(0, zone("a", BASE))  # at the front
@@ -234,13 +235,13 @@ def test_zones_stay_sorted_through_inserts_and_removes(table: Table, reopen) -> 
     assert snap.zones == expected
     addresses = [z.address for z in snap.zones]
     assert addresses == sorted(addresses)
-    assert snap.zone_index() == {"f": 0, "g": 1, "p": 2}
+    assert list(snap.by_name) == ["f", "g", "p"] and [snap.index_of(z) for z in snap.zones] == [0, 1, 2]
 
 
 def test_insert_and_remove_in_one_commit(table: Table, reopen) -> None:
     commit_zones(table, zone("a", BASE), zone("b", BASE + 4096))
     with table.locked() as base:
-        table.commit(base, remove=0, insert=(1, zone("c", BASE + 8192)))
+        table.commit(base, remove=base.zones[0], insert=zone("c", BASE + 8192))
     assert reopen().snapshot().zones == (zone("b", BASE + 4096), zone("c", BASE + 8192))
 
 
@@ -249,7 +250,7 @@ def test_records_round_trip_every_field(table: Table, reopen) -> None:
     z = ZoneRecord(name, BASE + 0x200000, 3 * MiB, 0xABC_DEF0_0000, 2 * MiB, 7, 99999, 1_700_000_000_123_456_789, 5)
     seg = SegmentRecord(7, BASE, 8 * MiB, PAGE, 4 * MiB, 1, 0xABC_DEF0_0000, 3, 4, "/p/" + "x" * 188, 9)
     with table.locked() as base:
-        table.commit(base, segments=(seg,), insert=(0, z))
+        table.commit(base, segments=(seg,), insert=z)
     snap = reopen().snapshot()
     assert snap.segments == (seg,)
     assert snap.zones == (z,)
@@ -267,7 +268,7 @@ def test_segment_path_too_long_is_refused_before_anything_is_written(table: Tabl
 @pytest.mark.parametrize("name", ["x" * 64, "é" * 32], ids=["64 ascii bytes", "32 two-byte chars"])
 def test_zone_name_too_long_is_refused_before_anything_is_written(table: Table, reopen, name: str) -> None:
     with table.locked() as base, pytest.raises(ValueError):
-        table.commit(base, insert=(0, zone(name, BASE)))
+        table.commit(base, insert=zone(name, BASE))
     assert table.generation == 0
     assert reopen().snapshot() == Snapshot(0, 0, (), ())
 
@@ -278,13 +279,13 @@ def test_zone_table_full_raises_out_of_memory_and_changes_nothing(path: str, reo
         full = commit_zones(t, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
         message = r"the zone table is full \(3 zones\); start the primary with a larger max_zones"
         with t.locked() as base, pytest.raises(OutOfMemory, match=message) as info:
-            t.commit(base, insert=(3, zone("d", BASE + 12288)))
+            t.commit(base, insert=zone("d", BASE + 12288))
         assert info.value.size == 3
         assert t.generation == 3
         assert reopen().snapshot() == full
         # replacing one zone in a single commit is allowed when full
         with t.locked() as base:
-            t.commit(base, remove=1, insert=(1, zone("e", BASE + 4096)))
+            t.commit(base, remove=base.zones[1], insert=zone("e", BASE + 4096))
         assert [z.name for z in reopen().snapshot().zones] == ["a", "e", "c"]
     finally:
         t.close()
@@ -329,7 +330,7 @@ def test_reader_retries_when_a_commit_lands_during_its_read(table: Table, reopen
 @pytest.mark.parametrize("area", ["zone", "segment", "meta count"])
 def test_corrupt_committed_slot_is_detected(table: Table, path: str, reopen, area: str) -> None:
     with table.locked() as base:
-        table.commit(base, segments=(segment(),), insert=(0, zone("a", BASE)))
+        table.commit(base, segments=(segment(),), insert=zone("a", BASE))
     slot = 1  # generation 1
     offset = {
         "zone": zones_at(table.layout, slot) + 60,  # inside the zone's name (from byte 57)
@@ -349,7 +350,7 @@ def test_garbage_in_the_inactive_slot_is_harmless(table: Table, path: str, reope
     committed = commit_zones(table, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
     assert committed.generation == 3
     inactive = 0
-    poke(path, zones_at(table.layout, inactive), b"\xa5" * 4 * table_mod._ZONE.size)
+    poke(path, zones_at(table.layout, inactive), b"\xa5" * 4 * records.ZONE.size)
     poke(path, table.layout.slot_at[inactive], b"\x5a" * 256)
     poke(path, table_mod._META_AT[inactive], b"\xff" * table_mod._META.size)
 
@@ -357,7 +358,7 @@ def test_garbage_in_the_inactive_slot_is_harmless(table: Table, path: str, reope
     assert reader.snapshot() == committed
 
     with reader.locked() as base:
-        reader.commit(base, remove=1)
+        reader.commit(base, remove=base.zones[1])
     assert reopen().snapshot() == Snapshot(4, 0, (), (zone("a", BASE), zone("c", BASE + 8192)))
 
 
@@ -366,7 +367,7 @@ def test_a_change_killed_before_its_commit_point_is_invisible(table: Table, path
     # word not yet stored. Readers must still see g, and the next commit wins.
     committed = commit_zones(table, zone("a", BASE))
     with table.locked() as base:
-        table.commit(base, insert=(1, zone("ghost", BASE + 4096)))
+        table.commit(base, insert=zone("ghost", BASE + 4096))
     poke(path, table_mod._GEN_AT, struct.pack("<Q", 1))  # undo the one-word store
 
     reader = reopen()
@@ -374,7 +375,7 @@ def test_a_change_killed_before_its_commit_point_is_invisible(table: Table, path
     assert reader.snapshot() == committed
     with reader.locked() as base:
         assert base == committed
-        reader.commit(base, insert=(1, zone("real", BASE + 8192)))
+        reader.commit(base, insert=zone("real", BASE + 8192))
     assert reopen().snapshot() == Snapshot(2, 0, (), (zone("a", BASE), zone("real", BASE + 8192)))
 
 
@@ -403,7 +404,7 @@ def rewrite_header(path: str, fields: dict[int, int]) -> None:
     ("fields", "message"),
     [
         ({1: 2}, "table format 2 is not 1"),  # field 1: format version
-        ({13: table_mod._ZONE.size + 8}, "table format 1 is not 1"),  # field 13: zone record size
+        ({13: records.ZONE.size + 8}, "table format 1 is not 1"),  # field 13: zone record size
     ],
 )
 def test_other_format_is_refused(table: Table, path: str, fields: dict[str, int], message: str) -> None:
