@@ -173,7 +173,7 @@ def byte_array_type(length: int, mixin: type = object) -> type:
     cache of array types; the caller decides how many to keep.
     """
     bases = (ctypes.Array,) if mixin is object else (mixin, ctypes.Array)
-    return _ArrayType("Zone", bases, {"_type_": _Byte, "_length_": length})  # type: ignore[no-any-return]
+    return _ArrayType("Zone", bases, {"_type_": _Byte, "_length_": length})  # type: ignore[misc, no-any-return]
 
 
 _PFN_MASK = (1 << 55) - 1

@@ -30,10 +30,10 @@ class Control:
     def __init__(self, paths: RuntimePaths, timeout: float = 5.0) -> None:
         self.paths = paths
         self.timeout = timeout
-        self._context = zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = None
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> zmq.Socket[bytes]:
         if self._socket is None:
             socket = self._context.socket(zmq.REQ)
             socket.setsockopt(zmq.LINGER, 0)
@@ -84,7 +84,7 @@ class Subscription:
 
     def __init__(self, paths: RuntimePaths, timeout: float = 5.0) -> None:
         self._control = Control(paths, timeout)
-        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._socket.connect(paths.events)

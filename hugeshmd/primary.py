@@ -181,8 +181,9 @@ class Primary:
         self.router = self._socket(context, zmq.ROUTER, self.paths.control, {zmq.MAXMSGSIZE: protocol.MAX_MESSAGE})
         self.publisher = self._socket(context, zmq.PUB, self.paths.events, {})
 
-    def _socket(self, context: zmq.Context, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
-        sock = context.socket(kind)
+    def _socket(self, context: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str,
+                options: dict[int, int]) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = context.socket(kind)
         for option, value in options.items():
             sock.setsockopt(option, value)
         # libzmq leaves the ipc:// file behind when the socket closes: remove it after.

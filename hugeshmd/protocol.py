@@ -118,7 +118,7 @@ def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     command = COMMANDS.get(op) if isinstance(op, str) else None
     if command is None:
         raise ProtocolError(f"unknown operation {quote(op)}; known: {', '.join(sorted(COMMANDS))}")
-    return op, command.arguments(message)
+    return command.name, command.arguments(message)
 
 
 def _echo(request_id: object) -> dict[str, Any]:

@@ -15,6 +15,10 @@ import struct
 from bisect import bisect_left, bisect_right
 from collections import namedtuple
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["SegmentRecord", "ZoneRecord", "Snapshot", "Gap", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE"]
 
 NAME_MAX = 63  # bytes of UTF-8
@@ -38,6 +42,18 @@ class SegmentRecord(namedtuple("SegmentRecord", "id address length page_size off
     """
 
     __slots__ = ()
+    if TYPE_CHECKING:
+        id: int
+        address: int
+        length: int
+        page_size: int
+        offset: int
+        numa_node: int
+        iova: int
+        iova_index: int
+        iova_count: int
+        path: str
+        flags: int
 
     def pack(self) -> bytes:
         raw = self.path.encode()
@@ -47,7 +63,7 @@ class SegmentRecord(namedtuple("SegmentRecord", "id address length page_size off
                             self.numa_node, 0, self.iova, self.iova_index, self.iova_count, raw)
 
     @classmethod
-    def unpack(cls, fields: tuple) -> SegmentRecord:
+    def unpack(cls, fields: tuple[Any, ...]) -> SegmentRecord:
         sid, flags, addr, length, psize, off, node, _, iova, idx, cnt, path = fields
         return cls(sid, addr, length, psize, off, node, iova, idx, cnt, path.rstrip(b"\0").decode(), flags)
 
@@ -57,10 +73,20 @@ class ZoneRecord(namedtuple("ZoneRecord", "name address size iova align segment 
     """A named zone: ``size`` bytes at ``address`` in segment ``segment``, made by pid ``owner``."""
 
     __slots__ = ()
+    if TYPE_CHECKING:
+        name: str
+        address: int
+        size: int
+        iova: int
+        align: int
+        segment: int
+        owner: int
+        created_ns: int
+        flags: int
 
     @property
     def end(self) -> int:
-        return self.address + self.size  # type: ignore[no-any-return]
+        return self.address + self.size
 
     def pack(self, crc32: object) -> bytes:
         """The record's bytes, ending in the crc32 (``zlib.crc32``) of the rest."""
@@ -72,7 +98,7 @@ class ZoneRecord(namedtuple("ZoneRecord", "name address size iova align segment 
         return body + struct.pack("<I4x", crc32(body))  # type: ignore[operator]
 
     @classmethod
-    def unpack(cls, fields: tuple) -> ZoneRecord:
+    def unpack(cls, fields: tuple[Any, ...]) -> ZoneRecord:
         addr, size, iova, align, seg, flags, owner, _, created, n, raw, _ = fields
         return cls(raw[:n].decode(), addr, size, iova, align, seg, owner, created, flags)
 
@@ -98,7 +124,7 @@ class Snapshot:
     def __hash__(self) -> int:
         return hash(self._key())
 
-    def _key(self) -> tuple:
+    def _key(self) -> tuple[Any, ...]:
         return self.generation, self.segments_generation, self.segments, self.zones
 
     def __repr__(self) -> str:
@@ -168,7 +194,8 @@ def _gaps(segments: tuple[SegmentRecord, ...], zones: tuple[ZoneRecord, ...]) ->
     return gaps
 
 
-def _remember(zone: ZoneRecord, i: int, by_name: dict | None, starts: list | None, gaps: list | None) -> None:
+def _remember(zone: ZoneRecord, i: int, by_name: dict[str, ZoneRecord] | None, starts: list[int] | None,
+              gaps: list[Gap] | None) -> None:
     if by_name is not None:
         by_name[zone.name] = zone
     if starts is not None:
@@ -179,7 +206,8 @@ def _remember(zone: ZoneRecord, i: int, by_name: dict | None, starts: list | Non
         gaps[g : g + 1] = [gap for gap in ((start, zone.address, sid), (zone.end, end, sid)) if gap[0] < gap[1]]
 
 
-def _forget(zone: ZoneRecord, i: int, by_name: dict | None, starts: list | None, gaps: list | None) -> None:
+def _forget(zone: ZoneRecord, i: int, by_name: dict[str, ZoneRecord] | None, starts: list[int] | None,
+            gaps: list[Gap] | None) -> None:
     if by_name is not None:
         del by_name[zone.name]
     if starts is not None:

@@ -49,6 +49,8 @@ from collections.abc import Callable
 from .errors import OutOfMemory, TableCorrupt
 from .records import NAME_MAX, PATH_MAX, SEGMENT, ZONE, ZONE_BODY, SegmentRecord, Snapshot, ZoneRecord
 
+TYPE_CHECKING = False  # typing costs a worker's import ~5 ms; annotations are strings anyway
+
 __all__ = ["Layout", "Table", "SegmentRecord", "ZoneRecord", "Snapshot", "MODE_HUGETLBFS", "MODE_SHM",
            "NAME_MAX", "PATH_MAX"]
 
@@ -84,6 +86,22 @@ class Layout(namedtuple("Layout", "file_size base window page_size mode max_segm
     """The static header: sizes and offsets of every area, and the instance's window."""
 
     __slots__ = ()
+    if TYPE_CHECKING:
+        file_size: int
+        base: int
+        window: int
+        page_size: int
+        mode: int
+        max_segments: int
+        max_zones: int
+        max_workers: int
+        max_iovas: int
+        iova_at: int
+        workers_at: int
+        slot_at: tuple[int, int]
+        slot_size: int
+        created_ns: int
+        prefix: str
 
     @classmethod
     def plan(cls, *, base: int, window: int, page_size: int, mode: int, prefix: str,
@@ -220,7 +238,7 @@ class Table:
 
     @property
     def generation(self) -> int:
-        return self._words[_GEN_AT // 8]  # type: ignore[no-any-return]
+        return self._words[_GEN_AT // 8]  # type: ignore[no-any-return, unused-ignore]
 
     def generation_word(self) -> memoryview:
         """A one-element view of the generation word, for the cheapest possible check."""
@@ -228,7 +246,7 @@ class Table:
 
     def state(self) -> tuple[int, int]:
         """(state, primary pid)."""
-        return _STATE.unpack_from(self._mm, _STATE_AT)  # type: ignore[return-value]
+        return _STATE.unpack_from(self._mm, _STATE_AT)  # type: ignore[return-value, unused-ignore]
 
     def set_state(self, state: int, pid: int, start: int = 0) -> None:
         """Record the primary's state and identity (pid and start time)."""

@@ -138,14 +138,18 @@ class Zone:
     size: int
     iova: int
 
+    if TYPE_CHECKING:  # ctypes supplies the buffer at run time; say so to type checkers
+
+        def __buffer__(self, flags: int, /) -> memoryview: ...
+
     def __repr__(self) -> str:
         return f"<Zone {self.name!r} at {self.address:#x} size {self.size} iova {self.iova:#x}>"
 
     def __getitem__(self, key: int | slice) -> Any:
-        return memoryview(self)[key]  # type: ignore[call-overload]
+        return memoryview(self)[key]
 
     def __setitem__(self, key: int | slice, value: Any) -> None:
-        memoryview(self)[key] = value  # type: ignore[call-overload]
+        memoryview(self)[key] = value
 
     def ndarray(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> numpy.ndarray:
         """A numpy array over the zone, sharing its memory (numpy is imported here).
@@ -156,7 +160,7 @@ class Zone:
 
         dtype = numpy.dtype(dtype)
         if shape is None:
-            return numpy.frombuffer(self, dtype=dtype, count=self.size // dtype.itemsize)
+            return numpy.frombuffer(memoryview(self), dtype=dtype, count=self.size // dtype.itemsize)
         dims = (shape,) if isinstance(shape, int) else tuple(shape)
         count = 1
         for dim in dims:
@@ -168,11 +172,11 @@ class Zone:
                 f"shape {dims} of {dtype} needs {count * dtype.itemsize} bytes; zone {self.name!r} has {self.size}",
                 name=self.name, size=self.size,
             )
-        return numpy.frombuffer(self, dtype=dtype, count=count).reshape(dims)
+        return numpy.frombuffer(memoryview(self), dtype=dtype, count=count).reshape(dims)
 
 
 MAX_ZONE_TYPES = 1024
-_types: dict[int, type] = {}  # Zone type per size, oldest evicted first
+_types: dict[int, Any] = {}  # Zone type per size, oldest evicted first
 
 
 def make_zone(record: ZoneRecord, keepalive: object) -> Zone:
@@ -180,7 +184,7 @@ def make_zone(record: ZoneRecord, keepalive: object) -> Zone:
 
     The first Zone of a size not seen lately costs a type creation (~10 us).
     """
-    cls = _types.get(record.size)
+    cls: Any = _types.get(record.size)
     if cls is None:
         if len(_types) >= MAX_ZONE_TYPES:
             del _types[next(iter(_types))]

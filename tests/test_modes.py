@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import PYTHON, Primary, free_hugepages, leftovers, needs_hugepages
+from conftest import PYTHON, Primary, free_hugepages, hugetlbfs_mount, leftovers, needs_hugepages
 
 
 def status(prefix: str, root: str) -> dict:
@@ -108,3 +108,21 @@ def test_status_table_reads_well(start_primary, prefix, root):
     assert "mode       fallback (huge_pages=off)" not in out  # off is not a fallback reason to report
     lines = dict(line.split(None, 1) for line in out.splitlines())
     assert lines["memory"] == "4 MiB" and lines["zones"] == "0" and lines["state"] == "ready"
+
+
+def one_gib_pages_ready() -> bool:
+    return free_hugepages(1 << 30) >= 1 and hugetlbfs_mount(1 << 30) is not None
+
+
+@pytest.mark.skipif(not one_gib_pages_ready(),
+                    reason="needs a free 1 GiB hugepage and a hugetlbfs of them (scripts/setup-hugepages N 2)")
+def test_one_gib_pages(start_primary, prefix, root, workers):
+    start_primary("--memory", "1G", "--page-size", "1G", "--huge-pages", "on")
+    s = status(prefix, root)
+    assert (s["mode"], s["page_size"], s["memory"]) == ("hugepages", 1 << 30, 1 << 30)
+    a, b = workers(), workers()
+    assert a.ok("attach", prefix=prefix) == b.ok("attach", prefix=prefix)
+    zone = a.ok("reserve", name="gig", size=1 << 20, align=1 << 30)
+    assert zone["address"] % (1 << 30) == 0 and zone["iova"] % (1 << 30) == 0 and zone["iova"] != zone["address"]
+    a.ok("write", name="gig", offset=(1 << 20) - 2, hex="beef")
+    assert b.ok("read", name="gig", offset=(1 << 20) - 2, length=2)["hex"] == "beef"
