@@ -23,6 +23,7 @@ from .errors import (
     OutOfMemory,
     PrimaryUnavailable,
     ProtocolError,
+    TableBusy,
     TableCorrupt,
 )
 from .secondary import Secondary, Segment, attach
@@ -45,5 +46,6 @@ __all__ = [
     "InstanceLocked",
     "HugepagesUnavailable",
     "TableCorrupt",
+    "TableBusy",
     "ProtocolError",
 ]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from . import _sys
-from .errors import HugepagesUnavailable
+from .errors import HugepagesUnavailable, OutOfMemory
 from .table import MODE_HUGETLBFS, MODE_SHM
 from .window import Window
 
@@ -109,15 +109,17 @@ class ShmBacking:
 
     def create(self, window: Window, segment_id: int, address: int, length: int,
                progress: Progress | None = None) -> Mapped:
-        """Create, map at ``address`` and populate; MemoryError-like OSError if /dev/shm is full."""
+        """Create, map at ``address`` and populate; OutOfMemory if /dev/shm cannot hold it."""
         shm = posix_ipc.SharedMemory(self.name(segment_id), posix_ipc.O_CREX, mode=0o660, size=length)
         try:
             _map_and_populate(window, segment_id, address, length, shm.fd, self.page_size, progress)
-        except OSError:
+        except OSError as err:
             if segment_id in window.segments:
                 window.unmap(segment_id)
             shm.unlink()
-            raise
+            # tmpfs answers a populate beyond its size= with ENOMEM or EFAULT, not SIGBUS
+            raise OutOfMemory(f"could not populate {length} bytes of /dev/shm{self.name(segment_id)}: "
+                              f"{err.strerror} (is /dev/shm large enough?)", size=length, errno=err.errno) from err
         finally:
             shm.close_fd()
         return Mapped(f"/dev/shm{self.name(segment_id)}", address, length, None, numa_node(address))
@@ -152,10 +154,12 @@ def numa_node(address: int, numa_maps: str = "/proc/self/numa_maps") -> int:
     return -1
 
 
-def remove_stale(stem: str, directories: list[str]) -> list[str]:
-    """Remove files named ``stem*`` in ``directories``; returns what was removed.
+def remove_stale(head: str, directories: list[str]) -> list[str]:
+    """Remove files named ``head`` followed by digits in ``directories``; what was removed.
 
-    Call only while holding the primary lock of the prefix the stem names.
+    Exactly that shape: the stem of prefix ``a`` is also the start of prefix
+    ``a.b``'s files, which belong to another, maybe live, instance. Call only
+    while holding the primary lock of the prefix ``head`` names.
     """
     removed = []
     for directory in directories:
@@ -164,7 +168,7 @@ def remove_stale(stem: str, directories: list[str]) -> list[str]:
         except OSError:
             continue
         for name in names:
-            if name.startswith(stem):
+            if name.startswith(head) and name[len(head) :].isdigit():
                 path = os.path.join(directory, name)
                 try:
                     os.unlink(path)

@@ -18,6 +18,7 @@ __all__ = [
     "HugepagesUnavailable",
     "TableCorrupt",
     "ProtocolError",
+    "TableBusy",
     "error_for_code",
 ]
 
@@ -94,6 +95,12 @@ class ProtocolError(HugeshmdError):
     code = 11
 
 
+class TableBusy(HugeshmdError, BlockingIOError):
+    """The shared table's writer lock stayed taken for the whole timeout; try again."""
+
+    code = 12
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -108,6 +115,7 @@ _BY_CODE = {
         HugepagesUnavailable,
         TableCorrupt,
         ProtocolError,
+        TableBusy,
     )
 }
 

@@ -27,7 +27,7 @@ import zmq
 from . import hugepages, protocol, zones
 from .backing import HugetlbfsBacking, Mapped, ShmBacking, remove_stale
 from .config import DEFAULT_FALLBACK_MEMORY, Config
-from .errors import HugepagesUnavailable, HugeshmdError
+from .errors import HugepagesUnavailable, HugeshmdError, InvalidArgument, TableBusy
 from .runtime import PrimaryLock, RuntimePaths, process_alive, process_start_time
 from .table import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord, Table
 from .units import format_size
@@ -38,6 +38,7 @@ __all__ = ["Primary", "run"]
 log = logging.getLogger("hugeshmd.primary")
 
 HEARTBEAT_S = 1.0
+LOCK_WAIT_S = 1.0  # a request waits this long for a worker holding the table's lock, then gets TableBusy
 Backing = HugetlbfsBacking | ShmBacking
 
 
@@ -66,9 +67,12 @@ class Primary:
             self._start()
         except BaseException:
             self._undo.close()
+            self._wake_r.close()
+            self._wake_w.close()
             raise
 
     def _start(self) -> None:
+        self._check_socket_paths()
         os.makedirs(self.paths.dir, mode=0o755, exist_ok=True)
         self._undo.callback(_rmdir_quietly, self.paths.dir)  # last undo: fails if another primary uses it
         lock = PrimaryLock.acquire(self.paths.lock)
@@ -85,14 +89,38 @@ class Primary:
         log.info("ready: %s", self.summary())
 
     def _remove_stale(self) -> None:
+        self._stop_stale_table()
         dirs = [m.path for m in hugepages.mounts()] + ["/dev/shm"]
-        removed = remove_stale(self.paths.file_stem(), dirs) + remove_stale("table.new.", [self.paths.dir])
+        removed = remove_stale(self.paths.file_stem() + "seg", dirs) + remove_stale("table.new.", [self.paths.dir])
         for path in [self.paths.table, *self.paths.socket_paths()]:
             if os.path.lexists(path):
                 os.unlink(path)
                 removed.append(path)
         for path in removed:
             log.warning("removed stale %s left by a previous primary of prefix %r", path, self.config.prefix)
+
+    def _check_socket_paths(self) -> None:
+        """An ipc:// path must fit in sun_path (unix(7): 108 bytes with the NUL), checked
+        before any hugepage is touched rather than at bind, after mapping."""
+        for path in self.paths.socket_paths():
+            if len(path.encode()) > 107:
+                raise InvalidArgument(
+                    f"invalid runtime_root: the socket path {path} is {len(path.encode())} bytes, "
+                    "more than a unix socket allows (107)", name="runtime_root")
+
+    def _stop_stale_table(self) -> None:
+        """Mark a dead predecessor's table stopped before it is unlinked, so that its
+        workers, which keep it mapped, get PrimaryUnavailable rather than go on
+        writing zones into an orphan that no one else sees."""
+        try:
+            stale = Table.open(self.paths.table)
+        except (OSError, HugeshmdError):
+            return
+        try:
+            if stale.state()[0] != STATE_STOPPING:
+                mark_stopped(stale, wait=LOCK_WAIT_S)
+        finally:
+            stale.close()
 
     def _choose_backing(self) -> tuple[Backing, int]:
         config = self.config
@@ -299,13 +327,13 @@ class Primary:
         return {"zones": [z._asdict() for z in self.table.snapshot().zones]}
 
     def _op_reserve(self, name: str, size: int, align: int = 64) -> dict[str, Any]:
-        return zones.reserve(self.table, name, size, align)[2]._asdict()
+        return zones.reserve(self.table, name, size, align, LOCK_WAIT_S)[2]._asdict()
 
     def _op_lookup(self, name: str) -> dict[str, Any]:
         return zones.find(self.table.snapshot(), name)._asdict()
 
     def _op_free(self, name: str) -> dict[str, Any]:
-        return zones.free(self.table, name)[2]._asdict()
+        return zones.free(self.table, name, LOCK_WAIT_S)[2]._asdict()
 
     def status(self) -> dict[str, Any]:
         snap = self.table.snapshot()
@@ -332,17 +360,39 @@ class Primary:
     # -- shutdown ------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Tell workers, unmap, remove every file this primary made. Idempotent."""
-        table = getattr(self, "table", None)
-        if table is not None and table.state()[0] != STATE_STOPPING:
-            table.set_state(STATE_STOPPING, *table.owner())
-            with table.locked() as base:
-                table.commit(base)  # a new generation: every worker's next call sees the state
-            self._publish({"op": "stopping"})
-        self._undo.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        """Tell workers, unmap, remove every file this primary made. Idempotent.
+
+        The removal runs whatever happens while telling workers: a table that
+        fails its checks or a lock that cannot be had must not pin hugepages.
+        """
+        try:
+            self._tell_workers()
+        except Exception:  # noqa: BLE001 - log it, and still remove everything
+            log.exception("could not mark the table stopped; removing the instance anyway")
+        finally:
+            self._undo.close()
+            self._wake_r.close()
+            self._wake_w.close()
         log.info("stopped: prefix %s, all hugepage files and runtime files removed", self.config.prefix)
+
+    def _tell_workers(self) -> None:
+        table = getattr(self, "table", None)
+        if table is None or table.state()[0] == STATE_STOPPING:
+            return
+        mark_stopped(table)
+        self._publish({"op": "stopping"})
+
+
+def mark_stopped(table: Table, wait: float = 2.0) -> None:
+    """Set the table's state to stopping and, if the writer lock can be had within
+    ``wait`` seconds, commit a new generation so every worker's next call sees it."""
+    table.set_state(STATE_STOPPING, *table.owner())
+    try:
+        with table.locked(timeout=wait) as base:
+            table.commit(base)
+    except TableBusy:
+        log.warning("the table's writer lock stayed taken for %g s; workers will see the stop "
+                    "at their next reserve or free", wait)
 
 
 def run(config: Config) -> int:

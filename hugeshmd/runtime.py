@@ -124,7 +124,11 @@ class PrimaryLock:
     def acquire(cls, path: str) -> PrimaryLock:
         """Take the lock or raise InstanceLocked naming the holder's pid."""
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # an exiting primary removed the dir after we made it
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                continue
             if not _lock_within(fd, PROBE_GRACE_S):
                 holder = _read_pid(fd)
                 os.close(fd)

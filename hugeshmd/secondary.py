@@ -9,6 +9,7 @@ ready yet (:func:`attach`'s slow path).
 
 from __future__ import annotations
 
+import _thread
 import os
 import time
 from collections.abc import Sequence
@@ -31,7 +32,9 @@ def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str |
     Waits up to ``timeout`` seconds for a primary to be ready. Raises
     PrimaryUnavailable when none is, AddressUnavailable when part of the
     instance's address window is already mapped in this process (nothing is
-    overwritten), TableCorrupt when the shared table fails its checks.
+    overwritten), TableCorrupt when the shared table fails its checks,
+    InvalidArgument for a malformed prefix, OutOfMemory when the instance's
+    worker table is full of live workers.
     """
     paths = RuntimePaths.for_prefix(prefix, runtime_root)
     table = _open_ready_table(paths, timeout)
@@ -59,7 +62,9 @@ def _open_ready_table(paths: RuntimePaths, timeout: float) -> Table:
                     prefix=paths.prefix, path=paths.dir,
                 )
             try:
-                control.request("hello", timeout=left)
+                # Short slices: a hello that reached a primary as it stopped is
+                # lost, and must not cost the whole timeout when a successor is up.
+                control.request("hello", timeout=min(left, 0.5))
             except PrimaryUnavailable:
                 continue
             table = _try_open(paths)
@@ -96,17 +101,31 @@ class Secondary:
         self.prefix = paths.prefix
         self._paths = paths
         self._table = table
-        layout = table.layout
+        # Thread safety: _lock guards the bookkeeping (refresh, making a Zone,
+        # the update after a commit). The lookup fast path takes no lock: it
+        # reads one dict, which a refresh replaces whole, and _seen, which is
+        # assigned last.
+        self._lock = _thread.RLock()
         self._window: Window | None = None
-        self._window = Window.reserve(layout.base, layout.window)
+        self._generation: Sequence[int] = (-2,)
         self._segments_generation = -1
         self._records: dict[str, ZoneRecord] = {}  # every zone at generation _seen
         self._by_name: dict[str, Zone] = {}  # the Zone objects made so far, made on first lookup
         self._seen = -1
-        self._generation: Sequence[int] = table.generation_word()
-        self._refresh()
-        start = process_start_time(os.getpid()) or 0
-        self._worker = table.register_worker(os.getpid(), start, process_alive)
+        try:
+            self._window = Window.reserve(table.layout.base, table.layout.window)
+            self._generation = table.generation_word()
+            self._refresh()
+            start = process_start_time(os.getpid()) or 0
+            self._worker = table.register_worker(os.getpid(), start, process_alive)
+        except BaseException:
+            # Drop what holds the table's buffer and the window, or closing the
+            # table would raise BufferError over the real error.
+            self._generation = (-2,)
+            if self._window is not None:
+                self._window.release()
+                self._window = None
+            raise
 
     # -- reading -----------------------------------------------------------
 
@@ -124,22 +143,30 @@ class Secondary:
             return self._zone(name)
 
     def _zone(self, name: str) -> Zone:
-        record = self._records.get(name)
-        if record is None:
-            raise NotFound(f"no zone named {name!r}", name=name)
-        zone = self._by_name[name] = make_zone(record, self._window)
-        return zone
+        with self._lock:
+            zone = self._by_name.get(name)
+            if zone is None:
+                record = self._records.get(name)
+                if record is None:
+                    raise NotFound(f"no zone named {name!r}", name=name)
+                zone = self._by_name[name] = make_zone(record, self._window)
+            return zone
 
     @property
     def zones(self) -> list[Zone]:
-        """Every zone of the instance, by address."""
+        """Every zone of the instance, by address. Raises as :meth:`lookup` does."""
         if self._generation[0] != self._seen:
             self._refresh()
-        return [self.lookup(r.name) for r in sorted(self._records.values(), key=lambda r: r.address)]
+        with self._lock:
+            records = sorted(self._records.values(), key=lambda r: r.address)
+            return [self._zone(r.name) for r in records]
 
     @property
     def segments(self) -> list[Segment]:
-        """The segments mapped in this process (applying any published change first)."""
+        """The segments mapped in this process (applying any published change first).
+
+        Raises PrimaryUnavailable once the primary has stopped.
+        """
         if self._generation[0] != self._seen:
             self._refresh()
         return list(self._table.snapshot().segments)
@@ -164,44 +191,48 @@ class Secondary:
         name, size, align = check_name(name), check_size(size), check_align(align)
         self._check_primary()
         base, new, record = zones.reserve(self._table, name, size, align)
-        if base.generation != self._seen:
-            self._refresh()
-            return self.lookup(name)
-        self._records[name] = record
-        zone = self._by_name[name] = make_zone(record, self._window)
-        self._seen = new.generation
-        return zone
+        with self._lock:
+            if base.generation != self._seen:
+                self._refresh()
+                return self._zone(name)
+            self._records[name] = record
+            zone = self._by_name[name] = make_zone(record, self._window)
+            self._seen = new.generation
+            return zone
 
     def free(self, name: str) -> None:
-        """Free the zone called ``name``; NotFound if there is none.
+        """Free the zone called ``name``.
 
-        Zone objects of it that are still held stay mapped, but the memory may
-        be handed to the next ``reserve``.
+        Raises NotFound if there is none, InvalidArgument for a bad name,
+        PrimaryUnavailable once the primary stopped. Zone objects of it that are
+        still held stay mapped, but the memory may go to the next ``reserve``.
         """
         check_name(name)
         self._check_primary()
         base, new, _ = zones.free(self._table, name)
-        if base.generation != self._seen:
-            self._refresh()
-            return
-        del self._records[name]
-        self._by_name.pop(name, None)
-        self._seen = new.generation
+        with self._lock:
+            if base.generation != self._seen:
+                self._refresh()
+                return
+            self._records.pop(name, None)
+            self._by_name.pop(name, None)
+            self._seen = new.generation
 
     # -- keeping up with the table ----------------------------------------------
 
     def _refresh(self) -> None:
-        if self._window is None:
-            raise HugeshmdError(f"this Secondary of prefix {self.prefix!r} is closed")
-        self._check_primary()
-        snap = self._table.snapshot()
-        if snap.segments_generation != self._segments_generation:
-            self._apply_segments(snap)
-        records = dict(snap.by_name)  # a copy: the snapshot's index moves on with the next commit
-        old = self._records
-        self._by_name = {name: zone for name, zone in self._by_name.items() if records.get(name) == old[name]}
-        self._records = records
-        self._seen = snap.generation
+        with self._lock:
+            if self._window is None:
+                raise HugeshmdError(f"this Secondary of prefix {self.prefix!r} is closed")
+            self._check_primary()
+            snap = self._table.snapshot()
+            if snap.segments_generation != self._segments_generation:
+                self._apply_segments(snap)
+            records = dict(snap.by_name)  # a copy: the snapshot's index moves on with the next commit
+            old = self._records
+            self._by_name = {n: z for n, z in self._by_name.items() if records.get(n) == old.get(n)}
+            self._records = records
+            self._seen = snap.generation
 
     def _apply_segments(self, snap: Snapshot) -> None:
         """Map new segments and unmap removed ones, before any zone in them is seen."""
@@ -234,16 +265,17 @@ class Secondary:
 
     def close(self) -> None:
         """Detach. Idempotent. The window is unmapped once no Zone or view needs it."""
-        if self._window is None:
-            return
-        try:
-            self._table.unregister_worker(self._worker, os.getpid())
-        except (OSError, ValueError):
-            pass
-        self._records, self._by_name = {}, {}
-        self._generation = (-2,)  # every call now takes the slow path and fails
-        self._window = None  # released when the last Zone holding it is gone
-        self._table.close()
+        with self._lock:
+            if self._window is None:
+                return
+            try:
+                self._table.unregister_worker(self._worker, os.getpid())
+            except (OSError, ValueError):
+                pass
+            self._records, self._by_name = {}, {}
+            self._generation = (-2,)  # every call now takes the slow path and fails
+            self._window = None  # released when the last Zone holding it is gone
+            self._table.close()
 
     def __enter__(self) -> Secondary:
         return self

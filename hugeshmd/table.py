@@ -21,10 +21,18 @@ Some facts about how it stays consistent without a lock a dead process can keep:
   again, and retry if it moved (a seqlock): the writer of ``g + 2`` reuses the
   slot of ``g``. On x86-64 (TSO) stores become visible in program order, which
   is what this relies on; a weakly ordered CPU would need barriers here.
-* An flock belongs to an open file description, not to a process or thread:
-  two threads using one descriptor would both "hold" it, and so would a parent
-  and a child after fork(2). So a thread lock is taken first, and a process
-  that finds its pid changed (a forked child) opens the file anew for locking.
+* An flock belongs to an open file description, not to a process or thread
+  (flock(2)): two threads using one descriptor would both "hold" it, so a
+  thread lock is taken first. A child made by fork(2) shares its parent's
+  descriptions: were the parent killed while holding the lock, the child's
+  copy would keep it held for everyone. So the lock is taken on a description
+  of its own (the mapping's, which Python's mmap dups, is never locked), which
+  a fork handler closes in the child; the child opens a new one when it needs
+  it, through /proc/self/fd so that it is the same file even if unlinked.
+* Readers normally take no lock at all. One that keeps seeing the generation
+  move (a fast writer, a large table) reads once under LOCK_SH between two
+  writers, so it always makes progress; a decode that fails while the
+  generation stood still is corruption, never a race.
 * Checksums cost O(1) per change: each zone record carries the CRC32 of its
   own bytes, and the meta record the sum of those (mod 2**32) plus a CRC32 of
   itself and the segment records. Readers verify all of it when they decode a
@@ -42,11 +50,12 @@ import mmap
 import os
 import struct
 import time
+import weakref
 import zlib
 from collections import namedtuple
 from collections.abc import Callable
 
-from .errors import OutOfMemory, TableCorrupt
+from .errors import OutOfMemory, TableBusy, TableCorrupt
 from .records import NAME_MAX, PATH_MAX, SEGMENT, ZONE, ZONE_BODY, SegmentRecord, Snapshot, ZoneRecord
 
 TYPE_CHECKING = False  # typing costs a worker's import ~5 ms; annotations are strings anyway
@@ -144,29 +153,63 @@ class Layout(namedtuple("Layout", "file_size base window page_size mode max_segm
 class _WriteLock:
     """The context of :meth:`Table.locked`: thread lock, then flock; yields the snapshot."""
 
-    __slots__ = ("_table", "_fd")
+    __slots__ = ("_table", "_timeout", "_fd")
 
-    def __init__(self, table: Table) -> None:
+    def __init__(self, table: Table, timeout: float | None) -> None:
         self._table = table
+        self._timeout = timeout
 
     def __enter__(self) -> Snapshot:
         table = self._table
-        if table._lock_pid != os.getpid():
-            table._after_fork()
-        table._thread_lock.acquire()
-        self._fd = table._lock_fd
+        if not table._thread_lock.acquire(timeout=-1 if self._timeout is None else self._timeout):
+            raise TableBusy(f"{table.path}: writer lock busy in this process for {self._timeout:g} s",
+                            path=table.path)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._fd = table._lock_descriptor()
+            _flock(self._fd, fcntl.LOCK_EX, self._timeout, table.path)
+            try:
+                return table.snapshot()
+            except BaseException:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                raise
         except BaseException:
             table._thread_lock.release()
             raise
-        return table.snapshot()
 
     def __exit__(self, *exc: object) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._table._thread_lock.release()
+
+
+def _flock(fd: int, operation: int, timeout: float | None, path: str) -> None:
+    """flock(2), blocking, or retried with backoff until ``timeout`` (then TableBusy)."""
+    if timeout is None:
+        fcntl.flock(fd, operation)
+        return
+    deadline, pause = time.monotonic() + timeout, 0.0001
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TableBusy(f"{path}: another process held the writer lock for {timeout:g} s",
+                                path=path) from None
+            time.sleep(pause)  # flock has no timed wait; back off up to 5 ms
+            pause = min(pause * 2, 0.005)
+
+
+_tables: weakref.WeakSet[Table] = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    for table in list(_tables):
+        table._forget_lock()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 class Table:
@@ -176,14 +219,14 @@ class Table:
         self.path = path
         self.layout = layout
         self._fd = fd
-        self._lock_fd = fd
-        self._lock_pid = os.getpid()
+        self._lock_fd = -1  # opened on first use: see "An flock belongs to..." above
         self._thread_lock = _thread.allocate_lock()
         self._mm = mm
         self._view = memoryview(mm)
         self._words = self._view.cast("Q")  # fast generation reads
         self._cache: Snapshot | None = None
         self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
+        _tables.add(self)
 
     @classmethod
     def create(cls, path: str, layout: Layout, mode: int = 0o644) -> Table:
@@ -229,8 +272,7 @@ class Table:
         self._words.release()
         self._view.release()
         self._mm.close()
-        if self._lock_fd != self._fd:
-            os.close(self._lock_fd)
+        self._forget_lock()
         os.close(self._fd)
         self._fd = -1
 
@@ -258,17 +300,35 @@ class Table:
         return _STATE.unpack_from(self._mm, _STATE_AT)[1], _U64.unpack_from(self._mm, _OWNER_START_AT)[0]
 
     def snapshot(self) -> Snapshot:
-        """The committed version; decoded once per generation, then cached."""
+        """The committed version; decoded once per generation, then cached.
+
+        Raises TableCorrupt if the committed version fails its checks.
+        """
         cached = self._cache
         if cached is not None and cached.generation == self.generation:
             return cached
-        for _ in range(1000):
+        for _ in range(8):
             generation = self.generation
             snap = self._decode(generation)
-            if snap is not None and self.generation == generation:
-                self._cache = snap
-                return snap
-        raise TableCorrupt(f"{self.path}: generation {generation} fails its checksum", path=self.path)
+            if self.generation == generation:
+                return self._accept(snap, generation)
+        return self._snapshot_between_writers()
+
+    def _snapshot_between_writers(self) -> Snapshot:
+        with self._thread_lock:
+            fd = self._lock_descriptor()
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                generation = self.generation
+                return self._accept(self._decode(generation), generation)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _accept(self, snap: Snapshot | None, generation: int) -> Snapshot:
+        if snap is None:
+            raise TableCorrupt(f"{self.path}: generation {generation} fails its checks", path=self.path)
+        self._cache = snap
+        return snap
 
     def _decode(self, generation: int) -> Snapshot | None:
         meta_at = _META_AT[generation & 1]
@@ -325,17 +385,27 @@ class Table:
 
     # -- writing -----------------------------------------------------------
 
-    def locked(self) -> _WriteLock:
-        """``with table.locked() as snapshot:`` holds the writer lock; the committed snapshot."""
-        return _WriteLock(self)
+    def locked(self, timeout: float | None = None) -> _WriteLock:
+        """``with table.locked() as snapshot:`` holds the writer lock; the committed snapshot.
 
-    def _after_fork(self) -> None:
-        # A forked child shares the parent's open file description (and so its
-        # flock), and inherits the thread lock in whatever state another parent
-        # thread left it: it gets a descriptor and a thread lock of its own.
-        self._lock_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        Waits for the lock, at most ``timeout`` seconds if given (then TableBusy).
+        """
+        return _WriteLock(self, timeout)
+
+    def _lock_descriptor(self) -> int:
+        if self._lock_fd < 0:
+            self._lock_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self._lock_fd
+
+    def _forget_lock(self) -> None:
+        """Close the lock's descriptor (in a forked child: drop the parent's lock state too)."""
+        if self._lock_fd >= 0:
+            try:
+                os.close(self._lock_fd)
+            except OSError:
+                pass
+            self._lock_fd = -1
         self._thread_lock = _thread.allocate_lock()
-        self._lock_pid = os.getpid()
 
     def commit(self, base: Snapshot, *, insert: ZoneRecord | None = None, remove: ZoneRecord | None = None,
                segments: tuple[SegmentRecord, ...] | None = None) -> Snapshot:
@@ -413,14 +483,20 @@ class Table:
         return out
 
     def register_worker(self, pid: int, start: int, alive: Callable[[int, int], bool]) -> int:
-        """Claim a free (or dead worker's) entry; returns its index."""
+        """Claim a free entry, else a dead worker's; returns its index.
+
+        Raises OutOfMemory when every entry belongs to a live worker. Liveness
+        (a /proc read each) is checked only when no entry is free, so the lock
+        is held for a scan of the table, not for a /proc read per worker.
+        """
         with self.locked():
-            for i in range(self.layout.max_workers):
-                at = self.layout.workers_at + i * _WORKER.size
-                old_pid, _, old_start = _WORKER.unpack_from(self._mm, at)
-                if old_pid == 0 or not alive(old_pid, old_start):
-                    _WORKER.pack_into(self._mm, at, pid, 0, start)
-                    return i
+            for check_liveness in (False, True):
+                for i in range(self.layout.max_workers):
+                    at = self.layout.workers_at + i * _WORKER.size
+                    old_pid, _, old_start = _WORKER.unpack_from(self._mm, at)
+                    if old_pid == 0 or (check_liveness and not alive(old_pid, old_start)):
+                        _WORKER.pack_into(self._mm, at, pid, 0, start)
+                        return i
         raise OutOfMemory(f"the worker table is full ({self.layout.max_workers} live workers); "
                           "start the primary with a larger max_workers", size=self.layout.max_workers)
 

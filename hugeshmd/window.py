@@ -74,7 +74,18 @@ class Window:
         """
         if not (self.base <= address and address + length <= self.base + self.size):
             raise ValueError(f"segment {segment_id} [{address:#x}, +{length:#x}) is outside the window")
-        _sys.map_fixed(address, length, fd, offset, writable)
+        try:
+            _sys.map_fixed(address, length, fd, offset, writable)
+        except OSError:
+            # A MAP_FIXED that fails may already have unmapped the range it was
+            # to replace (mmap(2) does not promise otherwise; Linux does so on
+            # ENOMEM). Reserve it again, or the window would have a hole that
+            # the next unrelated mapping of this process could land in.
+            try:
+                _sys.reserve(address, length)
+            except FileExistsError:
+                pass  # the old reservation is still there
+            raise
         self.segments[segment_id] = (address, length)
 
     def unmap(self, segment_id: int) -> None:

@@ -101,19 +101,24 @@ def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf)
     )
 
 
-def reserve(table: Table, name: str, size: int, align: int) -> tuple[Snapshot, Snapshot, ZoneRecord]:
+def reserve(table: Table, name: str, size: int, align: int,
+            timeout: float | None = None) -> tuple[Snapshot, Snapshot, ZoneRecord]:
     """Commit a new zone: (the version it was based on, the new version, its record).
 
-    Arguments must already be checked. Raises AlreadyExists or OutOfMemory.
+    Arguments must already be checked. Raises AlreadyExists or OutOfMemory, and
+    TableBusy if the writer lock is not had within ``timeout`` seconds.
     """
-    with table.locked() as base:
+    with table.locked(timeout) as base:
         record = place(base, name, size, align, table.iova_of)
         return base, table.commit(base, insert=record), record
 
 
-def free(table: Table, name: str) -> tuple[Snapshot, Snapshot, ZoneRecord]:
-    """Commit the removal of a zone: (base version, new version, its record). NotFound if none."""
-    with table.locked() as base:
+def free(table: Table, name: str, timeout: float | None = None) -> tuple[Snapshot, Snapshot, ZoneRecord]:
+    """Commit the removal of a zone: (base version, new version, its record).
+
+    Raises NotFound if there is none, TableBusy as :func:`reserve` does.
+    """
+    with table.locked(timeout) as base:
         record = find(base, name)
         return base, table.commit(base, remove=record), record
 

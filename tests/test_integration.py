@@ -189,3 +189,37 @@ print(os.waitstatus_to_exitcode(status), bytes(shm.lookup("child")[0:2]), bytes(
     out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
                          env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
     assert out.split() == ["0", "b'cc'", "b'ppc!'"]
+
+
+def test_one_secondary_shared_by_reading_and_writing_threads(start_primary, prefix, root):
+    start_primary("--memory", "16M", "--huge-pages", "off", "--max-zones", "4096")
+    code = f"""
+import threading, time, hugeshmd
+shm = hugeshmd.attach({prefix!r})
+shm.reserve("fixed", 64)
+errors, stop = [], time.monotonic() + 3
+def reader():
+    while time.monotonic() < stop:
+        try:
+            assert shm.lookup("fixed").size == 64
+            shm.zones
+        except Exception as err:
+            errors.append(repr(err))
+def writer(t):
+    i = 0
+    while time.monotonic() < stop:
+        try:
+            shm.reserve(f"w{{t}}-{{i}}", 4096)
+            shm.free(f"w{{t}}-{{i}}")
+        except Exception as err:
+            errors.append(repr(err))
+        i += 1
+threads = [threading.Thread(target=reader) for _ in range(2)]
+threads += [threading.Thread(target=writer, args=(t,)) for t in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(errors), errors[:3], [z.name for z in shm.zones])
+"""
+    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
+                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    assert out.strip() == "0 [] ['fixed']"

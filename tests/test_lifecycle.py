@@ -149,3 +149,116 @@ def test_invalid_option_fails_before_touching_anything(prefix, root):
     assert failed.wait_exit() == 1
     assert "invalid base_address: 0x100000000001 is not a multiple of page_size" in failed.text
     assert not os.path.exists(os.path.join(root, prefix))
+
+
+def test_prefix_that_extends_another_keeps_its_files(start_primary, prefix, root, workers):
+    # the stem of prefix "p" ("hugeshmd.p.") is also the start of prefix "p.b"'s file names
+    start_primary("--memory", "4M", "--huge-pages", "off", prefix_=prefix + ".b")
+    start_primary("--memory", "4M", "--huge-pages", "off", prefix_=prefix)
+    assert os.path.exists(f"/dev/shm/hugeshmd.{prefix}.b.seg0")
+    w = workers()
+    w.ok("attach", prefix=prefix + ".b")
+    assert w.ok("reserve", name="alive", size=64)["size"] == 64
+
+
+def test_parent_killed_holding_the_lock_with_a_forked_child_blocks_no_one(start_primary, prefix, root, workers):
+    start_primary("--memory", "4M", "--huge-pages", "off")
+    code = f"""
+import os, sys, hugeshmd
+shm = hugeshmd.attach({prefix!r})
+shm.reserve("x", 64)
+if os.fork() == 0:          # an idle child, as multiprocessing's fork start method makes
+    sys.stdin.read()
+    os._exit(0)
+with shm._table.locked():
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+    holder = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root), start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        holder.kill()  # the parent dies holding the lock; its child lives on
+        holder.wait()
+        w = workers()
+        w.ok("attach", prefix=prefix)
+        assert w.ok("reserve", name="after", size=64)["size"] == 64
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # the child, which shares the session
+        holder.stdin.close()
+        holder.stdout.close()
+
+
+def test_readers_keep_up_with_a_fast_writer_at_1000_zones(start_primary, prefix, root):
+    start_primary("--memory", "16M", "--huge-pages", "off", "--max-zones", "1100")
+    env = dict(os.environ, HUGESHMD_RUNTIME_ROOT=root)
+    fill = f"import hugeshmd\nshm = hugeshmd.attach({prefix!r})\nfor i in range(1000): shm.reserve(f'z{{i}}', 64)"
+    subprocess.run([PYTHON, "-c", fill], check=True, env=env)
+    churn = f"""
+import hugeshmd
+shm = hugeshmd.attach({prefix!r})
+print("churning", flush=True)
+while True:
+    shm.reserve("churn", 64); shm.free("churn")
+"""
+    writer = subprocess.Popen([PYTHON, "-c", churn], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert writer.stdout.readline() == "churning\n"
+        read = f"""
+import time, hugeshmd
+shm = hugeshmd.attach({prefix!r})
+done, start = 0, time.monotonic()
+while time.monotonic() - start < 2:
+    assert shm.lookup("z999").size == 64   # after every foreign commit: a full decode of 1000 records
+    done += 1
+print(done)
+"""
+        out = subprocess.run([PYTHON, "-c", read], check=True, capture_output=True, text=True, env=env)
+        assert int(out.stdout) > 0, out.stderr
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+
+
+def test_workers_of_a_crashed_primary_are_stopped_by_its_successor(start_primary, prefix, root, workers):
+    crashed = start_primary("--memory", "4M", "--huge-pages", "off")
+    old = workers()
+    old.ok("attach", prefix=prefix)
+    old.ok("reserve", name="before", size=64)
+    crashed.stop(signal.SIGKILL)
+    start_primary("--memory", "4M", "--huge-pages", "off")
+    refused = old.call("reserve", name="x", size=64)
+    assert refused["error"] == "PrimaryUnavailable"  # not a zone in an orphaned table no one else sees
+    assert old.call("lookup", name="before")["error"] == "PrimaryUnavailable"
+    new = workers()
+    new.ok("attach", prefix=prefix)
+    assert new.call("lookup", name="x")["error"] == "NotFound"
+
+
+def test_attach_that_fails_late_raises_its_own_error_and_leaks_nothing(start_primary, prefix, root, workers):
+    start_primary("--memory", "4M", "--huge-pages", "off", "--max-workers", "1")
+    holder = workers()
+    holder.ok("attach", prefix=prefix)  # takes the only worker entry
+    base = default_base_address(prefix)
+    code = f"""
+import os, hugeshmd
+from hugeshmd.window import conflicts
+fds = len(os.listdir("/proc/self/fd"))
+try:
+    hugeshmd.attach({prefix!r})
+except hugeshmd.OutOfMemory as err:   # raised after the table was opened and the window reserved
+    print("OutOfMemory", "max_workers" in str(err))
+print(len(os.listdir("/proc/self/fd")) - fds, len(conflicts({base}, 1 << 30)))
+"""
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
+    assert out.stdout.split() == ["OutOfMemory", "True", "0", "0"], out.stderr
+
+
+def test_runtime_dir_too_long_for_a_socket_fails_before_mapping(prefix):
+    root = "/tmp/" + "r" * 100
+    failed = Primary(prefix, root, "--memory", "4M", "--huge-pages", "off")
+    assert failed.wait_exit() == 1
+    assert "invalid runtime_root: the socket path" in failed.text and "(107)" in failed.text
+    assert not os.path.exists(root) and leftovers(prefix, root) == []

@@ -16,6 +16,7 @@ from hugeshmd.errors import (
     OutOfMemory,
     PrimaryUnavailable,
     ProtocolError,
+    TableBusy,
     error_for_code,
 )
 from hugeshmd.protocol import (
@@ -352,7 +353,7 @@ def test_every_error_survives_the_wire(cls: type[HugeshmdError]) -> None:
 
 def test_error_codes_are_unique_and_map_back() -> None:
     codes = [cls.code for cls in ALL_ERRORS]
-    assert len(set(codes)) == len(codes) == 11
+    assert len(set(codes)) == len(codes) == 12
     for cls in ALL_ERRORS:
         assert error_for_code(cls.code) is cls
         assert issubclass(cls, HugeshmdError)
@@ -363,7 +364,7 @@ def test_error_codes_are_unique_and_map_back() -> None:
 @pytest.mark.parametrize(
     ("cls", "builtin"),
     [(InvalidArgument, ValueError), (NotFound, LookupError), (OutOfMemory, MemoryError),
-     (PrimaryUnavailable, ConnectionError)],
+     (PrimaryUnavailable, ConnectionError), (TableBusy, BlockingIOError)],
 )
 def test_errors_also_inherit_the_matching_builtin(cls: type[HugeshmdError], builtin: type) -> None:
     assert issubclass(cls, builtin)

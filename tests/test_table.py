@@ -339,7 +339,7 @@ def test_corrupt_committed_slot_is_detected(table: Table, path: str, reopen, are
     }[area]
     byte = peek(path, offset, 1)[0]
     poke(path, offset, bytes([byte ^ 0x01]))
-    with pytest.raises(TableCorrupt, match="generation 1 fails its checksum") as info:
+    with pytest.raises(TableCorrupt, match="generation 1 fails its checks") as info:
         reopen().snapshot()
     assert info.value.path == path
 

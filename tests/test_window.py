@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
-from hugeshmd import _sys
+from hugeshmd import _sys, hugepages
 from hugeshmd.errors import AddressUnavailable
 from hugeshmd.window import Window, conflicts
 
@@ -75,3 +76,28 @@ def test_conflicts_lists_only_overlapping_lines():
         assert conflicts(address + 8192 + (1 << 40), 4096) == []
     finally:
         _sys.munmap(address, 8192)
+
+
+def test_failed_map_fixed_leaves_no_hole_in_the_window(tmp_path):
+    # A hugetlbfs mapping larger than the pool fails with ENOMEM, and Linux has
+    # unmapped the range it was to replace by then: the hole the fix refills.
+    mount = hugepages.find_mount(2 << 20)
+    pool = hugepages.pool(2 << 20)
+    if mount is None or pool is None:
+        pytest.skip("needs a hugetlbfs mount of 2 MiB pages")
+    size = (pool.total + 64) * (2 << 20)
+    window = Window.reserve(BASE, size + (2 << 20))
+    path = os.path.join(mount.path, f"window-test-{os.getpid()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        with pytest.raises(OSError) as info:
+            window.map_fd(1, BASE + (2 << 20), size, fd, 0)
+        assert info.value.errno == errno.ENOMEM
+        lines = mapped(BASE, size + (2 << 20))
+        covered = sum(int(e, 16) - int(s, 16) for s, e in (line.split()[0].split("-") for line in lines))
+        assert covered == size + (2 << 20) and all(" ---p " in line for line in lines)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        window.release()
