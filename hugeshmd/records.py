@@ -30,6 +30,7 @@ ZONE = struct.Struct("<QQQQIIIIQB63sI4x")
 ZONE_BODY = ZONE.size - 8  # what the record's crc32 covers
 
 Gap = tuple[int, int, int]  # (start, end, segment id): free bytes inside one segment
+_AFTER = 1 << 64  # sorts after any end or segment id
 
 
 class SegmentRecord(namedtuple("SegmentRecord", "id address length page_size offset numa_node iova "
@@ -201,7 +202,7 @@ def _remember(zone: ZoneRecord, i: int, by_name: dict[str, ZoneRecord] | None, s
     if starts is not None:
         starts.insert(i, zone.address)
     if gaps is not None:  # split the gap the zone was placed in
-        g = bisect_right(gaps, zone.address, key=lambda gap: gap[0]) - 1
+        g = bisect_right(gaps, (zone.address, _AFTER, _AFTER)) - 1  # tuples compare in C: no key function
         start, end, sid = gaps[g]
         gaps[g : g + 1] = [gap for gap in ((start, zone.address, sid), (zone.end, end, sid)) if gap[0] < gap[1]]
 
@@ -213,7 +214,7 @@ def _forget(zone: ZoneRecord, i: int, by_name: dict[str, ZoneRecord] | None, sta
     if starts is not None:
         del starts[i]
     if gaps is not None:  # give the zone's run back, merged with free neighbours in its segment
-        g = bisect_left(gaps, zone.address, key=lambda gap: gap[0])
+        g = bisect_left(gaps, (zone.address,))
         start, end = zone.address, zone.end
         if g > 0 and gaps[g - 1][1] == start and gaps[g - 1][2] == zone.segment:
             g -= 1

@@ -161,12 +161,17 @@ class _WriteLock:
 
     def __enter__(self) -> Snapshot:
         table = self._table
-        if not table._thread_lock.acquire(timeout=-1 if self._timeout is None else self._timeout):
+        if self._timeout is None:
+            table._thread_lock.acquire()
+        elif not table._thread_lock.acquire(True, self._timeout):
             raise TableBusy(f"{table.path}: writer lock busy in this process for {self._timeout:g} s",
                             path=table.path)
         try:
-            self._fd = table._lock_descriptor()
-            _flock(self._fd, fcntl.LOCK_EX, self._timeout, table.path)
+            self._fd = table._lock_fd if table._lock_fd >= 0 else table._lock_descriptor()
+            if self._timeout is None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            else:
+                _flock(self._fd, fcntl.LOCK_EX, self._timeout, table.path)
             try:
                 return table.snapshot()
             except BaseException:
@@ -226,6 +231,9 @@ class Table:
         self._words = self._view.cast("Q")  # fast generation reads
         self._cache: Snapshot | None = None
         self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
+        self._segments_at = layout.slot_at
+        self._zones_at = tuple(at + layout.max_segments * SEGMENT.size for at in layout.slot_at)
+        self._segments_crc: tuple[tuple[SegmentRecord, ...], int] = ((), 0)  # last segments and their CRC
         _tables.add(self)
 
     @classmethod
@@ -237,7 +245,7 @@ class Table:
             os.ftruncate(fd, layout.file_size)
             os.pwrite(fd, layout.pack(), 0)
             empty = _META.pack(0, 0, 0, 0, 0, 0)[:_META_HEAD]
-            os.pwrite(fd, empty + _U32.pack(zlib.crc32(empty)), _META_AT[0])
+            os.pwrite(fd, empty + _U32.pack(zlib.crc32(empty, zlib.crc32(b""))), _META_AT[0])
             os.rename(tmp, path)
         except BaseException:
             os.close(fd)
@@ -335,9 +343,9 @@ class Table:
         gen, seg_gen, nseg, nzone, zone_sum, crc = _META.unpack_from(self._mm, meta_at)
         if gen != generation or nseg > self.layout.max_segments or nzone > self.layout.max_zones:
             return None
-        seg_at, zone_at = self._areas(generation & 1)
+        seg_at, zone_at = self._segments_at[generation & 1], self._zones_at[generation & 1]
         segs = self._mm[seg_at : seg_at + nseg * SEGMENT.size]
-        if zlib.crc32(segs, zlib.crc32(self._mm[meta_at : meta_at + _META_HEAD])) != crc:
+        if zlib.crc32(self._mm[meta_at : meta_at + _META_HEAD], zlib.crc32(segs)) != crc:
             return None
         zones = self._decode_zones(self._mm[zone_at : zone_at + nzone * ZONE.size], zone_sum)
         if zones is None:
@@ -367,11 +375,6 @@ class Table:
             return None
         self._verified = fresh
         return tuple(records)
-
-    def _areas(self, slot: int) -> tuple[int, int]:
-        """Offsets of a slot's segment records and zone records."""
-        at = self.layout.slot_at[slot]
-        return at, at + self.layout.max_segments * SEGMENT.size
 
     def iova_of(self, segment: SegmentRecord, address: int) -> int:
         """The I/O address of ``address`` in ``segment`` (the VA when iovas are unknown)."""
@@ -427,30 +430,37 @@ class Table:
         zone_sum = self._write_zones(base_sum, base, new, removed_at, insert, record)
         head = _META.pack(new.generation, new.segments_generation, len(new.segments), len(new.zones),
                           zone_sum, 0)[:_META_HEAD]
-        segments_view = self._write_segments(base, new, slot)
-        crc = zlib.crc32(segments_view, zlib.crc32(head))
-        segments_view.release()
+        crc = zlib.crc32(head, self._write_segments(base, new, slot))  # over segments, then the head
         self._mm[_META_AT[slot] : _META_AT[slot] + _META.size] = head + _U32.pack(crc)
         self._words[_GEN_AT // 8] = new.generation  # the commit point
         self._cache = new
         return new
 
-    def _write_segments(self, base: Snapshot, new: Snapshot, slot: int) -> memoryview:
-        """Fill the slot's segment records (a memmove when unchanged); a view of them."""
-        dst, _ = self._areas(slot)
+    def _write_segments(self, base: Snapshot, new: Snapshot, slot: int) -> int:
+        """Fill the slot's segment records (a memmove when unchanged); their CRC32.
+
+        Always written, even when the slot may hold them from two generations
+        ago: a writer killed mid-change may have left anything there. Only the
+        CRC is remembered, for the segment tuple it was computed over.
+        """
+        dst = self._segments_at[slot]
         size = len(new.segments) * SEGMENT.size
         if new.segments is base.segments:
-            self._mm.move(dst, self._areas(base.generation & 1)[0], size)
+            self._mm.move(dst, self._segments_at[base.generation & 1], size)
         else:
             self._mm[dst : dst + size] = b"".join(s.pack() for s in new.segments)
-        return self._view[dst : dst + size]
+        known, crc = self._segments_crc
+        if known is not new.segments:
+            crc = zlib.crc32(self._view[dst : dst + size])
+            self._segments_crc = new.segments, crc
+        return crc
 
     def _write_zones(self, zone_sum: int, base: Snapshot, new: Snapshot, removed_at: int | None,
                      insert: ZoneRecord | None, record: bytes) -> int:
         """Fill the new slot's zone records with at most three memmoves; the new sum of their CRCs."""
         size = ZONE.size
-        _, src = self._areas(base.generation & 1)
-        _, dst = self._areas(new.generation & 1)
+        src = self._zones_at[base.generation & 1]
+        dst = self._zones_at[new.generation & 1]
         count = len(base.zones)
         if removed_at is None:
             self._mm.move(dst, src, count * size)

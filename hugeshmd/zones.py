@@ -90,9 +90,10 @@ def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf)
         if end - start >= size:
             address = (start + mask) & ~mask
             if address + size <= end:
-                segment = next(s for s in snapshot.segments if s.id == segment_id)
-                return ZoneRecord(name, address, size, iova_of(segment, address), align, segment_id,
-                                  os.getpid(), time.time_ns())
+                for segment in snapshot.segments:
+                    if segment.id == segment_id:
+                        return ZoneRecord(name, address, size, iova_of(segment, address), align, segment_id,
+                                          os.getpid(), time.time_ns())
     largest = max((end - start for start, end, _ in snapshot.gaps), default=0)
     raise OutOfMemory(
         f"no free run of {size} bytes (aligned to {align}) for zone {name!r}; "

@@ -362,6 +362,19 @@ def test_garbage_in_the_inactive_slot_is_harmless(table: Table, path: str, reope
     assert reopen().snapshot() == Snapshot(4, 0, (), (zone("a", BASE), zone("c", BASE + 8192)))
 
 
+def test_garbage_in_the_inactive_segment_records_is_overwritten_by_the_next_commit(
+        table: Table, path: str, reopen) -> None:
+    # Segments unchanged for generations: the writer must still copy them into
+    # the slot it fills, for a killed writer may have scribbled there.
+    with table.locked() as base:
+        table.commit(base, segments=(segment(),))
+    commit_zones(table, zone("a", BASE), zone("b", BASE + 4096))  # generations 2 and 3
+    poke(path, table.layout.slot_at[0], b"\x5a" * records.SEGMENT.size)  # slot of generation 4
+    commit_zones(table, zone("c", BASE + 8192))  # by the same writer, whose segment CRC is cached
+    snap = reopen().snapshot()
+    assert (snap.generation, snap.segments, len(snap.zones)) == (4, (segment(),), 3)
+
+
 def test_a_change_killed_before_its_commit_point_is_invisible(table: Table, path: str, reopen) -> None:
     # The worst case: everything of generation g + 1 written, the generation
     # word not yet stored. Readers must still see g, and the next commit wins.
