@@ -45,6 +45,15 @@ needs_hugepages = pytest.mark.skipif(
 )
 
 
+def run_python(code: str, root: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python process of the instance runtime ``root``; its output."""
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}:\n{done.stderr}")
+    return done
+
+
 class Primary:
     """A primary subprocess. Ready when its log says so (no sleeps)."""
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
-from conftest import PYTHON, needs_hugepages
+from conftest import needs_hugepages, run_python
 
 from hugeshmd.config import default_base_address
 
@@ -74,9 +72,8 @@ with hugeshmd.attach({prefix!r}) as shm:
     print(arr[999, 999], arr.sum())
     del arr
 """
-    env = {"HUGESHMD_RUNTIME_ROOT": root, "PATH": "/usr/bin:/bin"}
-    subprocess.run([PYTHON, "-c", writer], check=True, env=env)
-    out = subprocess.run([PYTHON, "-c", reader], check=True, env=env, capture_output=True, text=True).stdout
+    run_python(writer, root)
+    out = run_python(reader, root).stdout
     assert out.split() == ["999999.0", str(sum(range(1000000)) * 1.0)]
 
 
@@ -114,8 +111,7 @@ except hugeshmd.AddressUnavailable as err:
     print(str(err))
 print(ctypes.string_at(addr, 4))
 """
-    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
-                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout.splitlines()
+    out = run_python(code, root).stdout.splitlines()
     assert out[0] == "refused True True"
     assert "--base-address" in out[1] and f"{base + (5 << 20):x}-{base + (5 << 20) + 4096:x}" in out[1]
     assert out[2] == "b'mine'"  # our own mapping was not overwritten
@@ -141,8 +137,7 @@ za, zb = sa.reserve("same-name", 16), sb.reserve("same-name", 16)
 za[0:1], zb[0:1] = b"A", b"B"
 print(za.address != zb.address, bytes(sa.lookup("same-name")[0:1]), bytes(sb.lookup("same-name")[0:1]))
 """
-    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
-                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    out = run_python(code, root).stdout
     assert out.split() == ["True", "b'A'", "b'B'"]
 
 
@@ -165,8 +160,7 @@ zones = shm.zones
 ends = sorted((z.address, z.address + z.size) for z in zones)
 print(len(zones), all(a[1] <= b[0] for a, b in zip(ends, ends[1:])))
 """
-    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
-                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    out = run_python(code, root).stdout
     assert out.split() == [str(4 * 200), "True"]  # every surviving zone there, none overlapping
 
 
@@ -186,8 +180,7 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status), bytes(shm.lookup("child")[0:2]), bytes(parent[0:4]))
 """
-    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
-                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    out = run_python(code, root).stdout
     assert out.split() == ["0", "b'cc'", "b'ppc!'"]
 
 
@@ -220,6 +213,5 @@ for t in threads: t.start()
 for t in threads: t.join()
 print(len(errors), errors[:3], [z.name for z in shm.zones])
 """
-    out = subprocess.run([PYTHON, "-c", code], check=True, capture_output=True, text=True,
-                         env={"HUGESHMD_RUNTIME_ROOT": root}).stdout
+    out = run_python(code, root).stdout
     assert out.strip() == "0 [] ['fixed']"

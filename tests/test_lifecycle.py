@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, Primary, leftovers, needs_hugepages
+from conftest import PYTHON, Primary, leftovers, needs_hugepages, run_python
 
 import hugeshmd
 from hugeshmd import hugepages
@@ -193,7 +193,7 @@ def test_readers_keep_up_with_a_fast_writer_at_1000_zones(start_primary, prefix,
     start_primary("--memory", "16M", "--huge-pages", "off", "--max-zones", "1100")
     env = dict(os.environ, HUGESHMD_RUNTIME_ROOT=root)
     fill = f"import hugeshmd\nshm = hugeshmd.attach({prefix!r})\nfor i in range(1000): shm.reserve(f'z{{i}}', 64)"
-    subprocess.run([PYTHON, "-c", fill], check=True, env=env)
+    run_python(fill, root)
     churn = f"""
 import hugeshmd
 shm = hugeshmd.attach({prefix!r})
@@ -213,8 +213,7 @@ while time.monotonic() - start < 2:
     done += 1
 print(done)
 """
-        out = subprocess.run([PYTHON, "-c", read], check=True, capture_output=True, text=True, env=env)
-        assert int(out.stdout) > 0, out.stderr
+        assert int(run_python(read, root).stdout) > 0
     finally:
         writer.kill()
         writer.wait()
@@ -251,9 +250,7 @@ except hugeshmd.OutOfMemory as err:   # raised after the table was opened and th
     print("OutOfMemory", "max_workers" in str(err))
 print(len(os.listdir("/proc/self/fd")) - fds, len(conflicts({base}, 1 << 30)))
 """
-    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
-    assert out.stdout.split() == ["OutOfMemory", "True", "0", "0"], out.stderr
+    assert run_python(code, root).stdout.split() == ["OutOfMemory", "True", "0", "0"]
 
 
 def test_runtime_dir_too_long_for_a_socket_fails_before_mapping(prefix):
