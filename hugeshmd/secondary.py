@@ -113,7 +113,8 @@ class Secondary:
         self._by_name: dict[str, Zone] = {}  # the Zone objects made so far, made on first lookup
         self._seen = -1
         try:
-            self._window = Window.reserve(table.layout.base, table.layout.window)
+            layout = table.layout
+            self._window = Window.shared(layout.base, layout.window, (layout.prefix, layout.created_ns))
             self._generation = table.generation_word()
             self._refresh()
             start = process_start_time(os.getpid()) or 0
@@ -122,9 +123,7 @@ class Secondary:
             # Drop what holds the table's buffer and the window, or closing the
             # table would raise BufferError over the real error.
             self._generation = (-2,)
-            if self._window is not None:
-                self._window.release()
-                self._window = None
+            self._window = None  # unmapped now, unless another Secondary of this process shares it
             raise
 
     # -- reading -----------------------------------------------------------

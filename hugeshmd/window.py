@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 
 from . import _sys
 from .errors import AddressUnavailable
 
 __all__ = ["Window", "conflicts"]
+
+# The live windows of this process, by what they map: (base, size, owner) -> Window.
+# A window stays mapped while any Secondary or Zone holds it, even after close().
+_live: weakref.WeakValueDictionary[tuple[int, int, object], Window] = weakref.WeakValueDictionary()
 
 
 def conflicts(base: int, size: int, maps: str = "/proc/self/maps") -> list[str]:
@@ -38,6 +43,20 @@ class Window:
         self._released = False
 
     @classmethod
+    def shared(cls, base: int, size: int, owner: object) -> Window:
+        """This process's live window for ``owner`` (an instance's identity), else a new one.
+
+        A process that attaches the same instance twice shares one window: its
+        segments are mapped once. A window left by another instance at the same
+        range (say, one whose Zones outlived their Secondary) is in the way.
+        """
+        window = _live.get((base, size, owner))
+        if window is None or window._released:
+            window = cls.reserve(base, size)
+            _live[(base, size, owner)] = window
+        return window
+
+    @classmethod
     def reserve(cls, base: int, size: int, option: str = "--base-address") -> Window:
         """Reserve the range or raise AddressUnavailable naming what is in the way."""
         try:
@@ -49,10 +68,13 @@ class Window:
                     address=base, size=size, errno=err.errno,
                 ) from err
             taken = conflicts(base, size)
+            ours = any(w.base < base + size and base < w.base + w.size for w in list(_live.values()))
+            hint = (" It is a window of this process for another instance (or a previous primary) "
+                    "that Zones or views still keep mapped: release them first." if ours
+                    else f" Move the instance's window with the primary's {option} option.")
             raise AddressUnavailable(
                 f"[{base:#x}, {base + size:#x}) is already in use in process {os.getpid()}: "
-                + ("; ".join(taken[:3]) or "a mapping the kernel would not replace")
-                + f". Move the instance's window with the primary's {option} option.",
+                + ("; ".join(taken[:3]) or "a mapping the kernel would not replace") + "." + hint,
                 address=base, size=size, errno=err.errno, conflicts=taken,
             ) from err
         return cls(base, size)

@@ -58,3 +58,11 @@ def test_bad_config_names_the_key_and_touches_nothing(prefix, root, tmp_path):
         assert primary.wait_exit() == 1, text
         assert expected in primary.text and str(config) in primary.text, primary.text
         assert not os.path.exists(os.path.join(root, prefix))
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `hugeshmd hugepages | head -0`: the pipe is closed before anything is written
+    proc = subprocess.Popen([PYTHON, "-m", "hugeshmd", "hugepages"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and b"Traceback" not in err

@@ -215,3 +215,32 @@ print(len(errors), errors[:3], [z.name for z in shm.zones])
 """
     out = run_python(code, root).stdout
     assert out.strip() == "0 [] ['fixed']"
+
+
+def test_one_process_attaches_an_instance_twice_through_one_window(start_primary, prefix, root):
+    start_primary("--memory", "8M", "--huge-pages", "off")
+    code = f"""
+import hugeshmd
+with hugeshmd.attach({prefix!r}) as shm:
+    zone = shm.reserve("frames", 64)            # still alive after the with block
+    zone[0:2] = b"hi"
+with hugeshmd.attach({prefix!r}) as again:     # the README's two snippets, in one process
+    print(again.lookup("frames").address == zone.address, bytes(again.lookup("frames")[0:2]))
+"""
+    assert run_python(code, root).stdout.split() == ["True", "b'hi'"]
+
+
+def test_a_zone_of_a_previous_primary_in_the_way_is_named_as_such(start_primary, prefix, root, workers):
+    first = start_primary("--memory", "8M", "--huge-pages", "off")
+    w = workers()
+    w.ok("attach", prefix=prefix)
+    w.ok("reserve", name="old", size=64)
+    w.ok("hold", name="old")  # keeps the old instance's window mapped in the worker
+    w.ok("close")
+    first.stop()
+    start_primary("--memory", "8M", "--huge-pages", "off")
+    refused = w.call("attach", prefix=prefix)
+    assert refused["error"] == "AddressUnavailable"
+    assert "a window of this process for another instance (or a previous primary)" in refused["message"]
+    w.ok("drop_held")
+    assert "base" in w.ok("attach", prefix=prefix)  # once released, the new instance attaches
