@@ -64,16 +64,28 @@ class Primary:
                                      stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         self._ready = threading.Event()
+        self._new_line = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.log.append(line)
+            with self._new_line:
+                self.log.append(line)
+                self._new_line.notify_all()
             if " ready: " in line:
                 self._ready.set()
-        self._ready.set()  # exited: wake the waiter
+        self._ready.set()  # exited: wake the waiters
+        with self._new_line:
+            self._new_line.notify_all()
+
+    def wait_for(self, text: str, timeout: float = START_TIMEOUT) -> None:
+        """Until a log line contains ``text`` (the primary's own signal of where it is)."""
+        with self._new_line:
+            if not self._new_line.wait_for(lambda: any(text in line for line in self.log)
+                                           or not self._reader.is_alive(), timeout):
+                raise AssertionError(f"no log line with {text!r}:\n{self.text}")
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> Primary:
         if not self._ready.wait(timeout) or self.proc.poll() is not None:

@@ -259,3 +259,17 @@ def test_runtime_dir_too_long_for_a_socket_fails_before_mapping(prefix):
     assert failed.wait_exit() == 1
     assert "invalid runtime_root: the socket path" in failed.text and "(107)" in failed.text
     assert not os.path.exists(root) and leftovers(prefix, root) == []
+
+
+@needs_hugepages
+def test_sigterm_while_mapping_still_ends_clean(prefix, root):
+    before = hugepages_free()
+    primary = Primary(prefix, root, "--memory", "512M", "--huge-pages", "on", "--log-level", "debug")
+    try:
+        primary.wait_for("mapping: 64 MiB of 512 MiB")  # populating, chunk by chunk
+        primary.proc.send_signal(signal.SIGTERM)
+        assert primary.wait_exit() == 0
+    finally:
+        primary.stop()
+    assert "stopped: prefix" in primary.text
+    assert leftovers(prefix, root) == [] and hugepages_free() == before
