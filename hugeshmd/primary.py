@@ -119,6 +119,9 @@ class Primary:
         try:
             if stale.state()[0] != STATE_STOPPING:
                 mark_stopped(stale, wait=LOCK_WAIT_S)
+        except HugeshmdError as err:  # a corrupt stale table must not keep every successor from starting
+            log.warning("stale table %s: %s; its workers are not told, removing it anyway",
+                        self.paths.table, err.message)
         finally:
             stale.close()
 
@@ -189,6 +192,7 @@ class Primary:
         layout = Layout.plan(base=self.window.base, window=self.window.size, page_size=self.backing.page_size,
                              mode=self.backing.mode, prefix=c.prefix, max_zones=c.max_zones, max_workers=c.max_workers)
         table = Table.create(self.paths.table, layout)
+        table.read_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
         self._undo.callback(os.unlink, self.paths.table)
         self._undo.callback(table.close)
         if mapped.iovas is not None:

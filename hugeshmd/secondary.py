@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from . import zones
+from . import _fork, zones
 from .errors import HugeshmdError, NotFound, PrimaryUnavailable
 from .runtime import RuntimePaths, process_alive, process_start_time
 from .table import STATE_READY, STATE_STOPPING, SegmentRecord, Snapshot, Table, ZoneRecord
@@ -106,6 +106,7 @@ class Secondary:
         # reads one dict, which a refresh replaces whole, and _seen, which is
         # assigned last.
         self._lock = _thread.RLock()
+        _fork.register(self)
         self._window: Window | None = None
         self._generation: Sequence[int] = (-2,)
         self._segments_generation = -1
@@ -114,7 +115,7 @@ class Secondary:
         self._seen = -1
         try:
             layout = table.layout
-            self._window = Window.shared(layout.base, layout.window, (layout.prefix, layout.created_ns))
+            self._window = Window.shared(layout.base, layout.window, layout.instance)
             self._generation = table.generation_word()
             self._refresh()
             start = process_start_time(os.getpid()) or 0
@@ -141,8 +142,12 @@ class Secondary:
         except KeyError:
             return self._zone(name)
 
+    def _after_fork(self) -> None:
+        self._lock = _thread.RLock()  # another parent thread may have held it at fork
+
     def _zone(self, name: str) -> Zone:
         with self._lock:
+            self._check_open()
             zone = self._by_name.get(name)
             if zone is None:
                 record = self._records.get(name)
@@ -191,9 +196,13 @@ class Secondary:
         self._check_primary()
         base, new, record = zones.reserve(self._table, name, size, align)
         with self._lock:
+            self._check_open()
             if base.generation != self._seen:
                 self._refresh()
-                return self._zone(name)
+                zone = self._by_name.get(name)
+                # the zone we committed, even if another process freed it since (and maybe
+                # reserved the name again: that would be someone else's zone)
+                return zone if self._records.get(name) == record and zone else make_zone(record, self._window)
             self._records[name] = record
             zone = self._by_name[name] = make_zone(record, self._window)
             self._seen = new.generation
@@ -210,6 +219,7 @@ class Secondary:
         self._check_primary()
         base, new, _ = zones.free(self._table, name)
         with self._lock:
+            self._check_open()
             if base.generation != self._seen:
                 self._refresh()
                 return
@@ -219,15 +229,18 @@ class Secondary:
 
     # -- keeping up with the table ----------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._window is None:
+            raise HugeshmdError(f"this Secondary of prefix {self.prefix!r} is closed")
+
     def _refresh(self) -> None:
         with self._lock:
-            if self._window is None:
-                raise HugeshmdError(f"this Secondary of prefix {self.prefix!r} is closed")
+            self._check_open()
             self._check_primary()
             snap = self._table.snapshot()
             if snap.segments_generation != self._segments_generation:
                 self._apply_segments(snap)
-            records = dict(snap.by_name)  # a copy: the snapshot's index moves on with the next commit
+            records = self._table.zones_by_name(snap)
             old = self._records
             self._by_name = {n: z for n, z in self._by_name.items() if records.get(n) == old.get(n)}
             self._records = records

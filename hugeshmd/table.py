@@ -27,8 +27,9 @@ Some facts about how it stays consistent without a lock a dead process can keep:
   descriptions: were the parent killed while holding the lock, the child's
   copy would keep it held for everyone. So the lock is taken on a description
   of its own (the mapping's, which Python's mmap dups, is never locked), which
-  a fork handler closes in the child; the child opens a new one when it needs
-  it, through /proc/self/fd so that it is the same file even if unlinked.
+  is closed in forked children (see :mod:`hugeshmd._fork`); a child opens a
+  new one when it needs it, through /proc/self/fd so that it is the same file
+  even if unlinked.
 * Readers normally take no lock at all. One that keeps seeing the generation
   move (a fast writer, a large table) reads once under LOCK_SH between two
   writers, so it always makes progress; a decode that fails while the
@@ -50,11 +51,11 @@ import mmap
 import os
 import struct
 import time
-import weakref
 import zlib
 from collections import namedtuple
 from collections.abc import Callable
 
+from . import _fork
 from .errors import OutOfMemory, TableBusy, TableCorrupt
 from .records import NAME_MAX, PATH_MAX, SEGMENT, ZONE, ZONE_BODY, SegmentRecord, Snapshot, ZoneRecord
 
@@ -72,7 +73,7 @@ STATE_STARTING, STATE_READY, STATE_STOPPING = 0, 1, 2
 STATE_NAMES = {STATE_STARTING: "starting", STATE_READY: "ready", STATE_STOPPING: "stopping"}
 
 # Static header: written once by the primary, covered by header_crc.
-_HEADER = struct.Struct("<8sIIQQQQIIIIIIIIQQQQQQ64s")
+_HEADER = struct.Struct("<8sIIQQQQIIIIIIIIQQQQQQ64s16s")
 _HEADER_CRC = struct.Struct("<I")
 _HEADER_CRC_AT = _HEADER.size
 # Dynamic words, each naturally aligned.
@@ -91,7 +92,7 @@ _IOVA = struct.Struct("<Q")
 
 
 class Layout(namedtuple("Layout", "file_size base window page_size mode max_segments max_zones max_workers "
-                                  "max_iovas iova_at workers_at slot_at slot_size created_ns prefix")):
+                                  "max_iovas iova_at workers_at slot_at slot_size created_ns prefix instance")):
     """The static header: sizes and offsets of every area, and the instance's window."""
 
     __slots__ = ()
@@ -111,6 +112,7 @@ class Layout(namedtuple("Layout", "file_size base window page_size mode max_segm
         slot_size: int
         created_ns: int
         prefix: str
+        instance: bytes  # 16 random bytes: which primary's table this is, unlike a time never shared
 
     @classmethod
     def plan(cls, *, base: int, window: int, page_size: int, mode: int, prefix: str,
@@ -122,7 +124,7 @@ class Layout(namedtuple("Layout", "file_size base window page_size mode max_segm
         slot0 = workers_at + _round(max_workers * _WORKER.size)
         return cls(slot0 + 2 * slot_size, base, window, page_size, mode, max_segments,
                    max_zones, max_workers, max_iovas, iova_at, workers_at,
-                   (slot0, slot0 + slot_size), slot_size, time.time_ns(), prefix)
+                   (slot0, slot0 + slot_size), slot_size, time.time_ns(), prefix, os.urandom(16))
 
     def pack(self) -> bytes:
         raw = _HEADER.pack(
@@ -130,7 +132,7 @@ class Layout(namedtuple("Layout", "file_size base window page_size mode max_segm
             self.mode, self.max_segments, self.max_zones, self.max_workers, self.max_iovas,
             SEGMENT.size, ZONE.size, _WORKER.size, self.iova_at, self.workers_at,
             self.slot_at[0], self.slot_at[1], self.slot_size, self.created_ns,
-            self.prefix.encode(),
+            self.prefix.encode(), self.instance,
         )
         return raw + _HEADER_CRC.pack(zlib.crc32(raw))
 
@@ -145,15 +147,15 @@ class Layout(namedtuple("Layout", "file_size base window page_size mode max_segm
         if fields[1] != FORMAT or fields[12:15] != (SEGMENT.size, ZONE.size, _WORKER.size):
             raise TableCorrupt(f"{path}: table format {fields[1]} is not {FORMAT}", path=path)
         (_, _, _, file_size, base, window, psize, mode, mseg, mzone, mwork, miova, _, _, _,
-         iova_at, workers_at, s0, s1, ssize, created, prefix) = fields
+         iova_at, workers_at, s0, s1, ssize, created, prefix, instance) = fields
         return cls(file_size, base, window, psize, mode, mseg, mzone, mwork, miova, iova_at,
-                   workers_at, (s0, s1), ssize, created, prefix.rstrip(b"\0").decode())
+                   workers_at, (s0, s1), ssize, created, prefix.rstrip(b"\0").decode(), instance)
 
 
 class _WriteLock:
     """The context of :meth:`Table.locked`: thread lock, then flock; yields the snapshot."""
 
-    __slots__ = ("_table", "_timeout", "_fd")
+    __slots__ = ("_table", "_timeout", "_fd", "_epoch")
 
     def __init__(self, table: Table, timeout: float | None) -> None:
         self._table = table
@@ -161,6 +163,7 @@ class _WriteLock:
 
     def __enter__(self) -> Snapshot:
         table = self._table
+        self._epoch = _fork.epoch
         if self._timeout is None:
             table._thread_lock.acquire()
         elif not table._thread_lock.acquire(True, self._timeout):
@@ -182,6 +185,8 @@ class _WriteLock:
             raise
 
     def __exit__(self, *exc: object) -> None:
+        if self._epoch != _fork.epoch:
+            return  # forked inside the with: this child holds neither lock, its parent does
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
@@ -206,17 +211,6 @@ def _flock(fd: int, operation: int, timeout: float | None, path: str) -> None:
             pause = min(pause * 2, 0.005)
 
 
-_tables: weakref.WeakSet[Table] = weakref.WeakSet()
-
-
-def _forget_locks_in_child() -> None:
-    for table in list(_tables):
-        table._forget_lock()
-
-
-os.register_at_fork(after_in_child=_forget_locks_in_child)
-
-
 class Table:
     """A mapped table file. Create with :meth:`create` (primary) or :meth:`open`."""
 
@@ -225,6 +219,7 @@ class Table:
         self.layout = layout
         self._fd = fd
         self._lock_fd = -1  # opened on first use: see "An flock belongs to..." above
+        self.read_timeout: float | None = None  # for a reader that must not wait behind a stuck writer
         self._thread_lock = _thread.allocate_lock()
         self._mm = mm
         self._view = memoryview(mm)
@@ -234,7 +229,7 @@ class Table:
         self._segments_at = layout.slot_at
         self._zones_at = tuple(at + layout.max_segments * SEGMENT.size for at in layout.slot_at)
         self._segments_crc: tuple[tuple[SegmentRecord, ...], int] = ((), 0)  # last segments and their CRC
-        _tables.add(self)
+        _fork.register(self)
 
     @classmethod
     def create(cls, path: str, layout: Layout, mode: int = 0o644) -> Table:
@@ -277,10 +272,11 @@ class Table:
     def close(self) -> None:
         if self._fd < 0:
             return
+        with self._thread_lock:  # let a write in another thread finish first
+            self._close_lock_descriptor()
         self._words.release()
         self._view.release()
         self._mm.close()
-        self._forget_lock()
         os.close(self._fd)
         self._fd = -1
 
@@ -325,12 +321,18 @@ class Table:
     def _snapshot_between_writers(self) -> Snapshot:
         with self._thread_lock:
             fd = self._lock_descriptor()
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            _flock(fd, fcntl.LOCK_SH, self.read_timeout, self.path)
             try:
                 generation = self.generation
                 return self._accept(self._decode(generation), generation)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def zones_by_name(self, snap: Snapshot) -> dict[str, ZoneRecord]:
+        """A copy of ``snap``'s zones by name, taken while no commit of this process can
+        move that index on to the next snapshot (see :mod:`hugeshmd.records`)."""
+        with self._thread_lock:
+            return dict(snap.by_name)
 
     def _accept(self, snap: Snapshot | None, generation: int) -> Snapshot:
         if snap is None:
@@ -359,7 +361,7 @@ class Table:
         reused when their bytes are identical (identical bytes pass the same
         check): a worker catching up after another's reserve decodes one record.
         """
-        verified, fresh, records, total, view = self._verified, {}, [], 0, memoryview(raw)
+        verified, fresh, records, total, view, end = self._verified, {}, [], 0, memoryview(raw), 0
         for at in range(0, len(raw), ZONE.size):
             chunk = raw[at : at + ZONE.size]
             crc = _U32.unpack_from(chunk, ZONE_BODY)[0]
@@ -368,6 +370,9 @@ class Table:
                 if zlib.crc32(view[at : at + ZONE_BODY]) != crc:
                     return None
                 record = ZoneRecord.unpack(ZONE.unpack(chunk))
+            if record.address < end:  # out of order or overlapping: the sum of CRCs cannot see that
+                return None
+            end = record.address + record.size
             fresh[chunk] = record
             records.append(record)
             total += crc
@@ -396,12 +401,19 @@ class Table:
         return _WriteLock(self, timeout)
 
     def _lock_descriptor(self) -> int:
-        if self._lock_fd < 0:
-            self._lock_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
-        return self._lock_fd
+        with _fork.guard:  # a fork must not copy a descriptor we have not recorded yet
+            if self._lock_fd < 0:
+                self._lock_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+            return self._lock_fd
 
-    def _forget_lock(self) -> None:
-        """Close the lock's descriptor (in a forked child: drop the parent's lock state too)."""
+    def _close_lock_descriptor(self) -> None:
+        with _fork.guard:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def _after_fork(self) -> None:
+        # In a forked child: the parent's lock description and thread-lock state are not ours.
         if self._lock_fd >= 0:
             try:
                 os.close(self._lock_fd)

@@ -12,13 +12,14 @@ import errno
 import os
 import weakref
 
-from . import _sys
+from . import _fork, _sys
 from .errors import AddressUnavailable
 
 __all__ = ["Window", "conflicts"]
 
-# The live windows of this process, by what they map: (base, size, owner) -> Window.
+# The live windows of this process, by what they map: (base, size, instance) -> Window.
 # A window stays mapped while any Secondary or Zone holds it, even after close().
+# Changed under _fork.guard (short sections: a dict lookup and an mmap).
 _live: weakref.WeakValueDictionary[tuple[int, int, object], Window] = weakref.WeakValueDictionary()
 
 
@@ -50,11 +51,12 @@ class Window:
         segments are mapped once. A window left by another instance at the same
         range (say, one whose Zones outlived their Secondary) is in the way.
         """
-        window = _live.get((base, size, owner))
-        if window is None or window._released:
-            window = cls.reserve(base, size)
-            _live[(base, size, owner)] = window
-        return window
+        with _fork.guard:  # two threads attaching at once must share, not race
+            window = _live.get((base, size, owner))
+            if window is None or window._released:
+                window = cls.reserve(base, size)
+                _live[(base, size, owner)] = window
+            return window
 
     @classmethod
     def reserve(cls, base: int, size: int, option: str = "--base-address") -> Window:
@@ -96,6 +98,13 @@ class Window:
         """
         if not (self.base <= address and address + length <= self.base + self.size):
             raise ValueError(f"segment {segment_id} [{address:#x}, +{length:#x}) is outside the window")
+        with _fork.guard:  # Secondaries sharing this window may map at once: once is enough
+            if self.segments.get(segment_id) == (address, length):
+                return
+            self._map_fixed(segment_id, address, length, fd, offset, writable)
+
+    def _map_fixed(self, segment_id: int, address: int, length: int, fd: int, offset: int,
+                   writable: bool) -> None:
         try:
             _sys.map_fixed(address, length, fd, offset, writable)
         except OSError:
@@ -111,9 +120,11 @@ class Window:
         self.segments[segment_id] = (address, length)
 
     def unmap(self, segment_id: int) -> None:
-        """Drop a segment's pages; its range stays reserved."""
-        address, length = self.segments.pop(segment_id)
-        _sys.unreserve(address, length)
+        """Drop a segment's pages; its range stays reserved. Idempotent."""
+        with _fork.guard:
+            found = self.segments.pop(segment_id, None)
+            if found is not None:
+                _sys.unreserve(*found)
 
     def release(self) -> None:
         """Unmap the whole window, segments and reservation. Idempotent."""
