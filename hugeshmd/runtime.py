@@ -36,6 +36,7 @@ __all__ = [
     "PrimaryLock",
     "primary_alive",
     "process_start_time",
+    "own_start_time",
     "process_alive",
 ]
 
@@ -216,6 +217,18 @@ def process_start_time(pid: int) -> int | None:
     # comm (field 2) may contain spaces and parentheses; the fields after the
     # last ")" are plain numbers, starting with field 3 (state).
     return int(raw[raw.rindex(b")") + 2 :].split()[19])
+
+
+_own: tuple[int, int | None] = (0, None)  # (pid, start time) of this process, read once per pid
+
+
+def own_start_time() -> int:
+    """This process's start time; read from /proc once per process (a forked child has its own)."""
+    global _own
+    pid = os.getpid()
+    if _own[0] != pid:
+        _own = (pid, process_start_time(pid))
+    return _own[1] or 0
 
 
 def process_alive(pid: int, start: int) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from . import _fork, zones
 from .errors import HugeshmdError, NotFound, PrimaryUnavailable
-from .runtime import RuntimePaths, process_alive, process_start_time
+from .runtime import RuntimePaths, own_start_time, process_alive
 from .table import STATE_READY, STATE_STOPPING, SegmentRecord, Snapshot, Table, ZoneRecord
 from .window import Window
 from .zones import Zone, check_align, check_name, check_size, make_zone
@@ -118,8 +118,7 @@ class Secondary:
             self._window = Window.shared(layout.base, layout.window, layout.instance)
             self._generation = table.generation_word()
             self._refresh()
-            start = process_start_time(os.getpid()) or 0
-            self._worker = table.register_worker(os.getpid(), start, process_alive)
+            self._worker = table.register_worker(os.getpid(), own_start_time(), process_alive)
         except BaseException:
             # Drop what holds the table's buffer and the window, or closing the
             # table would raise BufferError over the real error.

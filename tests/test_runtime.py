@@ -286,3 +286,18 @@ def test_process_start_time_parses_a_comm_with_spaces_and_parentheses(monkeypatc
     monkeypatch.setattr(runtime, "open", fake_open, raising=False)
     assert process_start_time(4242) == 987654
     assert opened == ["/proc/4242/stat"]
+
+
+def test_own_start_time_is_read_once_per_process_and_anew_in_a_child() -> None:
+    from hugeshmd.runtime import own_start_time
+
+    assert own_start_time() == process_start_time(os.getpid())
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, str(own_start_time() == process_start_time(os.getpid())).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"True"
+    os.close(read)
+    os.close(write)
