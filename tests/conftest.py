@@ -45,10 +45,29 @@ needs_hugepages = pytest.mark.skipif(
 )
 
 
-def run_python(code: str, root: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh Python process of the instance runtime ``root``; its output."""
-    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
+def run_python(code: str, root: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python process of the instance runtime ``root``; its output.
+
+    The process gets a session of its own, killed whole once it exits or times
+    out: code that forks must not leave a child behind a failed test. Output
+    goes to files, not pipes, which such a child would hold open.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([PYTHON, "-c", code], stdout=out, stderr=err, text=True, start_new_session=True,
+                                env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}:\n{done.stderr}")
     return done
