@@ -47,7 +47,7 @@ GiB = 1 << 30
 HUGEPAGE = 2 * MiB
 READY_TIMEOUT = 120.0  # mapping 1 GiB takes well under a second; this is for a loaded CI machine
 STOP_TIMEOUT = 60.0
-STEM = "hugeshmd.{prefix}."  # hugeshmd.runtime.RuntimePaths.file_stem
+STEM = "hugeshmd.{prefix}."  # hugeshmd.runtime.RuntimePaths.segment_stem, less "seg"
 
 LEFTOVERS: list[str] = []  # every file a primary of ours left behind, over the whole run
 

@@ -62,7 +62,7 @@ class HugetlbfsBacking:
         self.stem = stem
 
     def path(self, segment_id: int) -> str:
-        return os.path.join(self.mount, f"{self.stem}seg{segment_id}")
+        return os.path.join(self.mount, f"{self.stem}{segment_id}")
 
     def create(self, window: Window, segment_id: int, address: int, length: int,
                progress: Progress | None = None) -> Mapped:
@@ -105,7 +105,7 @@ class ShmBacking:
         self.stem = stem
 
     def name(self, segment_id: int) -> str:
-        return f"/{self.stem}seg{segment_id}"
+        return f"/{self.stem}{segment_id}"
 
     def create(self, window: Window, segment_id: int, address: int, length: int,
                progress: Progress | None = None) -> Mapped:
@@ -157,8 +157,9 @@ def numa_node(address: int, numa_maps: str = "/proc/self/numa_maps") -> int:
 def remove_stale(head: str, directories: list[str]) -> list[str]:
     """Remove files named ``head`` followed by digits in ``directories``; what was removed.
 
-    Exactly that shape: the stem of prefix ``a`` is also the start of prefix
-    ``a.b``'s files, which belong to another, maybe live, instance. Call only
+    Exactly that shape: the stem of prefix ``a`` (``hugeshmd.a.seg``) is also
+    the start of prefix ``a.seg1``'s files, which belong to another, maybe live,
+    instance. Call only
     while holding the primary lock of the prefix ``head`` names.
     """
     removed = []

@@ -28,7 +28,7 @@ from . import hugepages, protocol, zones
 from .backing import HugetlbfsBacking, Mapped, ShmBacking, remove_stale
 from .config import DEFAULT_FALLBACK_MEMORY, Config
 from .errors import HugepagesUnavailable, HugeshmdError, InvalidArgument, TableBusy
-from .runtime import PrimaryLock, RuntimePaths, process_alive, process_start_time
+from .runtime import PrimaryLock, RuntimePaths, own_start_time, process_alive
 from .table import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord, Table
 from .units import format_size
 from .window import Window
@@ -85,13 +85,13 @@ class Primary:
         self.backing, self.window = backing, window
         self.table = self._create_table(mapped)
         self._bind()
-        self.table.set_state(STATE_READY, os.getpid(), process_start_time(os.getpid()) or 0)
+        self.table.set_state(STATE_READY, os.getpid(), own_start_time())
         log.info("ready: %s", self.summary())
 
     def _remove_stale(self) -> None:
         self._stop_stale_table()
         dirs = [m.path for m in hugepages.mounts()] + ["/dev/shm"]
-        removed = remove_stale(self.paths.file_stem() + "seg", dirs) + remove_stale("table.new.", [self.paths.dir])
+        removed = remove_stale(self.paths.segment_stem(), dirs) + remove_stale("table.new.", [self.paths.dir])
         for path in [self.paths.table, *self.paths.socket_paths()]:
             if os.path.lexists(path):
                 os.unlink(path)
@@ -127,7 +127,7 @@ class Primary:
 
     def _choose_backing(self) -> tuple[Backing, int]:
         config = self.config
-        shm = ShmBacking(self.paths.file_stem())
+        shm = ShmBacking(self.paths.segment_stem())
         if config.huge_pages == "off":
             return shm, _round_up(config.memory or DEFAULT_FALLBACK_MEMORY, shm.page_size)
         try:
@@ -155,7 +155,7 @@ class Primary:
         if not mounts:
             raise HugepagesUnavailable(
                 f"no hugetlbfs mount of {format_size(size)} pages; mount one with: {hugepages.mount_hint(size)}")
-        return HugetlbfsBacking(mounts[0].path, size, self.paths.file_stem())
+        return HugetlbfsBacking(mounts[0].path, size, self.paths.segment_stem())
 
     def _hugepage_memory(self) -> int:
         size = self.config.page_size
@@ -178,7 +178,7 @@ class Primary:
         except HugepagesUnavailable as err:
             if self.config.huge_pages == "on":
                 raise
-            backing = ShmBacking(self.paths.file_stem())
+            backing = ShmBacking(self.paths.segment_stem())
             memory = self._fall_back(err, backing)
             mapped = backing.create(window, 0, window.base, memory, self._progress)
         self._undo.callback(backing.remove, 0)

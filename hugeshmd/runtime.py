@@ -109,9 +109,9 @@ class RuntimePaths:
     def socket_paths(self) -> list[str]:
         return [os.path.join(self.dir, "control"), os.path.join(self.dir, "events")]
 
-    def file_stem(self) -> str:
-        """Stem of this instance's hugepage files and shm objects."""
-        return f"hugeshmd.{self.prefix}."
+    def segment_stem(self) -> str:
+        """This instance's hugepage files and shm objects are this stem and a segment id."""
+        return f"hugeshmd.{self.prefix}.seg"
 
 
 class PrimaryLock:

@@ -198,10 +198,11 @@ class Secondary:
             self._check_open()
             if base.generation != self._seen:
                 self._refresh()
-                zone = self._by_name.get(name)
-                # the zone we committed, even if another process freed it since (and maybe
-                # reserved the name again: that would be someone else's zone)
-                return zone if self._records.get(name) == record and zone else make_zone(record, self._window)
+                if self._records.get(name) == record:
+                    return self._zone(name)
+                # freed by another process since (the name may even be someone else's
+                # zone by now): still, the zone we committed is what we return
+                return make_zone(record, self._window)
             self._records[name] = record
             zone = self._by_name[name] = make_zone(record, self._window)
             self._seen = new.generation

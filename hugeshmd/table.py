@@ -53,7 +53,7 @@ import struct
 import time
 import zlib
 from collections import namedtuple
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from . import _fork
 from .errors import OutOfMemory, TableBusy, TableCorrupt
@@ -170,11 +170,8 @@ class _WriteLock:
             raise TableBusy(f"{table.path}: writer lock busy in this process for {self._timeout:g} s",
                             path=table.path)
         try:
-            self._fd = table._lock_fd if table._lock_fd >= 0 else table._lock_descriptor()
-            if self._timeout is None:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            else:
-                _flock(self._fd, fcntl.LOCK_EX, self._timeout, table.path)
+            self._fd = table._lock_descriptor()
+            _flock(self._fd, fcntl.LOCK_EX, self._timeout, table.path)
             try:
                 return table.snapshot()
             except BaseException:
@@ -401,6 +398,8 @@ class Table:
         return _WriteLock(self, timeout)
 
     def _lock_descriptor(self) -> int:
+        if self._lock_fd >= 0:
+            return self._lock_fd
         with _fork.guard:  # a fork must not copy a descriptor we have not recorded yet
             if self._lock_fd < 0:
                 self._lock_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -414,13 +413,8 @@ class Table:
 
     def _after_fork(self) -> None:
         # In a forked child: the parent's lock description and thread-lock state are not ours.
-        if self._lock_fd >= 0:
-            try:
-                os.close(self._lock_fd)
-            except OSError:
-                pass
-            self._lock_fd = -1
         self._thread_lock = _thread.allocate_lock()
+        self._close_lock_descriptor()
 
     def commit(self, base: Snapshot, *, insert: ZoneRecord | None = None, remove: ZoneRecord | None = None,
                segments: tuple[SegmentRecord, ...] | None = None) -> Snapshot:
@@ -438,24 +432,24 @@ class Table:
         removed_at = base.index_of(remove) if remove is not None else None
         base_sum = _META.unpack_from(self._mm, _META_AT[base.generation & 1])[4]
         new = base.successor(segments, insert, remove)
-        slot = new.generation & 1
         zone_sum = self._write_zones(base_sum, base, new, removed_at, insert, record)
         head = _META.pack(new.generation, new.segments_generation, len(new.segments), len(new.zones),
                           zone_sum, 0)[:_META_HEAD]
-        crc = zlib.crc32(head, self._write_segments(base, new, slot))  # over segments, then the head
-        self._mm[_META_AT[slot] : _META_AT[slot] + _META.size] = head + _U32.pack(crc)
+        crc = zlib.crc32(head, self._write_segments(base, new))  # over segments, then the head
+        meta_at = _META_AT[new.generation & 1]
+        self._mm[meta_at : meta_at + _META.size] = head + _U32.pack(crc)
         self._words[_GEN_AT // 8] = new.generation  # the commit point
         self._cache = new
         return new
 
-    def _write_segments(self, base: Snapshot, new: Snapshot, slot: int) -> int:
+    def _write_segments(self, base: Snapshot, new: Snapshot) -> int:
         """Fill the slot's segment records (a memmove when unchanged); their CRC32.
 
         Always written, even when the slot may hold them from two generations
         ago: a writer killed mid-change may have left anything there. Only the
         CRC is remembered, for the segment tuple it was computed over.
         """
-        dst = self._segments_at[slot]
+        dst = self._segments_at[new.generation & 1]
         size = len(new.segments) * SEGMENT.size
         if new.segments is base.segments:
             self._mm.move(dst, self._segments_at[base.generation & 1], size)
@@ -495,14 +489,18 @@ class Table:
 
     # -- workers -------------------------------------------------------------
 
+    def _worker_entries(self) -> Iterator[tuple[int, int]]:
+        """(pid, start time) of every entry, (0, 0) for a free one, read as they are consumed:
+        a search for a free entry stops at the first (attach is on a hot path; no copy of
+        the whole area, which costs more than the usual one-entry search)."""
+        at = self.layout.workers_at
+        for i in range(self.layout.max_workers):
+            pid, _, start = _WORKER.unpack_from(self._mm, at + i * _WORKER.size)
+            yield pid, start
+
     def workers(self) -> list[tuple[int, int]]:
         """(pid, start time) of every occupied worker entry, live or not."""
-        out = []
-        for i in range(self.layout.max_workers):
-            pid, _, start = _WORKER.unpack_from(self._mm, self.layout.workers_at + i * _WORKER.size)
-            if pid:
-                out.append((pid, start))
-        return out
+        return [entry for entry in self._worker_entries() if entry[0]]
 
     def register_worker(self, pid: int, start: int, alive: Callable[[int, int], bool]) -> int:
         """Claim a free entry, else a dead worker's; returns its index.
@@ -512,13 +510,13 @@ class Table:
         is held for a scan of the table, not for a /proc read per worker.
         """
         with self.locked():
-            for check_liveness in (False, True):
-                for i in range(self.layout.max_workers):
-                    at = self.layout.workers_at + i * _WORKER.size
-                    old_pid, _, old_start = _WORKER.unpack_from(self._mm, at)
-                    if old_pid == 0 or (check_liveness and not alive(old_pid, old_start)):
-                        _WORKER.pack_into(self._mm, at, pid, 0, start)
-                        return i
+            free = next((i for i, (old, _) in enumerate(self._worker_entries()) if old == 0), None)
+            if free is None:
+                free = next((i for i, (old, began) in enumerate(self._worker_entries())
+                             if not alive(old, began)), None)
+            if free is not None:
+                _WORKER.pack_into(self._mm, self.layout.workers_at + free * _WORKER.size, pid, 0, start)
+                return free
         raise OutOfMemory(f"the worker table is full ({self.layout.max_workers} live workers); "
                           "start the primary with a larger max_workers", size=self.layout.max_workers)
 

@@ -59,7 +59,7 @@ class Window:
             return window
 
     @classmethod
-    def reserve(cls, base: int, size: int, option: str = "--base-address") -> Window:
+    def reserve(cls, base: int, size: int) -> Window:
         """Reserve the range or raise AddressUnavailable naming what is in the way."""
         try:
             _sys.reserve(base, size)
@@ -73,7 +73,7 @@ class Window:
             ours = any(w.base < base + size and base < w.base + w.size for w in list(_live.values()))
             hint = (" It is a window of this process for another instance (or a previous primary) "
                     "that Zones or views still keep mapped: release them first." if ours
-                    else f" Move the instance's window with the primary's {option} option.")
+                    else " Move the instance's window with the primary's --base-address option.")
             raise AddressUnavailable(
                 f"[{base:#x}, {base + size:#x}) is already in use in process {os.getpid()}: "
                 + ("; ".join(taken[:3]) or "a mapping the kernel would not replace") + "." + hint,

@@ -151,13 +151,14 @@ def test_invalid_option_fails_before_touching_anything(prefix, root):
     assert not os.path.exists(os.path.join(root, prefix))
 
 
-def test_prefix_that_extends_another_keeps_its_files(start_primary, prefix, root, workers):
-    # the stem of prefix "p" ("hugeshmd.p.") is also the start of prefix "p.b"'s file names
-    start_primary("--memory", "4M", "--huge-pages", "off", prefix_=prefix + ".b")
+@pytest.mark.parametrize("extension", [".b", ".seg1"])
+def test_prefix_that_extends_another_keeps_its_files(start_primary, prefix, root, workers, extension):
+    # the stem of prefix "p" ("hugeshmd.p.seg") is also the start of prefix "p.seg1"'s file names
+    start_primary("--memory", "4M", "--huge-pages", "off", prefix_=prefix + extension)
     start_primary("--memory", "4M", "--huge-pages", "off", prefix_=prefix)
-    assert os.path.exists(f"/dev/shm/hugeshmd.{prefix}.b.seg0")
+    assert os.path.exists(f"/dev/shm/hugeshmd.{prefix}{extension}.seg0")
     w = workers()
-    w.ok("attach", prefix=prefix + ".b")
+    w.ok("attach", prefix=prefix + extension)
     assert w.ok("reserve", name="alive", size=64)["size"] == 64
 
 

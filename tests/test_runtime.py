@@ -63,7 +63,7 @@ def test_runtime_paths_of_a_prefix() -> None:
     assert paths.control == "ipc:///run/hsd/inst/control"
     assert paths.events == "ipc:///run/hsd/inst/events"
     assert paths.socket_paths() == ["/run/hsd/inst/control", "/run/hsd/inst/events"]
-    assert paths.file_stem() == "hugeshmd.inst."
+    assert paths.segment_stem() == "hugeshmd.inst.seg"
 
 
 def test_runtime_root_from_the_environment(monkeypatch) -> None:
