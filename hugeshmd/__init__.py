@@ -13,6 +13,7 @@ Importing this package loads only what a worker needs to attach and look up
 """
 
 from .errors import (
+    AccessDenied,
     AddressUnavailable,
     AlreadyExists,
     HugepagesUnavailable,
@@ -27,7 +28,7 @@ from .errors import (
     TableCorrupt,
 )
 from .secondary import Secondary, Segment, attach
-from .zones import Zone
+from .zones import ReadOnlyZone, Zone
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "Secondary",
     "Segment",
     "Zone",
+    "ReadOnlyZone",
     "HugeshmdError",
     "InvalidArgument",
     "AlreadyExists",
@@ -48,4 +50,5 @@ __all__ = [
     "TableCorrupt",
     "TableBusy",
     "ProtocolError",
+    "AccessDenied",
 ]

@@ -32,11 +32,29 @@ from .errors import HugepagesUnavailable, OutOfMemory
 from .table import MODE_HUGETLBFS, MODE_SHM
 from .window import Window
 
-__all__ = ["Mapped", "HugetlbfsBacking", "ShmBacking", "remove_stale"]
+__all__ = ["Mapped", "HugetlbfsBacking", "ShmBacking", "remove_stale", "segment_dirs", "SERVICE_SUBDIR"]
+
+# A directory of this name at the top of a hugetlbfs mount is where a primary
+# that runs as the service user keeps its files: the mount's root usually
+# belongs to root, and the unit's pre-start (as root) makes this directory for
+# the service's user and group (hugeshmd.install). A primary uses it when it exists.
+SERVICE_SUBDIR = "hugeshmd"
+
+
+def segment_dirs(mounts: list[str]) -> list[str]:
+    """Where segment files may be: each mount, and its service subdirectory if there is one."""
+    found = []
+    for mount in mounts:
+        found.append(mount)
+        sub = os.path.join(mount, SERVICE_SUBDIR)
+        if os.path.isdir(sub):
+            found.append(sub)
+    return found
 
 log = logging.getLogger("hugeshmd.backing")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+OwnFd = Callable[[int], None]  # gives a new file to the instance's group and mode (hugeshmd.access)
 _POPULATE_CHUNK = 64 << 20
 
 
@@ -56,10 +74,11 @@ class HugetlbfsBacking:
 
     mode = MODE_HUGETLBFS
 
-    def __init__(self, mount: str, page_size: int, stem: str) -> None:
+    def __init__(self, mount: str, page_size: int, stem: str, own_fd: OwnFd | None = None) -> None:
         self.mount = mount
         self.page_size = page_size
         self.stem = stem
+        self.own_fd = own_fd
 
     def path(self, segment_id: int) -> str:
         return os.path.join(self.mount, f"{self.stem}{segment_id}")
@@ -69,6 +88,7 @@ class HugetlbfsBacking:
         """Create, map at ``address`` and populate; HugepagesUnavailable on ENOMEM."""
         path = self.path(segment_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+        _own(self.own_fd, fd, lambda: _close_and_unlink(fd, path))
         try:
             _map_and_populate(window, segment_id, address, length, fd, self.page_size, progress)
         except OSError as err:
@@ -101,8 +121,9 @@ class ShmBacking:
     mode = MODE_SHM
     page_size = _sys.PAGE_SIZE
 
-    def __init__(self, stem: str) -> None:
+    def __init__(self, stem: str, own_fd: OwnFd | None = None) -> None:
         self.stem = stem
+        self.own_fd = own_fd
 
     def name(self, segment_id: int) -> str:
         return f"/{self.stem}{segment_id}"
@@ -111,6 +132,7 @@ class ShmBacking:
                progress: Progress | None = None) -> Mapped:
         """Create, map at ``address`` and populate; OutOfMemory if /dev/shm cannot hold it."""
         shm = posix_ipc.SharedMemory(self.name(segment_id), posix_ipc.O_CREX, mode=0o660, size=length)
+        _own(self.own_fd, shm.fd, lambda: _close_and_unlink(shm, None))
         try:
             _map_and_populate(window, segment_id, address, length, shm.fd, self.page_size, progress)
         except OSError as err:
@@ -129,6 +151,24 @@ class ShmBacking:
             posix_ipc.unlink_shared_memory(self.name(segment_id))
         except posix_ipc.ExistentialError:
             pass
+
+
+def _close_and_unlink(handle: int | posix_ipc.SharedMemory, path: str | None) -> None:
+    if isinstance(handle, int):
+        os.close(handle)
+        os.unlink(path or "")
+    else:
+        handle.close_fd()
+        handle.unlink()
+
+
+def _own(own_fd: OwnFd | None, fd: int, undo: Callable[[], object]) -> None:
+    if own_fd is not None:
+        try:
+            own_fd(fd)
+        except BaseException:
+            undo()
+            raise
 
 
 def _map_and_populate(window: Window, segment_id: int, address: int, length: int, fd: int,

@@ -1,4 +1,4 @@
-"""``hugeshmd``: run a primary, ask one for its status, show the host's hugepages."""
+"""``hugeshmd``: run a primary, ask one for its status or metrics, manage hugepages, install the units."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import HugeshmdError
+from .errors import HugeshmdError, InvalidArgument, PrimaryUnavailable
 from .units import format_size
 
 __all__ = ["main"]
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     primary = commands.add_parser("primary", help="run a primary in the foreground")
-    primary.add_argument("--config", metavar="FILE", help="TOML file of the options below (flags override it)")
+    _config_source(primary)
     for option in OPTIONS:
         primary.add_argument("--" + option.name.replace("_", "-"), dest=option.name, metavar="VALUE",
                              help=f"{option.help} (default: {_show(option.default)})")
@@ -54,20 +54,139 @@ def _parser() -> argparse.ArgumentParser:
     pages = commands.add_parser("hugepages", help="show hugepage pools and hugetlbfs mounts")
     pages.add_argument("--json", action="store_true")
     pages.set_defaults(command=_hugepages)
+    metrics = commands.add_parser("metrics", help="an instance's figures in the Prometheus text format")
+    metrics.add_argument("--prefix", default="default")
+    metrics.add_argument("--runtime-root", default=None)
+    metrics.add_argument("--timeout", type=float, default=2.0)
+    metrics.add_argument("--textfile", metavar="DIR",
+                         help="write DIR/hugeshmd_<prefix>.prom atomically (node_exporter's textfile collector)")
+    metrics.set_defaults(command=_metrics)
+    conf = commands.add_parser("config", help="check an instance's options and print them as TOML")
+    _config_source(conf)
+    conf.set_defaults(command=_config)
+    unit = commands.add_parser("systemd", help="install the systemd units for this installation")
+    unit.add_argument("action", choices=("install", "show", "prestart"),
+                      help="install: write the units; show: print them; prestart: what a unit runs as root first")
+    unit.add_argument("--instance", default="default", help="prestart: the instance (its config file is read)")
+    unit.add_argument("--dir", default=None, help="where units go (default /etc/systemd/system)")
+    unit.add_argument("--sysusers-dir", default=None, help="where the sysusers.d entry goes (default /etc/sysusers.d)")
+    unit.add_argument("--no-sysusers", action="store_true", help="do not write the sysusers.d entry or make the user")
+    unit.add_argument("--user", default=None, help="the daemon's user and group (default hugeshmd)")
+    unit.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    unit.set_defaults(command=_systemd)
     return parser
+
+
+def _config_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE", help="TOML file of the options below (flags override it)")
+    source.add_argument("--instance", metavar="PREFIX",
+                        help="prefix PREFIX, options from /etc/hugeshmd/PREFIX.toml if it exists (what the units use)")
 
 
 def _show(value: Any) -> str:
     return hex(value) if isinstance(value, int) and value > 1 << 32 else str(value)
 
 
-def _primary(args: argparse.Namespace) -> int:
-    from . import config, primary
+def _load_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from . import config
 
-    overrides = {o.name: getattr(args, o.name) for o in config.OPTIONS}
-    conf = config.load(args.config, overrides)
-    logging.basicConfig(level=conf.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return primary.run(conf)
+    overrides = {o.name: getattr(args, o.name, None) for o in config.OPTIONS}
+    path = args.config
+    if args.instance is not None:
+        if overrides["prefix"] not in (None, args.instance):
+            raise InvalidArgument(f"--instance {args.instance} and --prefix {overrides['prefix']} disagree")
+        overrides["prefix"] = args.instance
+        candidate = config.instance_path(args.instance)
+        path = candidate if os.path.exists(candidate) else None
+    conf = config.load(path, overrides)
+    if args.instance is not None and conf.prefix != args.instance:
+        raise InvalidArgument(f"{path}: prefix {conf.prefix!r} is not the instance's name {args.instance!r}",
+                              name="prefix")
+    return conf, overrides
+
+
+def _primary(args: argparse.Namespace) -> int:
+    from . import primary
+    from .systemd import setup_logging
+
+    conf, overrides = _load_config(args)
+    setup_logging(conf.log_level)
+    return primary.run(conf, overrides)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .config import OPTIONS
+
+    conf, _ = _load_config(args)
+    print(f"# {conf.path or 'no file: defaults and flags'}")
+    for option in OPTIONS:
+        value = getattr(conf, option.name)
+        if value is None:
+            print(f"# {option.name} unset: {option.help}")
+        else:
+            print(f"{option.name} = {_toml(value)}")
+    return 0
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, int):
+        return _show(value) if value > 1 << 32 else str(value)
+    return json.dumps(value)
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from . import metrics
+    from .client import Control
+    from .runtime import RuntimePaths
+
+    status: dict[str, Any] | None = None
+    try:
+        with Control(RuntimePaths.for_prefix(args.prefix, args.runtime_root), args.timeout) as control:
+            status = control.request("status")
+    except PrimaryUnavailable as err:
+        print(f"hugeshmd: {err.message}", file=sys.stderr)
+    text = metrics.render(args.prefix, status)
+    if args.textfile:
+        metrics.write_textfile(args.textfile, args.prefix, text)
+    else:
+        sys.stdout.write(text)
+    return 0 if status is not None else 1
+
+
+def _prestart(instance: str, user: str) -> int:
+    from . import hugepages, install
+
+    conf, _ = _load_config(argparse.Namespace(config=None, instance=instance))
+    if conf.huge_pages == "off":
+        return 0
+    mounts = [m.path for m in hugepages.mounts() if m.page_size == conf.page_size]
+    if conf.hugepage_dir is None:
+        for line in install.prestart(conf, user, mounts[:1]):
+            print(line)
+    return 0
+
+
+def _systemd(args: argparse.Namespace) -> int:
+    from . import install
+
+    user = args.user or install.SERVICE_USER
+    if args.action == "prestart":
+        return _prestart(args.instance, user)
+    if args.action == "show":
+        for name, text in install.units(install.this_command(), user).items():
+            print(f"### {name}\n{text}")
+        return 0
+    written = install.install(args.dir or install.UNIT_DIR,
+                              None if args.no_sysusers else args.sysusers_dir or install.SYSUSERS_DIR,
+                              user, reload=not args.no_reload)
+    print("\n".join(f"wrote {path}" for path in written))
+    print(f"start the default instance with: systemctl enable --now hugeshmd.service; "
+          f"another with: systemctl enable --now hugeshmd@NAME.service (options in /etc/hugeshmd/NAME.toml); "
+          f"admit a worker's user with: usermod -aG {user} USER")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

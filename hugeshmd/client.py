@@ -8,13 +8,15 @@ A worker comes here only to wait for a primary that is not up yet, and tools
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import zmq
 
 from . import protocol
-from .errors import PrimaryUnavailable, ProtocolError
+from .access import denied_message, refuse
+from .errors import AccessDenied, PrimaryUnavailable, ProtocolError
 from .runtime import RuntimePaths
 
 __all__ = ["Control", "Subscription"]
@@ -25,6 +27,11 @@ class Control:
 
     After a timeout the REQ socket is stuck mid-request, so it is closed and a
     new one made for the next call (the guide's Lazy Pirate pattern).
+
+    A primary that refuses this process (its ZAP check, see
+    :mod:`hugeshmd.access`) closes the connection during the handshake, which a
+    REQ socket would only show as silence; a monitor on the socket sees the
+    refusal (``HANDSHAKE_FAILED_AUTH``), and the request raises AccessDenied at once.
     """
 
     def __init__(self, paths: RuntimePaths, timeout: float = 5.0) -> None:
@@ -32,12 +39,21 @@ class Control:
         self.timeout = timeout
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
 
     def _connect(self) -> zmq.Socket[bytes]:
         if self._socket is None:
+            path = self.paths.control[len("ipc://"):]
+            try:
+                os.stat(path)
+            except PermissionError as err:  # libzmq would retry an EACCES connect silently forever
+                raise refuse(self.paths.prefix, path, err) from err
+            except FileNotFoundError:
+                pass  # no primary yet: the connect waits for one
             socket = self._context.socket(zmq.REQ)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY)
+            self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             socket.connect(self.paths.control)
             self._socket = socket
         return self._socket
@@ -51,7 +67,7 @@ class Control:
         socket = self._connect()
         socket.send(protocol.encode({"v": protocol.VERSION, "op": op, **args}))
         wait = self.timeout if timeout is None else timeout
-        if not socket.poll(int(wait * 1000)):
+        if not self._wait(socket, wait):
             self.close()
             raise PrimaryUnavailable(
                 f"no primary answered for prefix {self.paths.prefix!r} at {self.paths.control} "
@@ -60,10 +76,27 @@ class Control:
             )
         return protocol.result_of(protocol.decode(socket.recv(), protocol.MAX_REPLY))
 
+    def _wait(self, socket: zmq.Socket[bytes], wait: float) -> bool:
+        """Whether a reply came within ``wait`` seconds; AccessDenied if the primary refused us."""
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        ready = dict(poller.poll(int(wait * 1000)))
+        if self._monitor is not None and self._monitor in ready:
+            self.close()
+            raise AccessDenied(denied_message(self.paths.prefix, f"on {self.paths.control}"),
+                               prefix=self.paths.prefix, path=self.paths.control)
+        return socket in ready
+
     def close(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def __enter__(self) -> Control:
         return self

@@ -8,6 +8,7 @@ named, before any hugepage is touched.
 
 from __future__ import annotations
 
+import os
 import tomllib
 import zlib
 from collections.abc import Callable
@@ -18,7 +19,10 @@ from .errors import InvalidArgument
 from .runtime import validate_prefix
 from .units import GiB, MiB, parse_size
 
-__all__ = ["Config", "OPTIONS", "load", "default_base_address", "DEFAULT_BASE_ADDRESS"]
+__all__ = ["Config", "OPTIONS", "load", "default_base_address", "instance_path", "DEFAULT_BASE_ADDRESS",
+           "CONFIG_DIR", "RELOADABLE"]
+
+CONFIG_DIR = "/etc/hugeshmd"  # an instance's file: CONFIG_DIR/<prefix>.toml (see instance_path)
 
 DEFAULT_BASE_ADDRESS = 0x1000_0000_0000  # 16 TiB: far above brk, far below PIE binaries and the mmap base
 BASE_SLOT = 1 << 40  # other prefixes default to one of 63 further 1 TiB slots, up to 80 TiB
@@ -58,6 +62,22 @@ def _count(value: Any) -> int:
     return value
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    """User or group names: a TOML list, or a comma-separated string from the command line."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    def name(v: Any) -> bool:
+        return isinstance(v, (str, int)) and not isinstance(v, bool) and v != ""
+
+    if not isinstance(value, (list, tuple)) or not all(name(v) for v in value):
+        raise ValueError(f"{value!r} is not a list of names")
+    return tuple(str(v) for v in value)
+
+
+def _optional_names(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else _names(value)
+
+
 def _optional_str(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{value!r} is not a string")
@@ -83,13 +103,25 @@ OPTIONS = (
            "start of the address window in every process; default 0x100000000000 for prefix 'default', "
            "a 1 TiB slot above it chosen by the prefix's CRC-32 otherwise"),
     Option("window", None, _optional_size, "size of the address window; default max(64G, memory)"),
-    Option("hugepage_dir", None, _optional_str, "hugetlbfs mount to use; default the first of page_size"),
+    Option("hugepage_dir", None, _optional_str,
+           "hugetlbfs mount (or a directory on one) for the segment files; default the first mount of "
+           "page_size, or its hugeshmd/ subdirectory if there is one (the units make it for the service user)"),
     Option("runtime_root", None, _optional_str,
            "parent of the runtime dir; default /run/hugeshmd (root) or $XDG_RUNTIME_DIR/hugeshmd"),
     Option("max_zones", 1024, _count, "capacity of the zone table"),
     Option("max_workers", 1024, _count, "capacity of the worker table"),
-    Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log verbosity"),
+    Option("log_level", "info", _choice("debug", "info", "warning", "error"),
+           "log verbosity (reloaded on SIGHUP)"),
+    Option("group", None, _optional_str,
+           "group that owns the instance's files (runtime dir 2750, files 0660): its members may attach; "
+           "default the primary's own group"),
+    Option("allow_users", (), _names,
+           "users also admitted on the control and event sockets, besides root and the primary's own user "
+           "(reloaded on SIGHUP)"),
+    Option("allow_groups", None, _optional_names,
+           "groups admitted on the control and event sockets; default [group] (reloaded on SIGHUP)"),
 )
+RELOADABLE = frozenset({"log_level", "allow_users", "allow_groups"})
 
 
 @dataclass(frozen=True)
@@ -105,6 +137,10 @@ class Config:
     max_zones: int
     max_workers: int
     log_level: str
+    group: str | None = None
+    allow_users: tuple[str, ...] = ()
+    allow_groups: tuple[str, ...] | None = None
+    path: str | None = None  # the file it was read from, if any: what SIGHUP reads again
 
     def window_for(self, memory: int) -> int:
         """The window size: as configured, else room for growth to max(64 GiB, memory).
@@ -135,7 +171,17 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
     values.update(from_flags)
     where.update(dict.fromkeys(from_flags, ""))
     _cross_check(values, where)
-    return Config(**{f.name: values[f.name] for f in fields(Config)})
+    return Config(**{f.name: values[f.name] for f in fields(Config) if f.name != "path"}, path=path)
+
+
+def instance_path(prefix: str) -> str:
+    """Where the instance ``prefix`` keeps its options: ``/etc/hugeshmd/<prefix>.toml``.
+
+    ``$CONFIGURATION_DIRECTORY`` (set by systemd's ``ConfigurationDirectory=``)
+    takes the place of ``/etc/hugeshmd`` when set.
+    """
+    directory = os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")[0] or CONFIG_DIR
+    return os.path.join(directory, f"{validate_prefix(prefix)}.toml")
 
 
 def _cross_check(values: dict[str, Any], where: dict[str, str]) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "TableCorrupt",
     "ProtocolError",
     "TableBusy",
+    "AccessDenied",
     "error_for_code",
 ]
 
@@ -101,6 +102,13 @@ class TableBusy(HugeshmdError, BlockingIOError):
     code = 12
 
 
+class AccessDenied(HugeshmdError, PermissionError):
+    """This process may not do that: it is outside the instance's group or allowed users,
+    or it attached read-only and tried to change something."""
+
+    code = 13
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -116,6 +124,7 @@ _BY_CODE = {
         TableCorrupt,
         ProtocolError,
         TableBusy,
+        AccessDenied,
     )
 }
 

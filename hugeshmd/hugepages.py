@@ -164,7 +164,7 @@ def _parse_mount(line: str, default: int | None) -> Mount | None:
     return Mount(_unescape(fields[1]), page_size or default or 0, fields[3])
 
 
-def mounts(proc_mounts: str = "/proc/mounts", meminfo: str = "/proc/meminfo") -> list[Mount]:
+def mounts(proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo") -> list[Mount]:
     """Mounted hugetlbfs in /proc/mounts order; [] if unreadable. Never raises.
 
     A mount without ``pagesize=`` gets the default size from ``meminfo`` (else 0).
@@ -180,7 +180,7 @@ def mounts(proc_mounts: str = "/proc/mounts", meminfo: str = "/proc/meminfo") ->
 
 
 def find_mount(
-    page_size: int, proc_mounts: str = "/proc/mounts", meminfo: str = "/proc/meminfo"
+    page_size: int, proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo"
 ) -> Mount | None:
     """The first hugetlbfs mount of ``page_size`` bytes; None if there is none. Never raises."""
     for mount in mounts(proc_mounts, meminfo):
@@ -190,7 +190,7 @@ def find_mount(
 
 
 def report(
-    sysfs: str = "/sys", proc_mounts: str = "/proc/mounts", meminfo: str = "/proc/meminfo"
+    sysfs: str = "/sys", proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo"
 ) -> dict[str, Any]:
     """A JSON-able dict: ``default_page_size``, ``pools``, ``mounts``. Never raises."""
     return {

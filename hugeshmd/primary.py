@@ -25,10 +25,12 @@ from typing import Any
 import zmq
 
 from . import hugepages, protocol, zones
-from .backing import HugetlbfsBacking, Mapped, ShmBacking, remove_stale
-from .config import DEFAULT_FALLBACK_MEMORY, Config
+from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, parse_peer
+from .backing import SERVICE_SUBDIR, HugetlbfsBacking, Mapped, ShmBacking, remove_stale, segment_dirs
+from .config import DEFAULT_FALLBACK_MEMORY, RELOADABLE, Config, load
 from .errors import HugepagesUnavailable, HugeshmdError, InvalidArgument, TableBusy
 from .runtime import PrimaryLock, RuntimePaths, own_start_time, process_alive
+from .systemd import Notifier
 from .table import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord, Table
 from .units import format_size
 from .window import Window
@@ -45,12 +47,18 @@ Backing = HugetlbfsBacking | ShmBacking
 class Primary:
     """One instance's primary. :meth:`start`, then :meth:`serve`, then :meth:`shutdown`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, overrides: dict[str, Any] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self.overrides = overrides or {}  # the command line's options: kept over the file on reload
+        self.notifier = notifier or Notifier({})
         self.paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root)
         self.fallback_reason: str | None = None
         self.requests = 0
+        self.requests_by_op: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self.refused = 0  # connections the ZAP check turned away
+        self._reload_pending = False
         self._seq = 0
         self._stopping = False
         self._undo = ExitStack()
@@ -73,10 +81,14 @@ class Primary:
 
     def _start(self) -> None:
         self._check_socket_paths()
-        os.makedirs(self.paths.dir, mode=0o755, exist_ok=True)
+        c = self.config
+        self.policy = Policy.from_names(c.group, c.allow_users, c.allow_groups)
+        os.makedirs(self.paths.dir, mode=DIR_MODE, exist_ok=True)
         self._undo.callback(_rmdir_quietly, self.paths.dir)  # last undo: fails if another primary uses it
         lock = PrimaryLock.acquire(self.paths.lock)
         self._undo.callback(lock.release)
+        self.policy.own(self.paths.dir, DIR_MODE)  # ours now: a rival would have been refused the lock
+        self.policy.own(self.paths.lock, 0o640)
         self._remove_stale()
         backing, memory = self._choose_backing()
         window = Window.reserve(self.config.base_address, self.config.window_for(memory))
@@ -86,11 +98,13 @@ class Primary:
         self.table = self._create_table(mapped)
         self._bind()
         self.table.set_state(STATE_READY, os.getpid(), own_start_time())
-        log.info("ready: %s", self.summary())
+        summary = self.summary()
+        self.notifier.send(ready=1, status=summary)
+        log.info("ready: %s", summary)
 
     def _remove_stale(self) -> None:
         self._stop_stale_table()
-        dirs = [m.path for m in hugepages.mounts()] + ["/dev/shm"]
+        dirs = segment_dirs([m.path for m in hugepages.mounts()]) + ["/dev/shm"]
         removed = remove_stale(self.paths.segment_stem(), dirs) + remove_stale("table.new.", [self.paths.dir])
         for path in [self.paths.table, *self.paths.socket_paths()]:
             if os.path.lexists(path):
@@ -127,7 +141,7 @@ class Primary:
 
     def _choose_backing(self) -> tuple[Backing, int]:
         config = self.config
-        shm = ShmBacking(self.paths.segment_stem())
+        shm = ShmBacking(self.paths.segment_stem(), self.policy.own_fd)
         if config.huge_pages == "off":
             return shm, _round_up(config.memory or DEFAULT_FALLBACK_MEMORY, shm.page_size)
         try:
@@ -146,16 +160,23 @@ class Primary:
     def _hugetlbfs(self) -> HugetlbfsBacking:
         size = self.config.page_size
         mounts = [m for m in hugepages.mounts() if m.page_size == size]
-        if self.config.hugepage_dir is not None:
-            mounts = [m for m in mounts if os.path.realpath(m.path) == os.path.realpath(self.config.hugepage_dir)]
-            if not mounts:
+        wanted = self.config.hugepage_dir
+        if wanted is not None:
+            real = os.path.realpath(wanted)
+            on = [m for m in mounts if real == os.path.realpath(m.path)
+                  or real.startswith(os.path.realpath(m.path).rstrip("/") + "/")]
+            if not on or not os.path.isdir(real):
                 raise HugepagesUnavailable(
-                    f"{self.config.hugepage_dir} is not a hugetlbfs mount of {format_size(size)} pages; "
+                    f"{wanted} is not a hugetlbfs mount of {format_size(size)} pages (or a directory on one); "
                     f"mount one with: {hugepages.mount_hint(size)}")
+            return HugetlbfsBacking(wanted, size, self.paths.segment_stem(), self.policy.own_fd)
         if not mounts:
             raise HugepagesUnavailable(
                 f"no hugetlbfs mount of {format_size(size)} pages; mount one with: {hugepages.mount_hint(size)}")
-        return HugetlbfsBacking(mounts[0].path, size, self.paths.segment_stem())
+        directory = os.path.join(mounts[0].path, SERVICE_SUBDIR)
+        if not os.path.isdir(directory):
+            directory = mounts[0].path
+        return HugetlbfsBacking(directory, size, self.paths.segment_stem(), self.policy.own_fd)
 
     def _hugepage_memory(self) -> int:
         size = self.config.page_size
@@ -178,7 +199,7 @@ class Primary:
         except HugepagesUnavailable as err:
             if self.config.huge_pages == "on":
                 raise
-            backing = ShmBacking(self.paths.segment_stem())
+            backing = ShmBacking(self.paths.segment_stem(), self.policy.own_fd)
             memory = self._fall_back(err, backing)
             mapped = backing.create(window, 0, window.base, memory, self._progress)
         self._undo.callback(backing.remove, 0)
@@ -186,12 +207,17 @@ class Primary:
 
     def _progress(self, done: int, total: int) -> None:
         log.debug("mapping: %s of %s", format_size(done), format_size(total))
+        now = time.monotonic()
+        if done == total or now - getattr(self, "_progress_sent", 0.0) >= 0.25:  # the manager needs no more
+            self._progress_sent = now
+            self.notifier.status(f"mapping {format_size(done)} of {format_size(total)} ({100 * done // total}%)")
 
     def _create_table(self, mapped: Mapped) -> Table:
         c = self.config
         layout = Layout.plan(base=self.window.base, window=self.window.size, page_size=self.backing.page_size,
                              mode=self.backing.mode, prefix=c.prefix, max_zones=c.max_zones, max_workers=c.max_workers)
         table = Table.create(self.paths.table, layout)
+        self.policy.own(self.paths.table)
         table.read_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
         self._undo.callback(os.unlink, self.paths.table)
         self._undo.callback(table.close)
@@ -208,13 +234,20 @@ class Primary:
     def _bind(self) -> None:
         context = zmq.Context()
         self._undo.callback(context.term)
+        # The ZAP handler first: see hugeshmd.access. It lives in this context
+        # (inproc) and is answered from the serve loop, so no thread is needed.
+        self.zap: zmq.Socket[bytes] = context.socket(zmq.REP)
+        self._undo.callback(self.zap.close, 0)
+        self.zap.bind(ZAP_ENDPOINT)
+        guarded: dict[int, int | bytes] = {zmq.ZAP_DOMAIN: ZAP_DOMAIN, zmq.ZAP_ENFORCE_DOMAIN: 1}
         # ZMQ_MAXMSGSIZE must be set before bind: libzmq copies a socket's
         # options into each listener when it binds, and ignores later changes.
-        self.router = self._socket(context, zmq.ROUTER, self.paths.control, {zmq.MAXMSGSIZE: protocol.MAX_MESSAGE})
-        self.publisher = self._socket(context, zmq.PUB, self.paths.events, {})
+        self.router = self._socket(context, zmq.ROUTER, self.paths.control,
+                                   {zmq.MAXMSGSIZE: protocol.MAX_MESSAGE, **guarded})
+        self.publisher = self._socket(context, zmq.PUB, self.paths.events, guarded)
 
     def _socket(self, context: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str,
-                options: dict[int, int]) -> zmq.Socket[bytes]:
+                options: dict[int, int | bytes]) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = context.socket(kind)
         for option, value in options.items():
             sock.setsockopt(option, value)
@@ -223,7 +256,7 @@ class Primary:
         self._undo.callback(sock.close, 200)
         sock.setsockopt(zmq.LINGER, 200)
         sock.bind(endpoint)
-        os.chmod(endpoint[len("ipc://"):], 0o660)
+        self.policy.own(endpoint[len("ipc://"):])
         return sock
 
     # -- serving -------------------------------------------------------------
@@ -231,22 +264,37 @@ class Primary:
     def serve(self) -> None:
         """Answer requests until :meth:`stop` is called (from a signal handler or another thread)."""
         poller = zmq.Poller()
+        poller.register(self.zap, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        # The watchdog is fed from this loop, so a loop that hangs is restarted.
+        beat = min(HEARTBEAT_S, self.notifier.watchdog / 2) if self.notifier.watchdog else HEARTBEAT_S
         next_beat = time.monotonic()
         while not self._stopping:
             ready = dict(poller.poll(timeout=max(0, int((next_beat - time.monotonic()) * 1000))))
+            if self.zap in ready:
+                self._serve_zap()
             if self.router in ready:
                 self._serve_pending()
             if self._wake_r.fileno() in ready:
                 self._drain_wakeups()
+            if self._reload_pending:
+                self.reload()
             if time.monotonic() >= next_beat:
                 self._heartbeat()
-                next_beat = time.monotonic() + HEARTBEAT_S
+                next_beat = time.monotonic() + beat
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return. Safe from a signal handler."""
         self._stopping = True
+        self._wake()
+
+    def request_reload(self) -> None:
+        """Ask :meth:`serve` to :meth:`reload` (from a SIGHUP handler)."""
+        self._reload_pending = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -291,6 +339,7 @@ class Primary:
             message = protocol.decode(body)
             request_id = message.get("id")
             op, args = protocol.parse_request(message)
+            self.requests_by_op[op] = self.requests_by_op.get(op, 0) + 1
             return protocol.ok_reply(getattr(self, f"_op_{op}")(**args), request_id)
         except HugeshmdError as err:
             self._count(type(err).__name__)
@@ -311,6 +360,63 @@ class Primary:
 
     def _heartbeat(self) -> None:
         self.publisher.send(protocol.encode({"v": protocol.VERSION, "seq": self._seq, "op": "heartbeat"}))
+        if self.notifier.watchdog:
+            self.notifier.send(watchdog=1)
+
+    def _serve_zap(self) -> None:
+        """Answer the ZAP requests libzmq queued (RFC 27): 200 admits, 400 refuses."""
+        while True:
+            try:
+                frames = self.zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            request_id = frames[1] if len(frames) > 1 else b""
+            peer = parse_peer(frames[3]) if len(frames) >= 6 and frames[0] == b"1.0" else None
+            if peer is not None and self.policy.admits(peer[0], peer[1]):
+                reply = [b"200", b"OK", str(peer[0]).encode()]
+            else:
+                self.refused += 1
+                log.warning("refused a connection from %s: not root, this primary's user, in allow_users, "
+                            "or in allow_groups", "uid {} gid {} pid {}".format(*peer) if peer else "an unknown peer")
+                reply = [b"400", b"not admitted", b""]
+            self.zap.send_multipart([b"1.0", request_id, *reply, b""])
+
+    # -- reloading -----------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read the config file again and apply what can change live (systemd's reload protocol).
+
+        Only log_level, allow_users and allow_groups reload; a change to
+        anything else is logged and waits for a restart. A bad file changes
+        nothing: the error is logged and the primary goes on as it was.
+        """
+        self._reload_pending = False
+        self.notifier.reloading()
+        try:
+            fresh = load(self.config.path, self.overrides)
+            policy = Policy.from_names(self.policy_group(), fresh.allow_users, fresh.allow_groups)
+        except HugeshmdError as err:
+            log.error("reload: %s; nothing changed", err.message)
+        else:
+            kept = [f for f in fresh.__dataclass_fields__ if f not in RELOADABLE
+                    and getattr(fresh, f) != getattr(self.config, f)]
+            if kept:
+                log.warning("reload: %s changed in %s; these apply at the next restart",
+                            ", ".join(sorted(kept)), self.config.path)
+            self.config = self._with(fresh)
+            self.policy = policy
+            logging.getLogger().setLevel(fresh.log_level.upper())
+            log.info("reloaded %s: log_level %s, allow_users %s, allow_groups %s", self.config.path or "(no file)",
+                     fresh.log_level, list(fresh.allow_users), list(fresh.allow_groups or [self.policy_group()]))
+        self.notifier.send(ready=1, status=self.summary())
+
+    def policy_group(self) -> str:
+        return self.config.group or str(self.policy.gid)
+
+    def _with(self, fresh: Config) -> Config:
+        import dataclasses
+
+        return dataclasses.replace(self.config, **{k: getattr(fresh, k) for k in RELOADABLE})
 
     # -- operations (each returns the reply's fields) ------------------------------
 
@@ -351,6 +457,7 @@ class Primary:
             "free": memory - used, "segments": len(snap.segments), "zones": len(snap.zones),
             "workers": sum(1 for pid, start in self.table.workers() if process_alive(pid, start)),
             "generation": snap.generation, "requests": self.requests, "errors": dict(self.errors),
+            "requests_by_op": dict(self.requests_by_op), "refused": self.refused,
             "uptime": round(time.monotonic() - self._started, 3),
         }
 
@@ -369,6 +476,7 @@ class Primary:
         The removal runs whatever happens while telling workers: a table that
         fails its checks or a lock that cannot be had must not pin hugepages.
         """
+        self.notifier.send(stopping=1, status="stopping: telling workers, removing files")
         try:
             self._tell_workers()
         except Exception:  # noqa: BLE001 - log it, and still remove everything
@@ -399,18 +507,25 @@ def mark_stopped(table: Table, wait: float = 2.0) -> None:
                     "at their next reserve or free", wait)
 
 
-def run(config: Config) -> int:
+def run(config: Config, overrides: dict[str, Any] | None = None) -> int:
     """Run a primary in the foreground until SIGTERM or SIGINT; the exit status.
 
     The handlers go in before start-up, so a signal during a long mapping
-    still ends in a clean shutdown. SIGHUP is ignored (nothing reloads yet).
+    still ends in a clean shutdown. SIGHUP reloads what can change live
+    (:meth:`Primary.reload`); one that arrives during start-up is applied
+    once serving. Under systemd (``$NOTIFY_SOCKET``) the primary reports
+    READY, STATUS, WATCHDOG, RELOADING and STOPPING (:mod:`hugeshmd.systemd`).
     """
-    primary = Primary(config)
+    primary = Primary(config, overrides, Notifier())
     previous = signal.set_wakeup_fd(primary.wakeup_fd(), warn_on_full_buffer=False)
     handlers = {sig: signal.signal(sig, lambda *_: primary.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    hup = signal.signal(signal.SIGHUP, lambda *_: primary.request_reload())
     try:
-        primary.start()
+        try:
+            primary.start()
+        except HugeshmdError as err:
+            primary.notifier.status(f"failed: {err.message}")
+            raise
         try:
             primary.serve()
         finally:

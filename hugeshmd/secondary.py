@@ -15,39 +15,43 @@ import time
 from collections.abc import Sequence
 
 from . import _fork, zones
-from .errors import HugeshmdError, NotFound, PrimaryUnavailable
+from .errors import AccessDenied, HugeshmdError, NotFound, PrimaryUnavailable
 from .runtime import RuntimePaths, own_start_time, process_alive
 from .table import STATE_READY, STATE_STOPPING, SegmentRecord, Snapshot, Table, ZoneRecord
 from .window import Window
-from .zones import Zone, check_align, check_name, check_size, make_zone
+from .zones import ReadOnlyZone, Zone, check_align, check_name, check_size, make_zone
 
 __all__ = ["attach", "Secondary", "Segment"]
 
 Segment = SegmentRecord
 
 
-def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str | None = None) -> Secondary:
+def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str | None = None,
+           read_only: bool = False) -> Secondary:
     """Attach this process to the instance ``prefix``: every segment at the primary's address.
 
-    Waits up to ``timeout`` seconds for a primary to be ready. Raises
-    PrimaryUnavailable when none is, AddressUnavailable when part of the
-    instance's address window is already mapped in this process (nothing is
-    overwritten), TableCorrupt when the shared table fails its checks,
-    InvalidArgument for a malformed prefix, OutOfMemory when the instance's
-    worker table is full of live workers.
+    Waits up to ``timeout`` seconds for a primary to be ready. With
+    ``read_only`` every segment and the table are mapped ``PROT_READ``: zones
+    are ReadOnlyZone, and reserve and free raise AccessDenied. Raises
+    PrimaryUnavailable when no primary is ready, AccessDenied when this
+    process may not open the instance's files (it is outside the instance's
+    group), AddressUnavailable when part of the instance's address window is
+    already mapped in this process (nothing is overwritten), TableCorrupt
+    when the shared table fails its checks, InvalidArgument for a malformed
+    prefix, OutOfMemory when the instance's worker table is full of live workers.
     """
     paths = RuntimePaths.for_prefix(prefix, runtime_root)
-    table = _open_ready_table(paths, timeout)
+    table = _open_ready_table(paths, timeout, not read_only)
     try:
-        return Secondary(paths, table)
+        return Secondary(paths, table, read_only)
     except BaseException:
         table.close()
         raise
 
 
-def _open_ready_table(paths: RuntimePaths, timeout: float) -> Table:
+def _open_ready_table(paths: RuntimePaths, timeout: float, writable: bool) -> Table:
     deadline = time.monotonic() + timeout
-    table = _try_open(paths)
+    table = _try_open(paths, writable)
     if table is not None:
         return table
     from .client import Control  # the slow path: wait for the primary to answer
@@ -67,13 +71,13 @@ def _open_ready_table(paths: RuntimePaths, timeout: float) -> Table:
                 control.request("hello", timeout=min(left, 0.5))
             except PrimaryUnavailable:
                 continue
-            table = _try_open(paths)
+            table = _try_open(paths, writable)
             if table is not None:
                 return table
             time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))  # answered but not yet ready
 
 
-def _try_open(paths: RuntimePaths) -> Table | None:
+def _try_open(paths: RuntimePaths, writable: bool) -> Table | None:
     """The table if a live primary has made it ready, else None.
 
     Liveness is the primary's pid and start time as recorded in the table, not
@@ -81,9 +85,13 @@ def _try_open(paths: RuntimePaths) -> Table | None:
     primary starting in that instant would take it for a rival's.
     """
     try:
-        table = Table.open(paths.table)
+        table = Table.open(paths.table, writable)
     except FileNotFoundError:
         return None
+    except PermissionError as err:
+        from .access import refuse
+
+        raise refuse(paths.prefix, paths.table, err) from err
     if table.state()[0] != STATE_READY or not process_alive(*table.owner()):
         table.close()
         return None
@@ -97,8 +105,9 @@ class Secondary:
     out keep their memory mapped until they (and their views) are gone.
     """
 
-    def __init__(self, paths: RuntimePaths, table: Table) -> None:
+    def __init__(self, paths: RuntimePaths, table: Table, read_only: bool = False) -> None:
         self.prefix = paths.prefix
+        self.read_only = read_only
         self._paths = paths
         self._table = table
         # Thread safety: _lock guards the bookkeeping (refresh, making a Zone,
@@ -111,14 +120,15 @@ class Secondary:
         self._generation: Sequence[int] = (-2,)
         self._segments_generation = -1
         self._records: dict[str, ZoneRecord] = {}  # every zone at generation _seen
-        self._by_name: dict[str, Zone] = {}  # the Zone objects made so far, made on first lookup
+        self._by_name: dict[str, Zone | ReadOnlyZone] = {}  # the Zone objects made so far, made on first lookup
         self._seen = -1
         try:
             layout = table.layout
-            self._window = Window.shared(layout.base, layout.window, layout.instance)
+            self._window = Window.shared(layout.base, layout.window, layout.instance, not read_only)
             self._generation = table.generation_word()
             self._refresh()
-            self._worker = table.register_worker(os.getpid(), own_start_time(), process_alive)
+            # A read-only worker cannot write the worker table: it is not counted.
+            self._worker = -1 if read_only else table.register_worker(os.getpid(), own_start_time(), process_alive)
         except BaseException:
             # Drop what holds the table's buffer and the window, or closing the
             # table would raise BufferError over the real error.
@@ -128,7 +138,7 @@ class Secondary:
 
     # -- reading -----------------------------------------------------------
 
-    def lookup(self, name: str) -> Zone:
+    def lookup(self, name: str) -> Zone | ReadOnlyZone:
         """The zone called ``name``. A local read: no round trip to the primary.
 
         Raises NotFound if there is none, PrimaryUnavailable once the primary
@@ -144,7 +154,7 @@ class Secondary:
     def _after_fork(self) -> None:
         self._lock = _thread.RLock()  # another parent thread may have held it at fork
 
-    def _zone(self, name: str) -> Zone:
+    def _zone(self, name: str) -> Zone | ReadOnlyZone:
         with self._lock:
             self._check_open()
             zone = self._by_name.get(name)
@@ -152,11 +162,12 @@ class Secondary:
                 record = self._records.get(name)
                 if record is None:
                     raise NotFound(f"no zone named {name!r}", name=name)
-                zone = self._by_name[name] = make_zone(record, self._window)
+                zone = self._by_name[name] = (ReadOnlyZone(record, self._window) if self.read_only
+                                              else make_zone(record, self._window))
             return zone
 
     @property
-    def zones(self) -> list[Zone]:
+    def zones(self) -> list[Zone | ReadOnlyZone]:
         """Every zone of the instance, by address. Raises as :meth:`lookup` does."""
         if self._generation[0] != self._seen:
             self._refresh()
@@ -192,6 +203,7 @@ class Secondary:
         alignment (a power of two), PrimaryUnavailable once the primary stopped.
         """
         name, size, align = check_name(name), check_size(size), check_align(align)
+        self._check_writable("reserve")
         self._check_primary()
         base, new, record = zones.reserve(self._table, name, size, align)
         with self._lock:
@@ -199,7 +211,9 @@ class Secondary:
             if base.generation != self._seen:
                 self._refresh()
                 if self._records.get(name) == record:
-                    return self._zone(name)
+                    zone = self._zone(name)
+                    assert isinstance(zone, Zone)  # not read-only: _check_writable passed
+                    return zone
                 # freed by another process since (the name may even be someone else's
                 # zone by now): still, the zone we committed is what we return
                 return make_zone(record, self._window)
@@ -216,6 +230,7 @@ class Secondary:
         still held stay mapped, but the memory may go to the next ``reserve``.
         """
         check_name(name)
+        self._check_writable("free")
         self._check_primary()
         base, new, _ = zones.free(self._table, name)
         with self._lock:
@@ -264,6 +279,11 @@ class Secondary:
                     ) from err
         self._segments_generation = snap.segments_generation
 
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise AccessDenied(f"cannot {what}: this process attached prefix {self.prefix!r} read-only",
+                               prefix=self.prefix)
+
     def _check_primary(self) -> None:
         state, pid = self._table.state()
         if state == STATE_STOPPING:
@@ -281,7 +301,8 @@ class Secondary:
             if self._window is None:
                 return
             try:
-                self._table.unregister_worker(self._worker, os.getpid())
+                if self._worker >= 0:
+                    self._table.unregister_worker(self._worker, os.getpid())
             except (OSError, ValueError):
                 pass
             self._records, self._by_name = {}, {}

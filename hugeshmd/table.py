@@ -229,7 +229,7 @@ class Table:
         _fork.register(self)
 
     @classmethod
-    def create(cls, path: str, layout: Layout, mode: int = 0o644) -> Table:
+    def create(cls, path: str, layout: Layout, mode: int = 0o660) -> Table:
         """Write a fresh, empty table at ``path`` atomically (temp file + rename)."""
         tmp = f"{path}.new.{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -246,14 +246,18 @@ class Table:
         return cls(path, fd, mmap.mmap(fd, layout.file_size), layout)
 
     @classmethod
-    def open(cls, path: str) -> Table:
-        """Map an existing table; TableCorrupt if it fails its checks."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    def open(cls, path: str, writable: bool = True) -> Table:
+        """Map an existing table; TableCorrupt if it fails its checks.
+
+        A table opened with ``writable=False`` is mapped ``PROT_READ``: it can be
+        read and locked, and any change raises TypeError (a read-only buffer).
+        """
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_SIZE:
                 raise TableCorrupt(f"{path} is truncated ({size} bytes)", path=path)
-            mm = mmap.mmap(fd, size)
+            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
             try:
                 layout = Layout.unpack(mm, path)
                 if layout.file_size != size:

@@ -17,10 +17,10 @@ from .errors import AddressUnavailable
 
 __all__ = ["Window", "conflicts"]
 
-# The live windows of this process, by what they map: (base, size, instance) -> Window.
+# The live windows of this process, by what they map: (base, size, instance, writable) -> Window.
 # A window stays mapped while any Secondary or Zone holds it, even after close().
 # Changed under _fork.guard (short sections: a dict lookup and an mmap).
-_live: weakref.WeakValueDictionary[tuple[int, int, object], Window] = weakref.WeakValueDictionary()
+_live: weakref.WeakValueDictionary[tuple[int, int, object, bool], Window] = weakref.WeakValueDictionary()
 
 
 def conflicts(base: int, size: int, maps: str = "/proc/self/maps") -> list[str]:
@@ -37,29 +37,32 @@ def conflicts(base: int, size: int, maps: str = "/proc/self/maps") -> list[str]:
 class Window:
     """A reserved VA range and the segments mapped in it. Unmapped on release or GC."""
 
-    def __init__(self, base: int, size: int) -> None:
+    def __init__(self, base: int, size: int, writable: bool = True) -> None:
         self.base = base
         self.size = size
+        self.writable = writable  # how segments are mapped: PROT_READ|PROT_WRITE, or PROT_READ
         self.segments: dict[int, tuple[int, int]] = {}  # id -> (address, length)
         self._released = False
 
     @classmethod
-    def shared(cls, base: int, size: int, owner: object) -> Window:
+    def shared(cls, base: int, size: int, owner: object, writable: bool = True) -> Window:
         """This process's live window for ``owner`` (an instance's identity), else a new one.
 
         A process that attaches the same instance twice shares one window: its
         segments are mapped once. A window left by another instance at the same
-        range (say, one whose Zones outlived their Secondary) is in the way.
+        range (say, one whose Zones outlived their Secondary), or by the same
+        instance attached in the other mode (read-only vs read-write), is in the way.
         """
         with _fork.guard:  # two threads attaching at once must share, not race
-            window = _live.get((base, size, owner))
+            key = (base, size, owner, writable)
+            window = _live.get(key)
             if window is None or window._released:
-                window = cls.reserve(base, size)
-                _live[(base, size, owner)] = window
+                window = cls.reserve(base, size, writable)
+                _live[key] = window
             return window
 
     @classmethod
-    def reserve(cls, base: int, size: int) -> Window:
+    def reserve(cls, base: int, size: int, writable: bool = True) -> Window:
         """Reserve the range or raise AddressUnavailable naming what is in the way."""
         try:
             _sys.reserve(base, size)
@@ -79,19 +82,17 @@ class Window:
                 + ("; ".join(taken[:3]) or "a mapping the kernel would not replace") + "." + hint,
                 address=base, size=size, errno=err.errno, conflicts=taken,
             ) from err
-        return cls(base, size)
+        return cls(base, size, writable)
 
-    def map(self, segment_id: int, address: int, length: int, path: str, offset: int,
-            writable: bool = True) -> None:
+    def map(self, segment_id: int, address: int, length: int, path: str, offset: int) -> None:
         """Map ``length`` bytes of the file at ``path`` at ``address`` inside the window."""
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd = os.open(path, (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC)
         try:
-            self.map_fd(segment_id, address, length, fd, offset, writable)
+            self.map_fd(segment_id, address, length, fd, offset)
         finally:
             os.close(fd)
 
-    def map_fd(self, segment_id: int, address: int, length: int, fd: int, offset: int,
-               writable: bool = True) -> None:
+    def map_fd(self, segment_id: int, address: int, length: int, fd: int, offset: int) -> None:
         """Map ``fd`` at ``address``; ValueError unless the range lies inside the window.
 
         This check is what keeps MAP_FIXED inside our own reservation.
@@ -101,12 +102,11 @@ class Window:
         with _fork.guard:  # Secondaries sharing this window may map at once: once is enough
             if self.segments.get(segment_id) == (address, length):
                 return
-            self._map_fixed(segment_id, address, length, fd, offset, writable)
+            self._map_fixed(segment_id, address, length, fd, offset)
 
-    def _map_fixed(self, segment_id: int, address: int, length: int, fd: int, offset: int,
-                   writable: bool) -> None:
+    def _map_fixed(self, segment_id: int, address: int, length: int, fd: int, offset: int) -> None:
         try:
-            _sys.map_fixed(address, length, fd, offset, writable)
+            _sys.map_fixed(address, length, fd, offset, self.writable)
         except OSError:
             # A MAP_FIXED that fails may already have unmapped the range it was
             # to replace (mmap(2) does not promise otherwise; Linux does so on

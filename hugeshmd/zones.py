@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
     import numpy
 
-__all__ = ["Zone", "check_name", "check_size", "check_align", "place", "find", "reserve", "free", "make_zone"]
+__all__ = [
+    "Zone", "ReadOnlyZone", "check_name", "check_size", "check_align", "place", "find", "reserve", "free", "make_zone",
+]  # fmt: skip
 
 DEFAULT_ALIGN = 64  # a cache line, as DPDK's memzones
 MAX_ALIGN = 1 << 30
@@ -154,6 +156,10 @@ class Zone:
     def __getitem__(self, key: int | slice) -> Any:
         return memoryview(self)[key]
 
+    def view(self) -> memoryview:
+        """``memoryview(zone)``: writable, format ``B`` (as ReadOnlyZone.view, which is read-only)."""
+        return memoryview(self)
+
     def __setitem__(self, key: int | slice, value: Any) -> None:
         memoryview(self)[key] = value
 
@@ -162,27 +168,80 @@ class Zone:
 
         Raises InvalidArgument if ``shape`` needs more bytes than the zone has.
         """
-        import numpy
+        return _ndarray(memoryview(self), self.name, self.size, dtype, shape)  # type: ignore[no-any-return]
 
-        dtype = numpy.dtype(dtype)
-        if shape is None:
-            return numpy.frombuffer(memoryview(self), dtype=dtype, count=self.size // dtype.itemsize)
-        dims = (shape,) if isinstance(shape, int) else tuple(shape)
-        count = 1
-        for dim in dims:
-            if dim < 0:
-                raise InvalidArgument(f"negative dimension in shape {dims}", name=self.name, size=self.size)
-            count *= dim
-        if count * dtype.itemsize > self.size:
-            raise InvalidArgument(
-                f"shape {dims} of {dtype} needs {count * dtype.itemsize} bytes; zone {self.name!r} has {self.size}",
-                name=self.name, size=self.size,
-            )
-        return numpy.frombuffer(memoryview(self), dtype=dtype, count=count).reshape(dims)
+
+def _ndarray(view: memoryview, name: str, size: int, dtype: Any, shape: int | tuple[int, ...] | None) -> Any:
+    import numpy
+
+    dtype = numpy.dtype(dtype)
+    if shape is None:
+        return numpy.frombuffer(view, dtype=dtype, count=size // dtype.itemsize)
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = 1
+    for dim in dims:
+        if dim < 0:
+            raise InvalidArgument(f"negative dimension in shape {dims}", name=name, size=size)
+        count *= dim
+    if count * dtype.itemsize > size:
+        raise InvalidArgument(
+            f"shape {dims} of {dtype} needs {count * dtype.itemsize} bytes; zone {name!r} has {size}",
+            name=name, size=size,
+        )
+    return numpy.frombuffer(view, dtype=dtype, count=count).reshape(dims)
+
+
+class ReadOnlyZone:
+    """A zone as a read-only worker sees it: mapped ``PROT_READ``, so no write can land.
+
+    ``zone.view()`` is a read-only, zero-copy ``memoryview`` (format ``B``);
+    ``zone.ndarray()`` a read-only numpy array; ``len``, ``zone[i]`` and
+    ``bytes(zone.view())`` read. On Python 3.12 and later ``memoryview(zone)``
+    works too (``__buffer__``); on 3.11 a class cannot export a buffer except
+    through ctypes, whose buffers are always writable, and a write to a
+    ``PROT_READ`` page would kill the process with SIGSEGV rather than raise.
+    """
+
+    __slots__ = ("name", "address", "size", "iova", "_array")
+
+    def __init__(self, record: ZoneRecord, keepalive: object) -> None:
+        self.name, self.address, self.size, self.iova = record.name, record.address, record.size, record.iova
+        self._array = _zone_type(record.size).from_address(record.address)
+        self._array._mapping = keepalive  # the views keep the array, the array keeps the mapping
+
+    def view(self) -> memoryview:
+        return memoryview(self._array).toreadonly()
+
+    def __buffer__(self, flags: int, /) -> memoryview:
+        if flags & 1:  # PyBUF_WRITABLE
+            raise BufferError(f"zone {self.name!r} is read-only in this process")
+        return self.view()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: int | slice) -> Any:
+        return self.view()[key]
+
+    def __repr__(self) -> str:
+        return f"<ReadOnlyZone {self.name!r} at {self.address:#x} size {self.size} iova {self.iova:#x}>"
+
+    def ndarray(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> numpy.ndarray:
+        """A read-only numpy array over the zone (numpy is imported here); as Zone.ndarray."""
+        return _ndarray(self.view(), self.name, self.size, dtype, shape)  # type: ignore[no-any-return]
 
 
 MAX_ZONE_TYPES = 1024
 _types: dict[int, Any] = {}  # Zone type per size, oldest evicted first
+
+
+def _zone_type(size: int) -> Any:
+    cls = _types.get(size)
+    if cls is None:
+        if len(_types) >= MAX_ZONE_TYPES:
+            del _types[next(iter(_types))]
+        cls = _types[size] = _sys.byte_array_type(size, Zone)
+    return cls
 
 
 def make_zone(record: ZoneRecord, keepalive: object) -> Zone:
@@ -190,12 +249,7 @@ def make_zone(record: ZoneRecord, keepalive: object) -> Zone:
 
     The first Zone of a size not seen lately costs a type creation (~10 us).
     """
-    cls: Any = _types.get(record.size)
-    if cls is None:
-        if len(_types) >= MAX_ZONE_TYPES:
-            del _types[next(iter(_types))]
-        cls = _types[record.size] = _sys.byte_array_type(record.size, Zone)
-    zone = cls.from_address(record.address)
+    zone = _zone_type(record.size).from_address(record.address)
     zone.name = record.name
     zone.address = record.address
     zone.size = record.size

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from hugeshmd import hugepages
+from hugeshmd.backing import segment_dirs
 
 PYTHON = sys.executable
 HERE = Path(__file__).parent
@@ -76,11 +77,11 @@ def run_python(code: str, root: str, check: bool = True, timeout: float = 120) -
 class Primary:
     """A primary subprocess. Ready when its log says so (no sleeps)."""
 
-    def __init__(self, prefix: str, root: str, *args: str) -> None:
+    def __init__(self, prefix: str, root: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.prefix, self.root = prefix, root
         cmd = [PYTHON, "-m", "hugeshmd", "primary", "--prefix", prefix, "--runtime-root", root, *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.log: list[str] = []
         self._ready = threading.Event()
         self._new_line = threading.Condition()
@@ -165,7 +166,7 @@ def leftovers(prefix: str, root: str) -> list[str]:
     """Every file an instance of ``prefix`` may leave: hugepage files, shm objects, runtime dir."""
     stem = f"hugeshmd.{prefix}."
     found = [os.path.join(root, prefix)] if os.path.exists(os.path.join(root, prefix)) else []
-    for directory in [m.path for m in hugepages.mounts()] + ["/dev/shm"]:
+    for directory in segment_dirs([m.path for m in hugepages.mounts()]) + ["/dev/shm"]:
         try:
             found += [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(stem)]
         except OSError:
@@ -215,3 +216,32 @@ def workers(root: str) -> Iterator[Any]:
     yield make
     for worker in made:
         worker.stop()
+
+
+def _must_or_skip(reason: str) -> None:
+    """Skip outside CI; in CI what a test needs must be there, so fail."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def service_python() -> Iterator[str]:
+    """A Python every user can run, with this tree's package: for workers of other users and units."""
+    from sysenv import ServicePython, have_system_python
+
+    if os.geteuid() != 0 or not have_system_python() or not shutil.which("setpriv"):
+        _must_or_skip("needs root, /usr/bin/python3 (3.11+, venv) and setpriv")
+    made = ServicePython()
+    yield made.python
+    made.remove()
+
+
+@pytest.fixture
+def users() -> Iterator[Any]:
+    """Real users and groups, removed after the test."""
+    from sysenv import Users
+
+    made = Users()
+    yield made
+    made.remove()

@@ -1,0 +1,144 @@
+"""Who may use an instance: file ownership for the data plane, ZAP for the sockets.
+
+Two gates, both from the instance's config:
+
+* **Files** (kernel-enforced; what a worker maps). The runtime dir is
+  ``0750`` and every file the primary makes (table, lock, sockets, hugepage
+  files, shm objects) ``0660``/``0640``, owned by the primary's user and by the
+  instance's ``group``. A process outside that group cannot open the table or
+  reach a socket; a member can map every segment. Each file is given its group
+  explicitly: no setgid directory, which the unit's ``RestrictSUIDSGID=`` forbids.
+* **Sockets** (ZAP, RFC 27). Both endpoints set a ZAP domain with
+  ``ZMQ_ZAP_ENFORCE_DOMAIN``: libzmq then refuses every connection for which no
+  ZAP handler answers "200", so a handler that is missing means no entry, not
+  open doors. The handler (in the primary's own loop, :class:`ZapHandler`)
+  gets the peer's credentials: on ``ipc://`` libzmq reads ``SO_PEERCRED`` at
+  accept and appends ``:uid:gid:pid`` to the ZAP request's address
+  (stream_engine_base.cpp). It admits root, the primary's own user,
+  ``allow_users``, and members of ``allow_groups`` (default: ``group``).
+  SO_PEERCRED carries the primary group only, so supplementary membership is
+  read from the group database (getgrouplist(3)) for the peer's user.
+
+A refused peer sees the handshake fail (``ZMQ_EVENT_HANDSHAKE_FAILED_AUTH``
+on its monitor); :class:`hugeshmd.client.Control` turns that into AccessDenied.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import AccessDenied, InvalidArgument
+
+__all__ = ["Policy", "ZAP_DOMAIN", "ZAP_ENDPOINT", "group_id", "user_id", "parse_peer", "denied_message"]
+
+log = logging.getLogger("hugeshmd.access")
+
+ZAP_DOMAIN = b"hugeshmd"
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27
+DIR_MODE = 0o750
+FILE_MODE = 0o660
+
+
+def group_id(name: str | int, key: str) -> int:
+    """A group name or number as a gid; InvalidArgument naming ``key`` if there is none."""
+    try:
+        return int(name) if isinstance(name, int) or name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise InvalidArgument(f"invalid {key}: no group {name!r} on this host", name=key) from None
+
+
+def user_id(name: str | int, key: str) -> int:
+    """A user name or number as a uid; InvalidArgument naming ``key`` if there is none."""
+    try:
+        return int(name) if isinstance(name, int) or name.isdigit() else pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise InvalidArgument(f"invalid {key}: no user {name!r} on this host", name=key) from None
+
+
+def groups_of(uid: int, gid: int) -> set[int]:
+    """``gid`` and the groups the group database gives ``uid``'s user."""
+    try:
+        return {gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)}
+    except KeyError:  # a uid with no name: only its primary group is known
+        return {gid}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The instance's owning group and who is admitted on its sockets."""
+
+    gid: int
+    allow_uids: frozenset[int]
+    allow_gids: frozenset[int]
+    own_uid: int
+
+    @classmethod
+    def from_names(cls, group: str | None, allow_users: Iterable[str], allow_groups: Iterable[str] | None) -> Policy:
+        """Resolve names now, before anything is touched; InvalidArgument names the key."""
+        gid = os.getegid() if group is None else group_id(group, "group")
+        if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+            raise InvalidArgument(
+                f"invalid group: this process (uid {os.geteuid()}) is not in group {group!r}, "
+                "so it cannot give the instance's files to it; add its user to the group "
+                f"(usermod -aG {group} USER) and restart it", name="group")
+        uids = frozenset(user_id(u, "allow_users") for u in allow_users)
+        gids = frozenset([gid] if allow_groups is None else (group_id(g, "allow_groups") for g in allow_groups))
+        return cls(gid, uids, gids, os.geteuid())
+
+    def admits(self, uid: int, gid: int) -> bool:
+        if uid in (0, self.own_uid) or uid in self.allow_uids:
+            return True
+        return not self.allow_gids.isdisjoint(groups_of(uid, gid))
+
+    def own(self, path: str, mode: int = FILE_MODE) -> None:
+        """Give ``path`` to the instance's group with ``mode``; AccessDenied if the kernel refuses."""
+        try:
+            os.chown(path, -1, self.gid)
+            os.chmod(path, mode)
+        except OSError as err:
+            raise self._refused(path, mode, err) from err
+
+    def own_fd(self, fd: int, mode: int = FILE_MODE) -> None:
+        try:
+            os.fchown(fd, -1, self.gid)
+            os.fchmod(fd, mode)
+        except OSError as err:
+            raise self._refused(f"/proc/self/fd/{fd}", mode, err) from err
+
+    def _refused(self, path: str, mode: int, err: OSError) -> AccessDenied:
+        return AccessDenied(f"cannot give {path} to group {self.gid} with mode {mode:o}: {err.strerror}",
+                            path=path, errno=err.errno)
+
+
+def parse_peer(address: bytes) -> tuple[int, int, int] | None:
+    """(uid, gid, pid) from a ZAP address such as ``b"localhost:1000:1000:4242"``; None if absent."""
+    parts = address.rsplit(b":", 3)
+    if len(parts) != 4:
+        return None
+    try:
+        return int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+def denied_message(prefix: str, what: str) -> str:
+    uid, gid = os.geteuid(), os.getegid()
+    return (f"the instance {prefix!r} refused this process (uid {uid}, gid {gid}) {what}; "
+            "its operator admits workers by group: see the instance's group, allow_users and allow_groups")
+
+
+def refuse(prefix: str, path: str, err: OSError) -> AccessDenied:
+    """The AccessDenied for a file of the instance that this process may not open."""
+    try:
+        owner = grp.getgrgid(os.stat(os.path.dirname(path)).st_gid).gr_name
+        hint = f"; workers must be in group {owner!r}"
+    except (OSError, KeyError):
+        hint = ""
+    return AccessDenied(
+        f"cannot open {path}: {err.strerror} (this process: uid {os.geteuid()}, gid {os.getegid()}){hint}",
+        prefix=prefix, path=path, errno=err.errno)

@@ -1,0 +1,231 @@
+"""Access control with real users: file ownership and modes, the ZAP check on the sockets,
+reloading the allow lists on SIGHUP, and read-only workers.
+
+Workers of other users run the system Python's venv (``service_python``): the
+test runner's interpreter may sit where they cannot reach it.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import signal
+import stat
+import subprocess
+import textwrap
+from typing import Any
+
+import pytest
+from conftest import Primary, leftovers, run_python
+from sysenv import as_user
+
+from hugeshmd import AccessDenied, InvalidArgument
+from hugeshmd.access import Policy, parse_peer
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes users and changes file owners: needs root")
+
+
+# -- the policy, without processes --------------------------------------------------------
+
+
+def test_a_zap_address_gives_the_peer_credentials() -> None:
+    assert parse_peer(b"localhost:1000:1001:4242") == (1000, 1001, 4242)
+    assert parse_peer(b":0:0:1") == (0, 0, 1)
+    assert parse_peer(b"127.0.0.1") is None
+    assert parse_peer(b"a:b:c:d") is None
+
+
+def test_the_policy_admits_root_its_own_user_listed_users_and_group_members(users: Any) -> None:
+    group = users.group()
+    member, outsider, listed = users.user([group]), users.user(), users.user()
+    ids = {name: (getpwnam(name).pw_uid, getpwnam(name).pw_gid) for name in (member, outsider, listed)}
+    policy = Policy.from_names(group, [listed], None)
+    assert policy.gid == grp.getgrnam(group).gr_gid
+    assert policy.admits(0, 0)
+    assert policy.admits(*ids[member])  # by supplementary membership: SO_PEERCRED's gid is its own group
+    assert policy.admits(*ids[listed])
+    assert not policy.admits(*ids[outsider])
+    assert not Policy.from_names(group, [], []).admits(*ids[member])  # allow_groups = []: sockets for root only
+
+
+@pytest.mark.parametrize(("args", "key"), [
+    (("no-such-group-x", [], None), "group"),
+    ((None, ["no-such-user-x"], None), "allow_users"),
+    ((None, [], ["no-such-group-y"]), "allow_groups"),
+])
+def test_unknown_names_are_refused_with_the_key(args: tuple[Any, ...], key: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"invalid {key}: no ") as info:
+        Policy.from_names(*args)
+    assert info.value.name == key
+
+
+def getpwnam(name: str) -> Any:
+    import pwd
+
+    return pwd.getpwnam(name)
+
+
+# -- a real primary, real users ---------------------------------------------------------------
+
+WORKER = textwrap.dedent("""
+    import json, sys, hugeshmd
+    mode = sys.argv[1]
+    try:
+        shm = hugeshmd.attach(sys.argv[2], timeout=5, read_only=(mode == "read"))
+        if mode == "write":
+            zone = shm.reserve(sys.argv[3], 4096)
+            zone[:5] = b"hello"
+        zone = shm.lookup(sys.argv[3])
+        print(json.dumps({"address": zone.address, "data": bytes(zone[:5]).decode()}))
+    except hugeshmd.HugeshmdError as err:
+        print(json.dumps({"error": type(err).__name__, "message": err.message}))
+""")
+
+
+@pytest.fixture
+def shared_root(root: str) -> str:
+    os.chmod(root, 0o755)  # others may pass; the instance's own dir decides who gets in
+    return root
+
+
+def worker_as(python: str, user: str, root: str, *args: str) -> dict[str, Any]:
+    done = subprocess.run([*as_user(user), python, "-c", WORKER, *args], capture_output=True, text=True,
+                          timeout=60, env={"HUGESHMD_RUNTIME_ROOT": root, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def status_as(python: str, user: str, root: str, prefix: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*as_user(user), python, "-m", "hugeshmd", "status", "--prefix", prefix,
+                           "--runtime-root", root, "--timeout", "5"], capture_output=True, text=True, timeout=60)
+
+
+def test_files_belong_to_the_group_and_only_members_get_in(
+        start_primary: Any, shared_root: str, prefix: str, users: Any, service_python: str) -> None:
+    group = users.group()
+    member, outsider = users.user([group]), users.user()
+    start_primary("--huge-pages", "off", "--memory", "8M", "--group", group)
+    gid = grp.getgrnam(group).gr_gid
+    runtime = os.path.join(shared_root, prefix)
+    shm = f"/dev/shm/hugeshmd.{prefix}.seg0"
+    expected = {runtime: 0o750, f"{runtime}/table": 0o660, f"{runtime}/primary.lock": 0o640,
+                f"{runtime}/control": 0o660, f"{runtime}/events": 0o660, shm: 0o660}
+    for path, mode in expected.items():
+        st = os.stat(path)
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (gid, mode), path
+
+    written = worker_as(service_python, member, shared_root, "write", prefix, "frames")
+    assert written["data"] == "hello"
+    read = worker_as(service_python, member, shared_root, "read", prefix, "frames")
+    assert read == written  # same address, same bytes, in another member's process
+
+    refused = worker_as(service_python, outsider, shared_root, "read", prefix, "frames")
+    assert refused["error"] == "AccessDenied"
+    assert f"{runtime}/table" in refused["message"] and f"group {group!r}" in refused["message"]
+    status = status_as(service_python, outsider, shared_root, prefix)
+    assert status.returncode == 1 and "AccessDenied" not in status.stderr and "cannot open" in status.stderr
+
+
+def test_the_sockets_refuse_who_the_allow_lists_leave_out_until_a_reload_lets_them_in(
+        shared_root: str, prefix: str, users: Any, service_python: str, tmp_path: Any) -> None:
+    group = users.group()
+    member = users.user([group])
+    config = tmp_path / "instance.toml"
+    config.write_text(f'group = "{group}"\nallow_groups = []\n')
+    primary = Primary(prefix, shared_root, "--config", str(config), "--huge-pages", "off", "--memory", "8M")
+    try:
+        primary.wait_ready()
+        # The member can open the files (the group's), but the sockets admit only root and the primary's user.
+        refused = status_as(service_python, member, shared_root, prefix)
+        assert refused.returncode == 1
+        assert f"the instance {prefix!r} refused this process" in refused.stderr
+        primary.wait_for("refused a connection from uid")
+        assert run_python(f"from hugeshmd.client import Control; from hugeshmd.runtime import RuntimePaths\n"
+                          f"print(Control(RuntimePaths({prefix!r}, {shared_root!r})).request('status')['refused'])",
+                          shared_root).stdout.strip() != "0"
+
+        config.write_text(f'group = "{group}"\nallow_groups = ["{group}"]\nlog_level = "debug"\n')
+        primary.proc.send_signal(signal.SIGHUP)
+        primary.wait_for("reloaded ")
+        admitted = status_as(service_python, member, shared_root, prefix)
+        assert admitted.returncode == 0, admitted.stderr
+        assert f"prefix     {prefix}" in admitted.stdout
+
+        config.write_text('allow_groups = "x"\nmemory = "16M"\nlog_level = "loud"\n')  # bad: nothing changes
+        primary.proc.send_signal(signal.SIGHUP)
+        primary.wait_for("reload: ")
+        assert "invalid log_level" in primary.text and "nothing changed" in primary.text
+        assert status_as(service_python, member, shared_root, prefix).returncode == 0
+    finally:
+        assert primary.stop() == 0
+    assert leftovers(prefix, shared_root) == []
+
+
+def test_a_reload_names_options_that_wait_for_a_restart(shared_root: str, prefix: str, tmp_path: Any) -> None:
+    config = tmp_path / "instance.toml"
+    config.write_text('log_level = "info"\n')
+    primary = Primary(prefix, shared_root, "--config", str(config), "--huge-pages", "off", "--memory", "8M")
+    try:
+        primary.wait_ready()
+        config.write_text('log_level = "warning"\nmax_zones = 8\n')
+        primary.proc.send_signal(signal.SIGHUP)
+        primary.wait_for("max_zones changed")
+    finally:
+        assert primary.stop() == 0
+
+
+READ_ONLY = textwrap.dedent("""
+    import ctypes, json, sys, hugeshmd
+    shm = hugeshmd.attach(sys.argv[1], timeout=5, read_only=True)
+    zone = shm.lookup("frames")
+    out = {"type": type(zone).__name__, "data": bytes(zone[:5]).decode()}
+    for name, attempt in [("view", lambda: zone.view().__setitem__(0, 1)),
+                          ("ndarray", lambda: zone.ndarray().__setitem__(0, 1)),
+                          ("reserve", lambda: shm.reserve("mine", 4096)),
+                          ("free", lambda: shm.free("frames"))]:
+        try:
+            attempt()
+            out[name] = "wrote"
+        except (TypeError, ValueError, hugeshmd.AccessDenied) as err:
+            out[name] = type(err).__name__
+    out["maps"] = [line.split()[1] for line in open("/proc/self/maps") if "hugeshmd." in line]
+    print(json.dumps(out), flush=True)
+    if sys.argv[2] == "poke":
+        ctypes.c_char.from_address(zone.address).value = b"X"  # the kernel must refuse: SIGSEGV
+        print("wrote through the mapping")
+""")
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_a_read_only_worker_cannot_write(start_primary: Any, root: str, prefix: str, mode: str) -> None:
+    if mode == "on":
+        from conftest import free_hugepages
+
+        if os.environ.get("CI") != "true" and free_hugepages() < 8:
+            pytest.skip("needs 8 free 2 MiB hugepages")
+    start_primary("--huge-pages", mode, "--memory", "8M")
+    run_python(f"import hugeshmd; hugeshmd.attach({prefix!r}).reserve('frames', 4096)[:5] = b'hello'", root)
+    out = json.loads(run_python(READ_ONLY.replace("sys.argv[1]", repr(prefix)).replace("sys.argv[2]", "'look'"),
+                                root).stdout)
+    assert out == {"type": "ReadOnlyZone", "data": "hello", "view": "TypeError", "ndarray": "ValueError",
+                   "reserve": "AccessDenied", "free": "AccessDenied", "maps": ["r--s"]}
+    poked = run_python(READ_ONLY.replace("sys.argv[1]", repr(prefix)).replace("sys.argv[2]", "'poke'"), root,
+                       check=False)
+    assert poked.returncode == -signal.SIGSEGV and "wrote through" not in poked.stdout
+    # and the zone is as it was, for everyone
+    check = f"import hugeshmd; print(bytes(hugeshmd.attach({prefix!r}).lookup('frames')[:5]).decode())"
+    assert run_python(check, root).stdout.strip() == "hello"
+
+
+def test_one_process_cannot_hold_an_instance_both_read_only_and_writable(start_primary: Any, root: str,
+                                                                           prefix: str) -> None:
+    start_primary("--huge-pages", "off", "--memory", "8M")
+    code = (f"import hugeshmd\nrw = hugeshmd.attach({prefix!r})\n"
+            f"try:\n    hugeshmd.attach({prefix!r}, read_only=True)\nexcept hugeshmd.AddressUnavailable as e:\n"
+            f"    print('refused', e.conflicts != [])\n")
+    assert run_python(code, root).stdout.strip() == "refused True"
+
+
+def test_access_denied_is_a_permission_error() -> None:
+    assert issubclass(AccessDenied, PermissionError) and AccessDenied.code == 13
