@@ -1,0 +1,96 @@
+"""The systemd unit files: what `hugeshmd systemd install` writes, checked by systemd's own tools.
+
+These need no booted systemd (tests/test_systemd.py has those): systemd-analyze
+reads the files. The checked-in ``systemd/`` copies must be what the code renders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hugeshmd import install
+from hugeshmd.errors import InvalidArgument
+
+REPO = Path(__file__).resolve().parent.parent
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None and os.environ.get("CI") != "true",
+                                   reason="needs systemd-analyze")
+
+
+def test_the_checked_in_units_are_what_the_installer_renders() -> None:
+    for name, text in install.units(["/usr/bin/python3", "-m", "hugeshmd"]).items():
+        assert (REPO / "systemd" / name).read_text() == text, f"systemd/{name}: regenerate it (see systemd/README.md)"
+    assert (REPO / "systemd" / "hugeshmd.sysusers.conf").read_text() == install.sysusers()
+
+
+def test_units_start_this_installation(tmp_path: Path) -> None:
+    written = install.install(str(tmp_path / "units"), None, "root", reload=False)
+    text = (tmp_path / "units" / "hugeshmd@.service").read_text()
+    command = " ".join(install.this_command())
+    assert f"ExecStart={command} primary --instance %i --runtime-root /run/hugeshmd" in text
+    assert f"ExecStartPre=+{command} systemd prestart --instance %i" in text
+    assert "Type=notify" in text and "RuntimeDirectoryPreserve=restart" in text and "RemoveIPC=no" in text
+    assert sorted(Path(p).name for p in written) == ["hugeshmd.service", "hugeshmd@.service"]
+    assert "--instance default " in (tmp_path / "units" / "hugeshmd.service").read_text()
+
+
+def test_a_python_the_service_user_cannot_reach_is_refused_with_advice(tmp_path: Path) -> None:
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    (hidden / "python").write_text("")
+    with pytest.raises(InvalidArgument, match=r"the service user 'nobody' cannot reach .*/opt/hugeshmd/bin/pip"):
+        install.check_reachable(str(hidden / "python"), "nobody")
+    install.check_reachable("/usr/bin/python3", "nobody")  # /usr/bin is everyone's
+
+
+def test_a_python_under_a_home_gets_a_read_only_home() -> None:
+    assert "ProtectHome=read-only" in install.render(["/root/venv/bin/python", "-m", "hugeshmd"], None)
+    assert "ProtectHome=yes" in install.render(["/opt/hugeshmd/bin/python", "-m", "hugeshmd"], None)
+
+
+@pytest.fixture
+def rendered(service_python: str, tmp_path: Path) -> Path:
+    """The units rendered for a Python that exists, as systemd-analyze checks the ExecStart= binary."""
+    install.install(str(tmp_path), None, reload=False, command=[service_python, "-m", "hugeshmd"])
+    return tmp_path
+
+
+@needs_analyze
+def test_systemd_analyze_verify_passes_for_every_unit(rendered: Path) -> None:
+    for unit in ("hugeshmd@.service", "hugeshmd.service"):
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(rendered / unit)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stderr.strip() == "", f"{unit}:\n{done.stderr}"
+
+
+@needs_analyze
+def test_the_exposure_is_2_or_less(rendered: Path) -> None:
+    for unit in ("hugeshmd@.service", "hugeshmd.service"):
+        done = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(rendered / unit)],
+                              capture_output=True, text=True, timeout=120)
+        found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+        assert found, done.stdout + done.stderr
+        assert float(found.group(1)) <= 2.0, done.stdout
+
+
+def test_prestart_gives_the_mount_directory_to_the_service_user(tmp_path: Path, users: Any) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    from hugeshmd.config import load
+
+    group = users.group()
+    service = users.user(system=True)
+    done = install.prestart(load(None, {"group": group}), service, [str(tmp_path)])
+    st = os.stat(tmp_path / "hugeshmd")
+    import grp
+    import pwd
+
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (pwd.getpwnam(service).pw_uid, grp.getgrnam(group).gr_gid,
+                                                            0o750)
+    assert done == [f"{tmp_path}/hugeshmd: owner {service}, group {grp.getgrnam(group).gr_gid}, mode 0750"]
