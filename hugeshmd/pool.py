@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import logging
 import os
 import pwd
 from collections.abc import Callable
@@ -52,6 +53,8 @@ __all__ = [
     "Change", "Cleaned", "Write", "clear", "cleanup", "grow_free", "mount", "page_size_of",
     "pages_for", "remove_stale_instance", "set_pool", "unmount", "write_number",
 ]  # fmt: skip
+
+log = logging.getLogger("hugeshmd.pool")
 
 Write = Callable[[str, int], None]  # store a number in a sysfs file, as `echo N > path` does
 MAX_PAGES = 1 << 32  # beyond any machine's RAM in pages of 4 KiB and up; a guard before MemTotal is known
@@ -351,8 +354,8 @@ def unmount(path: str, proc_mounts: str = "/proc/mounts", meminfo: str = "/proc/
 
 
 def _stop_table(path: str) -> None:
-    """Mark a dead primary's table stopped before it goes, so workers that still map it
-    get PrimaryUnavailable rather than go on writing zones into an orphan."""
+    """Mark a dead primary's table stopped before it is unlinked, so that its workers, which
+    keep it mapped, get PrimaryUnavailable rather than go on writing zones into an orphan."""
     from .primary import LOCK_WAIT_S, mark_stopped  # here, not above: primary imports this module
 
     try:
@@ -362,8 +365,8 @@ def _stop_table(path: str) -> None:
     try:
         if stale.state()[0] != STATE_STOPPING:
             mark_stopped(stale, wait=LOCK_WAIT_S)
-    except HugeshmdError:  # a corrupt table must not keep its files from going
-        pass
+    except HugeshmdError as err:  # a corrupt stale table must not keep its files from going
+        log.warning("stale table %s: %s; its workers are not told, removing it anyway", path, err.message)
     finally:
         stale.close()
 
@@ -391,7 +394,7 @@ class Cleaned:
     def describe(self) -> str:
         found = self.instance
         if found.state != "stale":
-            pids = f" by pid {', '.join(map(str, found.pids))}" if found.pids else ""
+            pids = f" by pid {', '.join(map(str, found.pids))}" if found.state == "in use" else ""
             return f"{found.prefix}: {found.state}{pids}, left alone"
         if not self.removed:
             return f"{found.prefix}: a primary started meanwhile; it removes its own stale files"
