@@ -128,4 +128,9 @@ def error_for_code(code: int) -> type[HugeshmdError]:
 
 class KernelRefused(HugeshmdError, OSError):
     """The kernel refused a change to the host (a pool size, a mount): ``errno`` and ``path`` say
-    which and why; most often it needs root. Raised by the operator tools, never sent on the wire."""
+    which and why; most often it needs root. Raised by ``hugeshmd hugepages``."""
+
+    code = 13
+
+
+_BY_CODE[KernelRefused.code] = KernelRefused
