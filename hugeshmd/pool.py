@@ -415,6 +415,7 @@ def _remove_locked(paths: RuntimePaths, dirs: list[str]) -> list[str]:
     """Remove a stale instance's files holding its primary lock, so that a primary of that
     prefix starting meanwhile waits for us (and then finds nothing) rather than loses files."""
     dead_lock = [paths.lock] if os.path.exists(paths.lock) else []
+    had_dir = os.path.isdir(paths.dir)  # else the lock made it, and it is no news that it goes
     try:
         lock = PrimaryLock.acquire(paths.lock)
     except InstanceLocked:
@@ -425,10 +426,9 @@ def _remove_locked(paths: RuntimePaths, dirs: list[str]) -> list[str]:
         lock.release()  # and unlinks it
     try:
         os.rmdir(paths.dir)
-        removed.append(paths.dir)
     except OSError:
-        pass
-    return removed
+        return removed
+    return removed + [paths.dir] if had_dir else removed
 
 
 def cleanup(runtime_root: str | None = None, prefixes: list[str] | None = None, dry_run: bool = False,
