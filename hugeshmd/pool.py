@@ -207,7 +207,8 @@ def describe_set(change: Change) -> str:
         return (f"asked {change.pages(change.asked)} of {change.where}; the kernel granted {granted} "
                 f"({format_size(granted * change.before.page_size)}): memory is short or fragmented; "
                 "free some, or reserve at boot (hugepages= on the kernel command line)")
-    text = f"{change.where} pool: {change.pages(granted)}, was {change.before.persistent}"
+    node = "" if change.before.node is None else f"node {change.before.node}'s "
+    text = f"{node}{format_size(change.before.page_size)} pool: {change.pages(granted)}, was {change.before.persistent}"
     if change.after.surplus:
         text += f"; {change.after.surplus} more in use go when freed (surplus)"
     return text

@@ -142,7 +142,7 @@ def test_reserve_on_a_node_writes_that_nodes_file(four_nodes: Path) -> None:
     assert kernel.writes == [(str(node_dir(four_nodes, 1) / "nr_hugepages"), 80)]
     assert [read(node_dir(four_nodes, n), "nr") for n in (0, 1, 2)] == [50, 80, 50]
     assert read(global_dir(four_nodes), "nr") == 180
-    assert pool.describe_set(change) == "2 MiB on node 1 pool: 80 pages (160 MiB), was 50"
+    assert pool.describe_set(change) == "node 1's 2 MiB pool: 80 pages (160 MiB), was 50"
 
 
 def test_short_grant_is_said_plainly(two_nodes: Path) -> None:
