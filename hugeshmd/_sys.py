@@ -46,6 +46,8 @@ __all__ = [
     "populate",
     "byte_array_type",
     "physical_addresses",
+    "mount",
+    "umount2",
 ]
 
 PROT_NONE = 0x0
@@ -81,6 +83,10 @@ _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mount.restype = ctypes.c_int
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.restype = ctypes.c_int
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 
 
 def _raise_errno(call: str, detail: str) -> None:
@@ -106,6 +112,19 @@ def madvise(address: int, length: int, advice: int) -> None:
     """madvise(2). Raises OSError on failure."""
     if _libc.madvise(address, length, advice) != 0:
         _raise_errno("madvise", f"{address:#x}, {length:#x}, {advice}")
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2). Raises OSError on failure (EPERM without CAP_SYS_ADMIN)."""
+    args = (os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode())
+    if _libc.mount(*args) != 0:
+        _raise_errno("mount", f"{source!r}, {target!r}, {fstype!r}, {flags:#x}, {data!r}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2). Raises OSError on failure (EBUSY while a file in it is open or mapped)."""
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        _raise_errno("umount2", f"{target!r}, {flags:#x}")
 
 
 def reserve(address: int, length: int) -> None:

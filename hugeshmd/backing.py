@@ -32,24 +32,7 @@ from .errors import HugepagesUnavailable, OutOfMemory
 from .table import MODE_HUGETLBFS, MODE_SHM
 from .window import Window
 
-__all__ = ["Mapped", "HugetlbfsBacking", "ShmBacking", "remove_stale", "segment_dirs", "SERVICE_SUBDIR"]
-
-# A directory of this name at the top of a hugetlbfs mount is where a primary
-# that runs as the service user keeps its files: the mount's root usually
-# belongs to root, and the unit's pre-start (as root) makes this directory for
-# the service's user and group (hugeshmd.install). A primary uses it when it exists.
-SERVICE_SUBDIR = "hugeshmd"
-
-
-def segment_dirs(mounts: list[str]) -> list[str]:
-    """Where segment files may be: each mount, and its service subdirectory if there is one."""
-    found = []
-    for mount in mounts:
-        found.append(mount)
-        sub = os.path.join(mount, SERVICE_SUBDIR)
-        if os.path.isdir(sub):
-            found.append(sub)
-    return found
+__all__ = ["Mapped", "HugetlbfsBacking", "ShmBacking", "remove_stale"]
 
 log = logging.getLogger("hugeshmd.backing")
 

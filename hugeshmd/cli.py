@@ -51,9 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=2.0)
     status.add_argument("--json", action="store_true")
     status.set_defaults(command=_status)
-    pages = commands.add_parser("hugepages", help="show hugepage pools and hugetlbfs mounts")
-    pages.add_argument("--json", action="store_true")
-    pages.set_defaults(command=_hugepages)
+    _hugepages_parser(commands)
     metrics = commands.add_parser("metrics", help="an instance's figures in the Prometheus text format")
     metrics.add_argument("--prefix", default="default")
     metrics.add_argument("--runtime-root", default=None)
@@ -157,16 +155,17 @@ def _metrics(args: argparse.Namespace) -> int:
 
 
 def _prestart(instance: str, user: str) -> int:
-    from . import hugepages, install
+    """As root, before the daemon: grow the pool to the instance's memory, make the mount's directory."""
+    from . import hugepages, install, pool
 
     conf, _ = _load_config(argparse.Namespace(config=None, instance=instance))
-    if conf.huge_pages == "off":
-        return 0
-    mounts = [m.path for m in hugepages.mounts() if m.page_size == conf.page_size]
-    if conf.hugepage_dir is None:
+    outcome = pool.reserve_for(conf)
+    print(outcome.message, file=sys.stderr if outcome.message.startswith("warning") else sys.stdout)
+    if conf.huge_pages != "off" and conf.hugepage_dir is None:
+        mounts = [m.path for m in hugepages.mounts() if m.page_size == conf.page_size]
         for line in install.prestart(conf, user, mounts[:1]):
             print(line)
-    return 0
+    return _HUGEPAGES_SHORT if outcome.short else 0
 
 
 def _systemd(args: argparse.Namespace) -> int:
@@ -212,9 +211,136 @@ def _format_status(s: dict[str, Any]) -> str:
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
 
 
-def _hugepages(args: argparse.Namespace) -> int:
+_HUGEPAGES_SHORT = 3  # exit status: the kernel granted fewer pages than asked
+_HUGEPAGES_EXIT = """exit status: 0 done; 1 refused (bad value, no such pool or node, not root);
+2 bad usage; 3 the kernel granted fewer pages than asked (with --config: huge_pages = "on"
+and the pool still short)"""
+
+
+def _hugepages_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pages = commands.add_parser("hugepages", help="hugepage pools, mounts and instance files (default: show)",
+                                description="Without an action: show.")
+    _hugepages_show_options(pages, False)
+    pages.set_defaults(command=_hugepages_show)
+    actions = pages.add_subparsers(metavar="ACTION")
+    # SUPPRESS: an option the action does not get keeps the value given before the action's name
+    _hugepages_show_options(actions.add_parser("show", help="pools per size and node, mounts, "
+                                               "which instance holds which files"), argparse.SUPPRESS)
+    _hugepages_pool_parsers(actions)
+    _hugepages_mount_parsers(actions)
+    cleanup = actions.add_parser("cleanup", help="remove the files of dead instances (never a live one's)")
+    cleanup.add_argument("--runtime-root", default=None)
+    cleanup.add_argument("--prefix", action="append", help="only this prefix (repeatable)")
+    cleanup.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    cleanup.set_defaults(command=_hugepages_cleanup)
+
+
+def _hugepages_show_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--json", action="store_true", default=default)
+    parser.add_argument("--runtime-root", default=None if default is False else default)
+    parser.set_defaults(command=_hugepages_show)
+
+
+def _hugepages_pool_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    reserve = actions.add_parser("reserve", epilog=_HUGEPAGES_EXIT,
+                                 help="size the pool to SIZE in all (or on --node), or, with --config, "
+                                      "grow it so an instance's memory is free")
+    what = reserve.add_mutually_exclusive_group(required=True)
+    what.add_argument("size", nargs="?", metavar="SIZE", help="the whole pool, e.g. 1G (not per node)")
+    what.add_argument("--config", metavar="FILE", help="an instance's TOML file: grow, never shrink")
+    clear = actions.add_parser("clear", help="release free pages that nothing uses or has reserved")
+    for parser in (reserve, clear):
+        parser.add_argument("--page-size", default=None, metavar="SIZE", help="2M (default) or 1G")
+        parser.add_argument("--node", type=int, default=None, help="this NUMA node's pool only")
+    reserve.set_defaults(command=_hugepages_reserve)
+    clear.set_defaults(command=_hugepages_clear)
+
+
+def _hugepages_mount_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mount = actions.add_parser("mount", help="mount a hugetlbfs at PATH (made if missing)")
+    mount.add_argument("path", metavar="PATH")
+    mount.add_argument("--page-size", default="2M", metavar="SIZE", help="2M (default) or 1G")
+    mount.add_argument("--owner", help="user (name or uid) owning the mount's root")
+    mount.add_argument("--group", help="group (name or gid) of the mount's root")
+    mount.add_argument("--mode", help="permissions of the mount's root, octal, e.g. 0770")
+    mount.add_argument("--size", help="the most the mount may hold, e.g. 4G")
+    mount.set_defaults(command=_hugepages_mount)
+    unmount = actions.add_parser("unmount", help="unmount the hugetlbfs at PATH")
+    unmount.add_argument("path", metavar="PATH")
+    unmount.set_defaults(command=_hugepages_unmount)
+
+
+def _hugepages_show(args: argparse.Namespace) -> int:
     from . import hugepages
 
-    report = hugepages.report()
-    print(json.dumps(report, indent=2) if args.json else hugepages.format_report(report))
+    report = hugepages.report(runtime_root=args.runtime_root)
+    print(json.dumps(report, indent=2) if args.json else hugepages.format_report(report).rstrip("\n"))
+    return 0
+
+
+def _hugepages_reserve(args: argparse.Namespace) -> int:
+    from . import pool
+
+    if args.config is not None:
+        return _hugepages_reserve_config(args)
+    page_size = pool.page_size_of(args.page_size or "2M")
+    size = _hugepages_size(args.size)
+    pages = pool.pages_for(size, page_size)
+    if size % page_size:
+        print(f"rounding {format_size(size)} up to {pages} pages of {format_size(page_size)}")
+    change = pool.set_pool(page_size, pages, args.node)
+    print(pool.describe_set(change))
+    return _HUGEPAGES_SHORT if change.after.persistent < pages else 0
+
+
+def _hugepages_size(text: str) -> int:
+    from .errors import InvalidArgument
+    from .units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise InvalidArgument(f"invalid SIZE: {err}", name="size") from err
+
+
+def _hugepages_reserve_config(args: argparse.Namespace) -> int:
+    from . import config, pool
+    from .errors import InvalidArgument
+
+    if args.page_size is not None or args.node is not None:
+        raise InvalidArgument("--config takes the page size from the file, and reserves on no one node")
+    outcome = pool.reserve_for(config.load(args.config, {}))
+    print(outcome.message, file=sys.stderr if outcome.message.startswith("warning") else sys.stdout)
+    return _HUGEPAGES_SHORT if outcome.short else 0
+
+
+def _hugepages_clear(args: argparse.Namespace) -> int:
+    from . import pool
+
+    print(pool.describe_clear(pool.clear(pool.page_size_of(args.page_size or "2M"), args.node)))
+    return 0
+
+
+def _hugepages_mount(args: argparse.Namespace) -> int:
+    from . import pool
+
+    page_size = pool.page_size_of(args.page_size)
+    size = None if args.size is None else _hugepages_size(args.size)
+    options = pool.mount_options(page_size, args.owner, args.group, args.mode, size)
+    print(f"mounted hugetlbfs at {pool.mount(args.path, options)} ({options})")
+    return 0
+
+
+def _hugepages_unmount(args: argparse.Namespace) -> int:
+    from . import pool
+
+    print(f"unmounted the hugetlbfs at {pool.unmount(args.path)}")
+    return 0
+
+
+def _hugepages_cleanup(args: argparse.Namespace) -> int:
+    from . import pool
+
+    done = pool.cleanup(args.runtime_root, args.prefix, args.dry_run)
+    print("\n".join(cleaned.describe() for cleaned in done) or "no hugeshmd instance holds files")
     return 0

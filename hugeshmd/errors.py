@@ -21,6 +21,7 @@ __all__ = [
     "TableBusy",
     "AccessDenied",
     "error_for_code",
+    "KernelRefused",
 ]
 
 
@@ -132,3 +133,13 @@ _BY_CODE = {
 def error_for_code(code: int) -> type[HugeshmdError]:
     """The exception class for a wire error code (the root class if unknown)."""
     return _BY_CODE.get(code, HugeshmdError)
+
+
+class KernelRefused(HugeshmdError, OSError):
+    """The kernel refused a change to the host (a pool size, a mount): ``errno`` and ``path`` say
+    which and why; most often it needs root. Raised by ``hugeshmd hugepages``."""
+
+    code = 14
+
+
+_BY_CODE[KernelRefused.code] = KernelRefused

@@ -23,6 +23,14 @@ Some facts about the kernel interface (Documentation/admin-guide/mm/hugetlbpage.
 
 A number file that is missing or unreadable reads as 0 rather than failing the
 whole report: ``hugeshmd hugepages`` must work unprivileged on odd kernels.
+
+Which instance holds which pages: an instance's files are ``hugeshmd.<prefix>.seg<N>``
+in a hugetlbfs mount or /dev/shm (:meth:`RuntimePaths.segment_stem`). A prefix is
+*live* while its primary lock is held under the runtime root we look in. A primary
+run with another runtime root holds a lock we do not see, so before calling files
+*stale* we also look for a process that maps them (``/proc/<pid>/maps`` names the
+file of every file mapping, proc(5)); such files are *in use*. Reading another
+user's maps needs root; unprivileged, only our own processes are seen.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import InvalidArgument
+from .runtime import RuntimePaths, primary_alive, validate_prefix
 from .units import GiB, KiB, MiB, format_size, parse_size
 
 __all__ = [
-    "Mount", "Pool", "default_page_size", "find_mount", "format_report", "mount_hint",
-    "mounts", "page_sizes", "pool", "pools", "report", "reserve_hint",
+    "Instance", "Mount", "Pool", "default_page_size", "find_mount", "format_report", "instances",
+    "is_mount_point", "mem_total", "mount_hint", "mounts", "nodes", "page_sizes", "pool", "pool_dir", "pools",
+    "report", "reserve_hint", "segment_dirs", "short_size",
 ]  # fmt: skip
 
 _GLOBAL_DIR = "kernel/mm/hugepages"
@@ -47,6 +57,9 @@ _NODE_NAME = re.compile(r"^node(\d+)$")
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 _PAGESIZE_OPTION = re.compile(r"(?:^|,)pagesize=([^,]*)")
 _MEMINFO_SIZE = re.compile(r"^Hugepagesize:\s*(\d+)\s*kB\s*$", re.MULTILINE)
+_MEMINFO_TOTAL = re.compile(r"^MemTotal:\s*(\d+)\s*kB\s*$", re.MULTILINE)
+_SEGMENT_FILE = re.compile(r"^hugeshmd\.(.+)\.seg\d+$")  # greedy: prefix "a.seg1" has "hugeshmd.a.seg1.seg0"
+_PID = re.compile(r"^(\d+)$")
 _MOUNT_DEFAULT = "mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages"
 
 
@@ -61,6 +74,16 @@ class Pool:
     reserved: int
     surplus: int
 
+    @property
+    def persistent(self) -> int:
+        """The pages that stay when unused: what writing ``nr_hugepages`` sets."""
+        return self.total - self.surplus
+
+    @property
+    def available(self) -> int:
+        """Free pages that no mapping has reserved (reservations are global, so a node's is its free)."""
+        return self.free - self.reserved
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -69,6 +92,23 @@ class Mount:
     path: str
     page_size: int
     options: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What one prefix holds: its segment files, their allocated bytes, its primary's state.
+
+    ``state`` is ``live`` (its primary lock is held), ``in use`` (no lock under
+    this runtime root, but ``pids`` map its files), ``stale`` (neither) or
+    ``unknown`` (the lock could not be probed).
+    """
+
+    prefix: str
+    state: str
+    files: list[str]
+    allocated: int
+    pids: list[int]
+    runtime_dir: str | None
 
 
 def _read_int(path: str) -> int:
@@ -103,14 +143,24 @@ def page_sizes(sysfs: str = "/sys") -> list[int]:
     return _sizes_in(os.path.join(sysfs, _GLOBAL_DIR))
 
 
-def default_page_size(meminfo: str = "/proc/meminfo") -> int | None:
-    """The default hugepage size in bytes (``Hugepagesize:``); None if absent. Never raises."""
+def _meminfo_bytes(pattern: re.Pattern[str], meminfo: str) -> int | None:
+    """The ``kB`` figure ``pattern`` finds in ``meminfo``, in bytes; None if absent."""
     try:
         with open(meminfo, encoding="ascii", errors="replace") as file:
-            match = _MEMINFO_SIZE.search(file.read())
+            match = pattern.search(file.read())
     except OSError:
         return None
     return int(match.group(1)) * KiB if match else None
+
+
+def default_page_size(meminfo: str = "/proc/meminfo") -> int | None:
+    """The default hugepage size in bytes (``Hugepagesize:``); None if absent. Never raises."""
+    return _meminfo_bytes(_MEMINFO_SIZE, meminfo)
+
+
+def mem_total(meminfo: str = "/proc/meminfo") -> int | None:
+    """The machine's RAM in bytes (``MemTotal:``); None if absent. Never raises."""
+    return _meminfo_bytes(_MEMINFO_TOTAL, meminfo)
 
 
 def _read_pool(directory: str, page_size: int, node: int | None) -> Pool:
@@ -133,17 +183,28 @@ def _pools_in(directory: str, node: int | None) -> list[Pool]:
 def pools(sysfs: str = "/sys") -> list[Pool]:
     """Global pools by ascending size, then per-node pools by node then size. Never raises."""
     found = _pools_in(os.path.join(sysfs, _GLOBAL_DIR), None)
-    for node in _numbered(os.path.join(sysfs, _NODE_DIR), _NODE_NAME):
+    for node in nodes(sysfs):
         found += _pools_in(os.path.join(sysfs, _NODE_DIR, f"node{node}", "hugepages"), node)
     return found
 
 
-def pool(page_size: int, sysfs: str = "/sys") -> Pool | None:
-    """The global pool of ``page_size`` bytes; None if the kernel lacks that size. Never raises."""
-    directory = os.path.join(sysfs, _GLOBAL_DIR, _size_dir(page_size))
-    if page_size <= 0 or page_size % KiB or not os.path.isdir(directory):
+def pool_dir(page_size: int, node: int | None = None, sysfs: str = "/sys") -> str:
+    """The sysfs directory of the global pool of ``page_size`` bytes, or of a node's."""
+    if node is None:
+        return os.path.join(sysfs, _GLOBAL_DIR, _size_dir(page_size))
+    return os.path.join(sysfs, _NODE_DIR, f"node{node}", "hugepages", _size_dir(page_size))
+
+
+def pool(page_size: int, sysfs: str = "/sys", node: int | None = None) -> Pool | None:
+    """The global pool of ``page_size`` bytes, or ``node``'s; None if there is none. Never raises."""
+    if page_size <= 0 or page_size % KiB or not os.path.isdir(pool_dir(page_size, node, sysfs)):
         return None
-    return _read_pool(directory, page_size, None)
+    return _read_pool(pool_dir(page_size, node, sysfs), page_size, node)
+
+
+def nodes(sysfs: str = "/sys") -> list[int]:
+    """The NUMA nodes sysfs lists, ascending, memoryless ones included; [] without NUMA. Never raises."""
+    return _numbered(os.path.join(sysfs, _NODE_DIR), _NODE_NAME)
 
 
 def _unescape(field: str) -> str:
@@ -189,14 +250,129 @@ def find_mount(
     return None
 
 
+def is_mount_point(path: str, proc_mounts: str = "/proc/self/mounts") -> bool:
+    """True if ``/proc/mounts`` lists a filesystem of any type mounted at ``path``. Never raises."""
+    try:
+        with open(proc_mounts, encoding="utf-8", errors="surrogateescape") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return False
+    return any(len(fields) > 1 and _unescape(fields[1]) == path for fields in map(str.split, lines))
+
+
+def _is_prefix(name: str) -> bool:
+    try:
+        validate_prefix(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _segment_files(directories: list[str]) -> dict[str, list[str]]:
+    """Paths of ``hugeshmd.<prefix>.seg<N>`` files in ``directories``, by prefix."""
+    found: dict[str, list[str]] = {}
+    for directory in directories:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            match = _SEGMENT_FILE.match(name)
+            if match and _is_prefix(match.group(1)):
+                found.setdefault(match.group(1), []).append(os.path.join(directory, name))
+    return found
+
+
+def _runtime_dirs(root: str) -> list[str]:
+    """Prefixes that have a runtime dir under ``root``."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return [name for name in names if _is_prefix(name) and os.path.isdir(os.path.join(root, name))]
+
+
+def _mappers(paths: set[str], proc: str) -> dict[str, list[int]]:
+    """For each of ``paths`` that some process maps, those processes' pids."""
+    found: dict[str, list[int]] = {}
+    for pid in _numbered(proc, _PID):
+        try:
+            with open(os.path.join(proc, str(pid), "maps"), encoding="utf-8", errors="surrogateescape") as file:
+                text = file.read()
+        except OSError:  # gone, or another user's without root
+            continue
+        if "hugeshmd." not in text:
+            continue
+        mapped = {fields[5] for fields in (line.split(maxsplit=5) for line in text.splitlines()) if len(fields) > 5}
+        for path in paths & mapped:
+            found.setdefault(path, []).append(pid)
+    return found
+
+
+def _allocated(path: str) -> int:
+    """Bytes a file holds (st_blocks: hugetlbfs and tmpfs count the pages really allocated)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _state(paths: RuntimePaths, pids: list[int]) -> str:
+    try:
+        if primary_alive(paths.lock):
+            return "live"
+    except OSError:
+        return "unknown"
+    return "in use" if pids else "stale"
+
+
+# A directory of this name at the top of a hugetlbfs mount is where a primary
+# that runs as the service user keeps its files: the mount's root usually
+# belongs to root, and the unit's pre-start (as root) makes this directory for
+# the service's user and group (hugeshmd.install). A primary uses it when it exists.
+SERVICE_SUBDIR = "hugeshmd"
+
+
+def segment_dirs(proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo",
+                 shm: str = "/dev/shm") -> list[str]:
+    """Where instances keep segment files: every hugetlbfs mount and its service
+    subdirectory (if there is one), then ``shm``. Never raises."""
+    found = []
+    for mount in mounts(proc_mounts, meminfo):
+        found.append(mount.path)
+        sub = os.path.join(mount.path, SERVICE_SUBDIR)
+        if os.path.isdir(sub):
+            found.append(sub)
+    return found + [shm]
+
+
+def instances(runtime_root: str | None = None, proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo",
+              shm: str = "/dev/shm", proc: str = "/proc") -> list[Instance]:
+    """Every prefix with segment files in :func:`segment_dirs` or a runtime dir under
+    ``runtime_root`` (default as for a primary), by prefix. Never raises."""
+    files = _segment_files(segment_dirs(proc_mounts, meminfo, shm))
+    root = RuntimePaths.for_prefix("default", runtime_root).root
+    mappers = _mappers({path for paths in files.values() for path in paths}, proc)
+    found = []
+    for prefix in sorted(set(files) | set(_runtime_dirs(root))):
+        paths = RuntimePaths(prefix, root)
+        held = files.get(prefix, [])
+        pids = sorted({pid for path in held for pid in mappers.get(path, [])})
+        runtime_dir = paths.dir if os.path.isdir(paths.dir) else None
+        found.append(Instance(prefix, _state(paths, pids), held, sum(map(_allocated, held)), pids, runtime_dir))
+    return found
+
+
 def report(
-    sysfs: str = "/sys", proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo"
+    sysfs: str = "/sys", proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo",
+    runtime_root: str | None = None, shm: str = "/dev/shm", proc: str = "/proc",
 ) -> dict[str, Any]:
-    """A JSON-able dict: ``default_page_size``, ``pools``, ``mounts``. Never raises."""
+    """A JSON-able dict: ``default_page_size``, ``pools``, ``mounts``, ``instances``. Never raises."""
     return {
         "default_page_size": default_page_size(meminfo),
         "pools": [asdict(found) for found in pools(sysfs)],
         "mounts": [asdict(found) for found in mounts(proc_mounts, meminfo)],
+        "instances": [asdict(found) for found in instances(runtime_root, proc_mounts, meminfo, shm, proc)],
     }
 
 
@@ -237,11 +413,30 @@ def _mount_lines(mount_entries: list[dict[str, Any]]) -> list[str]:
     return _table(["PATH", "PAGE SIZE", "OPTIONS"], rows)
 
 
+def _instance_row(entry: dict[str, Any]) -> list[str]:
+    state = entry["state"]
+    if state == "in use":
+        state += f" (pid {', '.join(map(str, entry['pids']))})"
+    where = sorted({os.path.dirname(path) for path in entry["files"]})
+    return [entry["prefix"], state, str(len(entry["files"])), format_size(entry["allocated"]), ", ".join(where)]
+
+
+def _instance_lines(instance_entries: list[dict[str, Any]]) -> list[str]:
+    if not instance_entries:
+        return ["no hugeshmd instance holds files"]
+    header = ["PREFIX", "STATE", "FILES", "ALLOCATED", "IN"]
+    lines = _table(header, [_instance_row(entry) for entry in instance_entries])
+    if any(entry["state"] == "stale" for entry in instance_entries):
+        lines.append("stale files pin their pages; remove them with: hugeshmd hugepages cleanup")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """:func:`report`'s dict as tables, with hints; KeyError if a key is missing."""
     default = report["default_page_size"]
     head = f"default page size: {format_size(default) if default else 'unknown'}"
-    lines = [head, "", *_pool_lines(report["pools"]), "", *_mount_lines(report["mounts"])]
+    lines = [head, "", *_pool_lines(report["pools"]), "", *_mount_lines(report["mounts"]),
+             "", *_instance_lines(report["instances"])]
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +447,7 @@ def _check_page_size(page_size: int) -> None:
         raise InvalidArgument(f"not a hugepage size: {page_size}", size=page_size)
 
 
-def _short_size(page_size: int) -> str:
+def short_size(page_size: int) -> str:
     """A multiple of 1 KiB in the kernel's pagesize= spelling: 2097152 -> ``2M``."""
     for suffix, factor in (("G", GiB), ("M", MiB)):
         if page_size % factor == 0:
@@ -279,6 +474,6 @@ def mount_hint(page_size: int) -> str:
     ``-o pagesize=``. Raises InvalidArgument unless a positive multiple of 1 KiB.
     """
     _check_page_size(page_size)
-    short = _short_size(page_size)
+    short = short_size(page_size)
     path = "/dev/hugepages" if page_size == 2 * MiB else f"/dev/hugepages{short}"
     return f"mkdir -p {path} && mount -t hugetlbfs -o pagesize={short} nodev {path}"

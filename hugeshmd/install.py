@@ -33,9 +33,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from .backing import SERVICE_SUBDIR
 from .config import Config
 from .errors import InvalidArgument
+from .hugepages import SERVICE_SUBDIR
 
 __all__ = ["render", "units", "sysusers", "check_reachable", "install", "prestart", "UNIT_DIR", "SERVICE_USER"]
 

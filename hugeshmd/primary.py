@@ -26,9 +26,11 @@ import zmq
 
 from . import hugepages, protocol, zones
 from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, parse_peer
-from .backing import SERVICE_SUBDIR, HugetlbfsBacking, Mapped, ShmBacking, remove_stale, segment_dirs
+from .backing import HugetlbfsBacking, Mapped, ShmBacking
 from .config import DEFAULT_FALLBACK_MEMORY, RELOADABLE, Config, load
 from .errors import HugepagesUnavailable, HugeshmdError, InvalidArgument, TableBusy
+from .hugepages import SERVICE_SUBDIR
+from .pool import remove_stale_instance
 from .runtime import PrimaryLock, RuntimePaths, own_start_time, process_alive
 from .systemd import Notifier
 from .table import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord, Table
@@ -103,14 +105,7 @@ class Primary:
         log.info("ready: %s", summary)
 
     def _remove_stale(self) -> None:
-        self._stop_stale_table()
-        dirs = segment_dirs([m.path for m in hugepages.mounts()]) + ["/dev/shm"]
-        removed = remove_stale(self.paths.segment_stem(), dirs) + remove_stale("table.new.", [self.paths.dir])
-        for path in [self.paths.table, *self.paths.socket_paths()]:
-            if os.path.lexists(path):
-                os.unlink(path)
-                removed.append(path)
-        for path in removed:
+        for path in remove_stale_instance(self.paths, hugepages.segment_dirs()):
             log.warning("removed stale %s left by a previous primary of prefix %r", path, self.config.prefix)
 
     def _check_socket_paths(self) -> None:
@@ -121,23 +116,6 @@ class Primary:
                 raise InvalidArgument(
                     f"invalid runtime_root: the socket path {path} is {len(path.encode())} bytes, "
                     "more than a unix socket allows (107)", name="runtime_root")
-
-    def _stop_stale_table(self) -> None:
-        """Mark a dead predecessor's table stopped before it is unlinked, so that its
-        workers, which keep it mapped, get PrimaryUnavailable rather than go on
-        writing zones into an orphan that no one else sees."""
-        try:
-            stale = Table.open(self.paths.table)
-        except (OSError, HugeshmdError):
-            return
-        try:
-            if stale.state()[0] != STATE_STOPPING:
-                mark_stopped(stale, wait=LOCK_WAIT_S)
-        except HugeshmdError as err:  # a corrupt stale table must not keep every successor from starting
-            log.warning("stale table %s: %s; its workers are not told, removing it anyway",
-                        self.paths.table, err.message)
-        finally:
-            stale.close()
 
     def _choose_backing(self) -> tuple[Backing, int]:
         config = self.config

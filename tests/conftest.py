@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from hugeshmd import hugepages
-from hugeshmd.backing import segment_dirs
 
 PYTHON = sys.executable
 HERE = Path(__file__).parent
@@ -166,7 +165,7 @@ def leftovers(prefix: str, root: str) -> list[str]:
     """Every file an instance of ``prefix`` may leave: hugepage files, shm objects, runtime dir."""
     stem = f"hugeshmd.{prefix}."
     found = [os.path.join(root, prefix)] if os.path.exists(os.path.join(root, prefix)) else []
-    for directory in segment_dirs([m.path for m in hugepages.mounts()]) + ["/dev/shm"]:
+    for directory in hugepages.segment_dirs():
         try:
             found += [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(stem)]
         except OSError:

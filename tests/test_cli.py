@@ -17,7 +17,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_hugepages_report_as_json_and_table():
     report = json.loads(run("hugepages", "--json").stdout)
-    assert set(report) == {"default_page_size", "pools", "mounts"}
+    assert set(report) == {"default_page_size", "pools", "mounts", "instances"}
     table = run("hugepages").stdout
     for pool in report["pools"]:
         assert str(pool["total"]) in table

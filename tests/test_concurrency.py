@@ -26,8 +26,9 @@ def test_reserve_racing_close_never_hands_out_an_unmapped_zone(shm, monkeypatch)
 
     def reserve_then_close(*args, **kwargs):
         result = real(*args, **kwargs)
-        threading.Thread(target=shm.close).start()  # another thread closes between commit and bookkeeping
-        threading.enumerate()[-1].join()
+        closer = threading.Thread(target=shm.close)  # another thread closes between commit and bookkeeping
+        closer.start()
+        closer.join()
         return result
 
     monkeypatch.setattr(zones, "reserve", reserve_then_close)

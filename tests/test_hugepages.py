@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,14 @@ def two_nodes(tmp_path: Path) -> Path:
     (sysfs / "devices/system/node/node3").mkdir(parents=True)
     (sysfs / "devices/system/node/possible").write_text("0-3,10\n")
     return sysfs
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path) -> dict[str, str]:
+    """An empty runtime root, /dev/shm and /proc, so a report of a fake tree finds no instance."""
+    for name in ("run", "shm", "proc"):
+        (tmp_path / name).mkdir()
+    return {"runtime_root": str(tmp_path / "run"), "shm": str(tmp_path / "shm"), "proc": str(tmp_path / "proc")}
 
 
 @pytest.fixture
@@ -188,8 +198,8 @@ def test_find_mount(proc: tuple[str, str]) -> None:
     assert hugepages.find_mount(16 * MiB, *proc) is None
 
 
-def test_report_is_json_roundtrip(one_node: Path, proc: tuple[str, str]) -> None:
-    result = hugepages.report(str(one_node), *proc)
+def test_report_is_json_roundtrip(one_node: Path, proc: tuple[str, str], elsewhere: dict[str, str]) -> None:
+    result = hugepages.report(str(one_node), *proc, **elsewhere)
     assert json.loads(json.dumps(result)) == result
     assert result["default_page_size"] == 2 * MiB
     assert len(result["pools"]) == 4
@@ -212,8 +222,8 @@ def rows(text: str) -> list[list[str]]:
     return [line.split() for line in text.splitlines()]
 
 
-def test_format_report_rows(one_node: Path, proc: tuple[str, str]) -> None:
-    text = hugepages.format_report(hugepages.report(str(one_node), *proc))
+def test_format_report_rows(one_node: Path, proc: tuple[str, str], elsewhere: dict[str, str]) -> None:
+    text = hugepages.format_report(hugepages.report(str(one_node), *proc, **elsewhere))
     table = rows(text)
     assert ["SIZE", "NODE", "TOTAL", "FREE", "RESERVED", "SURPLUS", "FREE", "BYTES"] in table
     assert ["2", "MiB", "all", "512", "500", "3", "0", "1000", "MiB"] in table
@@ -226,32 +236,33 @@ def test_format_report_rows(one_node: Path, proc: tuple[str, str]) -> None:
     assert "echo" not in text
 
 
-def test_format_report_no_mounts_and_zero_pages(tmp_path: Path) -> None:
+def test_format_report_no_mounts_and_zero_pages(tmp_path: Path, elsewhere: dict[str, str]) -> None:
     sysfs = tmp_path / "sys"
     write_pool(global_dir(sysfs, 2048), **global_counts(0, 0, 0, 0))
     write_pool(global_dir(sysfs, 1048576), **global_counts(0, 0, 0, 0))
     (tmp_path / "mounts").write_text("proc /proc proc rw 0 0\n")
     (tmp_path / "meminfo").write_text(MEMINFO)
-    result = hugepages.report(str(sysfs), str(tmp_path / "mounts"), str(tmp_path / "meminfo"))
+    result = hugepages.report(str(sysfs), str(tmp_path / "mounts"), str(tmp_path / "meminfo"), **elsewhere)
     text = hugepages.format_report(result)
     assert "mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages" in text
     assert "echo 512 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages" in text
     assert ["1", "GiB", "all", "0", "0", "0", "0", "0", "B"] in rows(text)
 
 
-def test_format_report_no_reserve_hint_when_one_size_has_pages(tmp_path: Path) -> None:
+def test_format_report_no_reserve_hint_when_one_size_has_pages(tmp_path: Path, elsewhere: dict[str, str]) -> None:
     sysfs = tmp_path / "sys"
     write_pool(global_dir(sysfs, 2048), **global_counts(0, 0, 0, 0))
     write_pool(global_dir(sysfs, 1048576), **global_counts(1, 1, 0, 0))
-    result = hugepages.report(str(sysfs), str(tmp_path / "none"), str(tmp_path / "none"))
+    result = hugepages.report(str(sysfs), str(tmp_path / "none"), str(tmp_path / "none"), **elsewhere)
     assert "nr_hugepages" not in hugepages.format_report(result)
 
 
-def test_format_report_no_hugepage_support(tmp_path: Path) -> None:
-    result = hugepages.report(str(tmp_path), str(tmp_path / "none"), str(tmp_path / "none"))
-    assert result == {"default_page_size": None, "pools": [], "mounts": []}
+def test_format_report_no_hugepage_support(tmp_path: Path, elsewhere: dict[str, str]) -> None:
+    result = hugepages.report(str(tmp_path), str(tmp_path / "none"), str(tmp_path / "none"), **elsewhere)
+    assert result == {"default_page_size": None, "pools": [], "mounts": [], "instances": []}
     text = hugepages.format_report(result)
     assert "no hugepage support" in text
+    assert "no hugeshmd instance holds files" in text
     assert "default page size: unknown" in text
     assert "SIZE" not in text
 
@@ -301,3 +312,67 @@ def test_real_host() -> None:
     for mount in hugepages.mounts():
         assert isinstance(mount.path, str) and mount.path.startswith("/")
     assert isinstance(hugepages.format_report(hugepages.report()), str)
+
+
+@pytest.fixture
+def holders(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A hugetlbfs and a /dev/shm (plain dirs) holding files of four prefixes, a runtime root
+    where prefix ``live`` holds its lock and ``gone`` left only a runtime dir, and a /proc in
+    which pid 4242 maps ``used``'s file; yields the report's keyword arguments."""
+    huge, shm, run, proc = (tmp_path / name for name in ("huge", "shm", "run", "proc"))
+    for directory in (huge, shm, run / "live", run / "gone", proc / "4242", proc / "7"):
+        directory.mkdir(parents=True)
+    for name in ("hugeshmd.a.seg0", "hugeshmd.a.seg1", "hugeshmd.live.seg0", "hugeshmd.used.seg3",
+                 "hugeshmd..seg0", "hugeshmd.b.segx", "other"):
+        (huge / name).write_bytes(b"x" * 8192)
+    (shm / "hugeshmd.a.seg1.seg0").write_bytes(b"x" * 4096)  # prefix "a.seg1", not "a"
+    (proc / "4242/maps").write_text(f"7f0000000000-7f0000200000 rw-s 00000000 00:2f 77    {huge}/hugeshmd.used.seg3\n")
+    (proc / "7/maps").write_text("55d0-55d1 r--p 00000000 08:01 12 /usr/bin/python3\n")
+    (tmp_path / "mounts").write_text(f"nodev {huge} hugetlbfs rw,pagesize=2M 0 0\nproc /proc proc rw 0 0\n")
+    with open(run / "live/primary.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield {"proc_mounts": str(tmp_path / "mounts"), "meminfo": str(tmp_path / "none"),
+               "runtime_root": str(run), "shm": str(shm), "proc": str(proc)}
+
+
+def test_instances_by_prefix_with_state(holders: dict[str, str], tmp_path: Path) -> None:
+    found = {i.prefix: i for i in hugepages.instances(**holders)}
+    assert sorted(found) == ["a", "a.seg1", "gone", "live", "used"]
+    huge = str(tmp_path / "huge")
+    assert found["a"].files == [f"{huge}/hugeshmd.a.seg0", f"{huge}/hugeshmd.a.seg1"]
+    assert found["a"].allocated == sum(os.stat(path).st_blocks * 512 for path in found["a"].files) > 0
+    assert found["a.seg1"].files == [str(tmp_path / "shm/hugeshmd.a.seg1.seg0")]
+    assert {p: i.state for p, i in found.items()} == {
+        "a": "stale", "a.seg1": "stale", "gone": "stale", "live": "live", "used": "in use"}
+    assert found["used"].pids == [4242] and found["a"].pids == []
+    assert found["gone"].files == [] and found["gone"].runtime_dir == str(tmp_path / "run/gone")
+    assert found["a"].runtime_dir is None
+
+
+def test_report_lists_instances(holders: dict[str, str], tmp_path: Path) -> None:
+    result = hugepages.report(str(tmp_path / "sys"), **holders)
+    assert json.loads(json.dumps(result)) == result
+    table = rows(hugepages.format_report(result))
+    assert ["PREFIX", "STATE", "FILES", "ALLOCATED", "IN"] in table
+    by_prefix = {row[0]: row[1:] for row in table if row}
+    assert by_prefix["used"][:5] == ["in", "use", "(pid", "4242)", "1"]
+    assert by_prefix["live"][:2] == ["live", "1"]
+    assert by_prefix["a"][:2] == ["stale", "2"]
+    assert "remove them with: hugeshmd hugepages cleanup" in hugepages.format_report(result)
+
+
+def test_is_mount_point(tmp_path: Path) -> None:
+    (tmp_path / "mounts").write_text("proc /proc proc rw 0 0\nnodev /mnt/a\\040b tmpfs rw 0 0\n")
+    assert hugepages.is_mount_point("/mnt/a b", str(tmp_path / "mounts"))
+    assert not hugepages.is_mount_point("/mnt", str(tmp_path / "mounts"))
+    assert not hugepages.is_mount_point("/proc", str(tmp_path / "absent"))
+
+
+def test_mem_total_and_node_pool(two_nodes: Path, proc: tuple[str, str], tmp_path: Path) -> None:
+    assert hugepages.mem_total(proc[1]) == 16318540 * 1024
+    assert hugepages.mem_total(str(tmp_path / "absent")) is None
+    assert hugepages.nodes(str(two_nodes)) == [0, 1, 2, 3, 10]
+    assert hugepages.pool(2 * MiB, str(two_nodes), node=1) == Pool(2 * MiB, 1, 120, 100, 0, 3)
+    assert hugepages.pool(2 * MiB, str(two_nodes), node=3) is None
+    assert Pool(2 * MiB, None, 300, 250, 7, 4).persistent == 296
+    assert Pool(2 * MiB, None, 300, 250, 7, 4).available == 243

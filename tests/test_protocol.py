@@ -353,7 +353,7 @@ def test_every_error_survives_the_wire(cls: type[HugeshmdError]) -> None:
 
 def test_error_codes_are_unique_and_map_back() -> None:
     codes = [cls.code for cls in ALL_ERRORS]
-    assert len(set(codes)) == len(codes) == 12
+    assert len(set(codes)) == len(codes) == 14
     for cls in ALL_ERRORS:
         assert error_for_code(cls.code) is cls
         assert issubclass(cls, HugeshmdError)

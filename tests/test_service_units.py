@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,20 @@ def test_units_start_this_installation(tmp_path: Path) -> None:
     assert "--instance default " in (tmp_path / "units" / "hugeshmd.service").read_text()
 
 
-def test_a_python_the_service_user_cannot_reach_is_refused_with_advice(tmp_path: Path) -> None:
-    hidden = tmp_path / "private"
-    hidden.mkdir(mode=0o700)
-    (hidden / "python").write_text("")
-    with pytest.raises(InvalidArgument, match=r"the service user 'nobody' cannot reach .*/opt/hugeshmd/bin/pip"):
-        install.check_reachable(str(hidden / "python"), "nobody")
+def test_a_python_the_service_user_cannot_reach_is_refused_with_advice() -> None:
+    hidden = Path(tempfile.mkdtemp(prefix="hugeshmd-test-", dir="/opt" if os.access("/opt", os.W_OK) else None))
+    try:
+        (hidden / "python").write_text("")
+        with pytest.raises(InvalidArgument, match=r"the service user 'nobody' cannot reach .*/opt/hugeshmd/bin/pip"):
+            install.check_reachable(str(hidden / "python"), "nobody")
+    finally:
+        shutil.rmtree(hidden)
     install.check_reachable("/usr/bin/python3", "nobody")  # /usr/bin is everyone's
+
+
+def test_a_python_in_a_private_tmp_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="PrivateTmp=yes hides"):
+        install.check_reachable(str(tmp_path / "python"), "nobody")
 
 
 def test_a_python_under_a_home_gets_a_read_only_home() -> None:
