@@ -140,7 +140,8 @@ def test_primary_start_failure_leaves_nothing(prefix, root, tmp_path):
     # huge_pages=on with a directory that is no hugetlbfs mount fails after the lock was taken
     failed = Primary(prefix, root, "--memory", "4M", "--huge-pages", "on", "--hugepage-dir", str(tmp_path))
     assert failed.wait_exit() == 1
-    assert f"hugeshmd: {tmp_path} is not a hugetlbfs mount of 2 MiB pages (or a directory on one); mount one with:" in failed.text
+    assert (f"hugeshmd: {tmp_path} is not a hugetlbfs mount of 2 MiB pages (or a directory on one); "
+            "mount one with:") in failed.text
     assert leftovers(prefix, root) == []
 
 
