@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 from .errors import AccessDenied, InvalidArgument
 
-__all__ = ["Policy", "ZAP_DOMAIN", "ZAP_ENDPOINT", "group_id", "user_id", "parse_peer", "denied_message"]
+__all__ = ["Policy", "ZAP_DOMAIN", "ZAP_ENDPOINT", "group_id", "user_id", "parse_peer", "denied_message",
+           "remove_ipc_risk"]
 
 log = logging.getLogger("hugeshmd.access")
 
@@ -113,6 +114,53 @@ class Policy:
     def _refused(self, path: str, mode: int, err: OSError) -> AccessDenied:
         return AccessDenied(f"cannot give {path} to group {self.gid} with mode {mode:o}: {err.strerror}",
                             path=path, errno=err.errno)
+
+
+def _login_defs(key: str, default: int, path: str = "/etc/login.defs") -> int:
+    try:
+        with open(path) as lines:
+            for line in lines:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == key and fields[1].isdigit():
+                    return int(fields[1])
+    except OSError:
+        pass
+    return default
+
+
+def _logind_removes_ipc(conf_dir: str = "/etc/systemd") -> bool:
+    """logind.conf's RemoveIPC= (default yes), the drop-ins read after the main file."""
+    files = [os.path.join(conf_dir, "logind.conf")]
+    try:
+        drop_ins = os.path.join(conf_dir, "logind.conf.d")
+        files += sorted(os.path.join(drop_ins, n) for n in os.listdir(drop_ins) if n.endswith(".conf"))
+    except OSError:
+        pass
+    removes = True
+    for path in files:
+        try:
+            with open(path) as lines:
+                for line in lines:
+                    key, _, value = line.strip().partition("=")
+                    if key == "RemoveIPC":
+                        removes = value.strip().lower() not in ("no", "false", "0", "off")
+        except OSError:
+            continue
+    return removes
+
+
+def remove_ipc_risk(uid: int, conf_dir: str = "/etc/systemd", login_defs: str = "/etc/login.defs") -> str | None:
+    """Why logind may delete this user's /dev/shm segments, or None.
+
+    logind.conf(5): with RemoveIPC=yes (the default), when a user's last
+    session ends, their System V IPC objects and POSIX shared memory and message
+    queues are removed; system users (uid up to SYS_UID_MAX) are exempt.
+    """
+    if uid == 0 or uid <= _login_defs("SYS_UID_MAX", 999, login_defs) or not _logind_removes_ipc(conf_dir):
+        return None
+    return (f"uid {uid} is not a system user and logind's RemoveIPC=yes is in force: when this user's last "
+            "login session ends, logind deletes its /dev/shm objects, this instance's segments among them. "
+            "Run the primary as a system user (the units do), or set RemoveIPC=no in logind.conf")
 
 
 def parse_peer(address: bytes) -> tuple[int, int, int] | None:

@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from . import hugepages, protocol, zones
-from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, parse_peer
+from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, parse_peer, remove_ipc_risk
 from .backing import HugetlbfsBacking, Mapped, ShmBacking
 from .config import DEFAULT_FALLBACK_MEMORY, RELOADABLE, Config, load
 from .errors import HugepagesUnavailable, HugeshmdError, InvalidArgument, TableBusy
@@ -97,6 +97,9 @@ class Primary:
         self._undo.callback(window.release)
         backing, mapped = self._map_first_segment(backing, window, memory)
         self.backing, self.window = backing, window
+        risk = remove_ipc_risk(os.geteuid()) if backing.mode != MODE_HUGETLBFS else None
+        if risk:
+            log.warning("%s", risk)
         self.table = self._create_table(mapped)
         self._bind()
         self.table.set_state(STATE_READY, os.getpid(), own_start_time())

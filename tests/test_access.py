@@ -229,3 +229,66 @@ def test_one_process_cannot_hold_an_instance_both_read_only_and_writable(start_p
 
 def test_access_denied_is_a_permission_error() -> None:
     assert issubclass(AccessDenied, PermissionError) and AccessDenied.code == 13
+
+
+@pytest.mark.parametrize(("uid", "logind", "risk"), [
+    (0, "", False),
+    (999, "", False),  # a system user (SYS_UID_MAX 999): exempt
+    (1000, "", True),  # RemoveIPC defaults to yes
+    (1000, "[Login]\nRemoveIPC=no\n", False),
+    (1000, "[Login]\n#RemoveIPC=no\n", True),  # commented out: the default holds
+])
+def test_the_remove_ipc_trap_is_named_for_non_system_users(tmp_path: Any, uid: int, logind: str, risk: bool) -> None:
+    from hugeshmd.access import remove_ipc_risk
+
+    (tmp_path / "logind.conf").write_text(logind)
+    (tmp_path / "login.defs").write_text("SYS_UID_MAX\t\t999\n")
+    found = remove_ipc_risk(uid, str(tmp_path), str(tmp_path / "login.defs"))
+    assert (found is not None) == risk
+    if risk:
+        assert "RemoveIPC=no" in found and f"uid {uid}" in found
+
+
+def test_a_drop_in_overrides_logind_conf(tmp_path: Any) -> None:
+    from hugeshmd.access import remove_ipc_risk
+
+    (tmp_path / "logind.conf").write_text("[Login]\nRemoveIPC=no\n")
+    (tmp_path / "logind.conf.d").mkdir()
+    (tmp_path / "logind.conf.d" / "50-x.conf").write_text("[Login]\nRemoveIPC=yes\n")
+    assert remove_ipc_risk(5000, str(tmp_path), "/nonexistent") is not None
+
+
+def test_a_primary_run_by_a_plain_user_warns_of_remove_ipc_and_gives_files_to_its_group(
+        shared_root: str, prefix: str, users: Any, service_python: str) -> None:
+    user = users.user()
+    own_root = os.path.join(shared_root, "own")
+    os.mkdir(own_root)
+    os.chown(own_root, getpwnam(user).pw_uid, getpwnam(user).pw_gid)
+    primary = subprocess.Popen([*as_user(user), service_python, "-m", "hugeshmd", "primary", "--prefix", prefix,
+                                "--runtime-root", own_root, "--huge-pages", "off", "--memory", "8M"],
+                               stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+    try:
+        assert primary.stderr is not None
+        lines = []
+        for line in primary.stderr:
+            lines.append(line)
+            if " ready: " in line:
+                break
+        text = "".join(lines)
+        from hugeshmd.access import remove_ipc_risk
+
+        expected = remove_ipc_risk(getpwnam(user).pw_uid) is not None  # this host's logind.conf decides
+        assert ("logind's RemoveIPC=yes is in force" in text) == expected, text
+        st = os.stat(f"/dev/shm/hugeshmd.{prefix}.seg0")
+        assert (st.st_uid, st.st_gid) == (getpwnam(user).pw_uid, getpwnam(user).pw_gid)
+    finally:
+        primary.terminate()
+        assert primary.wait(30) == 0
+    assert leftovers(prefix, own_root) == []
+
+
+def test_an_unknown_group_fails_before_anything_is_touched(root: str, prefix: str) -> None:
+    failed = Primary(prefix, root, "--group", "no-such-group-z", "--huge-pages", "off", "--memory", "8M")
+    assert failed.wait_exit() == 1
+    assert "invalid group: no group 'no-such-group-z' on this host" in failed.text
+    assert leftovers(prefix, root) == [] and os.listdir(root) == []
