@@ -25,6 +25,9 @@ BENCHMARKS = {
     "attach": "benchmarks.bench_attach",
     "fresh_worker": "benchmarks.bench_fresh_worker",
     "zone_ops": "benchmarks.bench_zone_ops",
+    "control_plane": "benchmarks.bench_control",
+    "handoff": "benchmarks.bench_handoff",
+    "hugepages": "benchmarks.bench_hugepages",
 }
 RESULTS = common.REPO / "benchmarks" / "results"
 
@@ -93,6 +96,14 @@ def _verdict(row: dict[str, Any]) -> str:
     return "PASS" if row["pass"] else "FAIL"
 
 
+def format_value(row: dict[str, Any], key: str) -> str:
+    """A row's figure in its unit: seconds scaled to ns/us/ms/s, anything else as a plain number."""
+    value = row.get(key)
+    if row.get("unit", "s") == "s" or value is None:
+        return common.format_seconds(value)
+    return f"{value:,.0f} {row['unit']}" if value >= 100 else f"{value:.3g} {row['unit']}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable table: one row per metric."""
     m = report["machine"]
@@ -107,8 +118,8 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [header]
     for name, result in report["benchmarks"].items():
         for key, row in result["metrics"].items():
-            rows.append((name, key, common.format_seconds(row["median"]), common.format_seconds(row["p90"]),
-                         str(row["n"]), row["baseline_name"] or "-", common.format_seconds(row["baseline"]),
+            rows.append((name, key, format_value(row, "median"), format_value(row, "p90"),
+                         str(row["n"]), row["baseline_name"] or "-", format_value(row, "baseline"),
                          "-" if row["ratio"] is None else f"{row['ratio']:.2f}", _target(row), _verdict(row)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, r in enumerate(rows):
