@@ -29,8 +29,9 @@ over the data) and *read*. Each tool is used as its users use it:
   to hold a 1 GiB object reserves 2 GiB of hugepages.
 
 Rounds interleave the tools (the order rotates each time) after one discarded
-warm-up round. A quick run uses 1 and 4 MiB, and Plasma only if its venv is
-already there (quick mode never uses the network), without hugepages.
+warm-up round, with a pause after each handoff of up to 0.3 s (by size) so that
+freeing a large array does not spill into the next one's time. A quick run
+uses 1 and 4 MiB, and Plasma only if its venv is already there (quick mode never uses the network), without hugepages.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ PATTERN = 0x0101010101010101
 PLASMA_VENV = REPO / "benchmarks" / ".venv-plasma"
 PLASMA_REQUIREMENTS = ("pyarrow==11.0.0", "numpy<2")
 PLASMA_HEADROOM = 64 * MiB
+SETTLE_S = 0.3
 
 
 def expected_sum(size: int) -> int:
@@ -121,6 +123,9 @@ def _rounds(producers: dict[str, Producer], sizes: tuple[int, ...],
                     raise RuntimeError(f"{method} {size}: the consumer read a wrong sum: {reply}")
                 if round_no:
                     samples[method][size].append(reply)
+                # Let the processes give a large array's memory back before the next handoff starts:
+                # the Queue's feeder thread, for one, frees its pickle after the consumer has it.
+                time.sleep(min(SETTLE_S, size / GiB))
     return samples
 
 

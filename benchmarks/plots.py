@@ -212,7 +212,7 @@ def _handoff(plt: Any, result: dict[str, Any]) -> Any:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     left.set_yscale("log")
-    left.set_ylabel("make + hand over + read every byte (ms, median; bars p10-p90)")
+    left.set_ylabel("make, hand over, read all (ms; p10-p90)")
     left.set_title("Zero-copy handoff: producer to consumer")
     right.set_ylabel("array size / total time (GiB/s)")
     right.set_title("Effective handoff rate")
