@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hugeshmd.errors import HugeshmdError
+
 from .common import (
     GIGAPAGE,
     HUGEPAGE,
@@ -202,7 +204,11 @@ def run(quick: bool) -> dict[str, Any]:
                 notes += plan_notes
                 for size in sizes:
                     repeats = 3 if quick else (5 if size >= 8 * GiB else 7)
-                    series.append(_series(size, page_size, huge_pages, mount or "/dev/shm", repeats, root))
+                    try:
+                        series.append(_series(size, page_size, huge_pages, mount or "/dev/shm", repeats, root))
+                    except (OSError, HugeshmdError) as err:  # other processes took pages since the plan
+                        notes.append(f"{format_size(size)} of {format_size(page_size)} pages SKIPPED: "
+                                     f"{err} ({available_pages(page_size)} pages available now)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return _result(series, quick, notes)
