@@ -164,7 +164,7 @@ def _segment_pool(quick: bool, pages: int, notes: list[str]) -> Any:
 
     if quick:
         return contextlib.nullcontext(available_pages(HUGEPAGE))
-    return hugepages_available(HUGEPAGE, pages, notes)
+    return hugepages_available(HUGEPAGE, pages + 64, notes)  # a margin: others may take pages meanwhile
 
 
 class BuiltTable:

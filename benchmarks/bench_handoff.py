@@ -71,6 +71,7 @@ PLASMA_VENV = REPO / "benchmarks" / ".venv-plasma"
 PLASMA_REQUIREMENTS = ("pyarrow==11.0.0", "numpy<2")
 PLASMA_HEADROOM = 64 * MiB
 SETTLE_S = 0.3
+POOL_MARGIN = 256  # pages
 
 
 def expected_sum(size: int) -> int:
@@ -85,7 +86,9 @@ def run(quick: bool) -> dict[str, Any]:
     biggest = max(sizes)
     plasma_pages = -(-(biggest + PLASMA_HEADROOM) // GiB) * (GiB // HUGEPAGE)  # 1 GiB steps with -h
     pages = biggest // HUGEPAGE + 2 + (plasma_pages if plasma_python else 0)
-    pool = contextlib.nullcontext(available_pages(HUGEPAGE)) if quick else hugepages_available(HUGEPAGE, pages, notes)
+    # A margin over the need: other processes on the machine may take pages between the count and the mmap.
+    pool = (contextlib.nullcontext(available_pages(HUGEPAGE)) if quick
+            else hugepages_available(HUGEPAGE, pages + POOL_MARGIN, notes))
     samples: dict[str, dict[int, list[dict[str, Any]]]] = {}
     with pool as available, contextlib.ExitStack() as stack:
         primary = stack.enter_context(PrimaryProcess(biggest + 2 * HUGEPAGE, "try" if quick else "on"))
@@ -95,18 +98,20 @@ def run(quick: bool) -> dict[str, Any]:
                      "shared_memory": Producer(PYTHON, "shared_memory", {}), "queue": Producer(PYTHON, "queue", {})}
         for producer in producers.values():
             stack.callback(producer.stop)
+        plasma_huge = False
         if plasma_python:
             huge = not quick and mount_of(HUGEPAGE) is not None and available - biggest // HUGEPAGE >= plasma_pages
-            store = PlasmaStore(plasma_python, biggest + PLASMA_HEADROOM, huge)
+            store = _start_plasma(plasma_python, biggest + PLASMA_HEADROOM, huge, notes)
             stack.callback(store.stop)
-            notes.append(f"plasma store: -m {biggest + PLASMA_HEADROOM}, "
-                         + ("-h -d " + store.directory if huge else "no -h: 4 KiB pages in /dev/shm"))
+            plasma_huge = store.huge
             producers["plasma"] = Producer(plasma_python, "plasma", {"socket": store.socket})
             stack.callback(producers["plasma"].stop)
         for producer in producers.values():
             producer.wait_ready()
         samples = _rounds(producers, sizes, repeats)
-    return _result(samples, sizes, repeats, notes)
+    result = _result(samples, sizes, repeats, notes)
+    result["params"]["plasma_hugepages"] = plasma_huge
+    return result
 
 
 def _rounds(producers: dict[str, Producer], sizes: tuple[int, ...],
@@ -174,6 +179,21 @@ def plasma_interpreter(quick: bool, notes: list[str]) -> str | None:
     return str(python)
 
 
+def _start_plasma(python: str, memory: int, huge: bool, notes: list[str]) -> PlasmaStore:
+    """The store with -h when asked; if that cannot map its pages, without, said loudly in the notes."""
+    try:
+        store = PlasmaStore(python, memory, huge)
+    except RuntimeError as err:
+        if not huge:
+            raise
+        notes.append(f"plasma with -h FAILED ({str(err)[-160:]!r}, {available_pages(HUGEPAGE)} 2 MiB pages "
+                     "available): plasma ran WITHOUT hugepages, 4 KiB pages in /dev/shm")
+        store = PlasmaStore(python, memory, False)
+    notes.append(f"plasma store: -m {memory}, " + ("-h -d " + store.directory if store.huge
+                                                   else "no -h: 4 KiB pages in /dev/shm"))
+    return store
+
+
 class PlasmaStore:
     """``plasma-store-server`` as a subprocess, stopped by PID; its socket in a temp dir."""
 
@@ -182,6 +202,7 @@ class PlasmaStore:
                                capture_output=True, text=True, check=True).stdout.strip()
         self.dir = tempfile.mkdtemp(prefix="hsbplasma", dir="/tmp")
         self.socket = os.path.join(self.dir, "plasma.sock")
+        self.huge = huge
         self.directory = (mount_of(HUGEPAGE) or "/dev/hugepages") if huge else "/dev/shm"
         self.log = open(os.path.join(self.dir, "store.log"), "w+")  # noqa: SIM115 - closed in stop()
         cmd = [os.path.join(where, "plasma-store-server"), "-m", str(memory), "-s", self.socket,

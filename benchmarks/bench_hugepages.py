@@ -51,6 +51,7 @@ from .common import (
 GATHER_SIZES, QUICK_GATHER_SIZES = (1 * GiB, 2 * GiB, 4 * GiB), (16 * MiB,)
 GATHERS, QUICK_GATHERS = 1 << 22, 1 << 16
 FRESH, QUICK_FRESH = 256 * MiB, 16 * MiB
+POOL_MARGIN = 256  # 2 MiB pages over the need: others on the machine may take some meanwhile
 THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"  # [never]: /dev/shm has 4 KiB pages only
 
 
@@ -62,7 +63,8 @@ def run(quick: bool) -> dict[str, Any]:
         if quick:
             huge_2m, huge_1g = available_pages(HUGEPAGE), 0
         else:
-            huge_2m = stack.enter_context(hugepages_available(HUGEPAGE, max(max(sizes), fresh) // HUGEPAGE + 2, notes))
+            need = max(max(sizes), fresh) // HUGEPAGE + 2 + POOL_MARGIN
+            huge_2m = stack.enter_context(hugepages_available(HUGEPAGE, need, notes))
             huge_1g = (stack.enter_context(hugepages_available(GIGAPAGE, max(sizes) // GIGAPAGE, notes))
                        if mount_of(GIGAPAGE) else 0)
         gathers = [_gathers(size, quick, huge_2m, huge_1g, notes) for size in sizes]

@@ -198,8 +198,9 @@ def _control_plane(plt: Any, result: dict[str, Any]) -> Any:
 def _handoff(plt: Any, result: dict[str, Any]) -> Any:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     table = result["details"]["by_size"]
+    plasma = "Arrow Plasma 11 " + ("(-h, 2 MiB pages)" if result["params"].get("plasma_hugepages") else "(4 KiB pages)")
     names = {"hugeshmd": "hugeshmd zone", "shared_memory": "multiprocessing.shared_memory",
-             "queue": "multiprocessing.Queue (pickle)", "plasma": "Arrow Plasma 11 (-h)"}
+             "queue": "multiprocessing.Queue (pickle)", "plasma": plasma}
     for method in result["params"]["methods"]:
         rows = [r for r in table if r["method"] == method]
         xs = [r["size"] for r in rows]
