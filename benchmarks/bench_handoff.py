@@ -18,7 +18,10 @@ over the data) and *read*. Each tool is used as its users use it:
   it by name; the producer unlinks it after. 4 KiB pages in /dev/shm, new
   (so faulted and zeroed) each time, which is how it is used.
 * **queue**: a private numpy array ``put`` on a ``multiprocessing.Queue``
-  (pickled, written through a pipe, unpickled: two copies).
+  (pickled, written through a pipe, unpickled: two copies). The Queue's feeder
+  thread frees the last pickle only when the next object is put (~80 ms for
+  1 GiB); a small untimed put after each handoff takes that cost out of the
+  next handoff's figure, so the Queue's figures, if anything, flatter it.
 * **plasma**: Arrow Plasma from pyarrow 11.0.0 (the last release with
   ``plasma-store-server``), in its own virtual environment with numpy<2
   (``benchmarks/.venv-plasma``, made by a full run from the package index,
@@ -379,6 +382,9 @@ def consumer(method: str, request: dict[str, Any], conn: Any, queue: Any) -> Non
             del array
             keep.clear()
             conn.send((t_got, t_read, total))
+            if side is None:  # the producer's flush (see producer()), then say it went through
+                queue.get()
+                conn.send("flushed")
     finally:
         if side is not None:
             side.close()
@@ -419,6 +425,12 @@ def producer(method: str, request: dict[str, Any]) -> None:
             t_got, t_read, total = conn.recv()
             if side is not None:
                 side.release(keep)
+            else:
+                # Untimed: the Queue's feeder thread keeps the last pickle until the next put, so
+                # freeing a large one (~80 ms for 1 GiB) would land in the next handoff's time.
+                assert queue is not None
+                queue.put(None)
+                conn.recv()
             print(json.dumps({"size": size, "total": t_read - t0, "fill": t_filled - t0, "deliver": t_got - t_filled,
                               "read": t_read - t_got, "ok": total == expected_sum(size)}), flush=True)
     finally:

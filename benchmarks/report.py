@@ -154,7 +154,7 @@ def _findings(report: dict[str, Any]) -> list[str]:
                        f"{_median(api[max(api)]['ops_per_s']):,.0f} with {max(api)}), and under contention a "
                        "lookup re-reads the table after every foreign change, which shows in its p99.")
     if "handoff" in b:
-        out += _handoff_findings(b["handoff"])
+        out += _handoff_findings(b["handoff"], b)
     if "hugepages" in b:
         h = b["hugepages"]
         for row in h["details"]["gathers"]:
@@ -171,15 +171,39 @@ def _findings(report: dict[str, Any]) -> list[str]:
             out.append(f"- **First read in a fresh worker** ({common.format_size(h['params']['fresh_bytes'])}): "
                        f"{fresh['hugeshmd']['first'] * 1e3:.1f} ms with {fresh['hugeshmd']['faults']:.0f} faults "
                        f"against {fresh['shm']['first'] * 1e3:.1f} ms with {fresh['shm']['faults']:.0f} for "
-                       f"4 KiB pages; a second read: {fresh['hugeshmd']['second'] * 1e3:.1f} vs "
+                       "4 KiB pages (not 65,536: the kernel maps 16 pages per read fault, its 64 KiB "
+                       f"fault-around); a second read: {fresh['hugeshmd']['second'] * 1e3:.1f} vs "
                        f"{fresh['shm']['second'] * 1e3:.1f} ms. But hugeshmd's attach + lookup costs "
                        f"{fresh['hugeshmd']['open'] * 1e3:.2f} ms in a new process against "
                        f"{fresh['shm']['open'] * 1e3:.2f} ms for open + mmap of a /dev/shm file.")
+    out.append(_noise(report))
     out.append("")
     return out
 
 
-def _handoff_findings(result: dict[str, Any]) -> list[str]:
+def _noise(report: dict[str, Any]) -> str:
+    """How noisy the run was: per benchmark, the median and the worst (p90 - p10) / median of its figures."""
+    parts = []
+    for name in PLOTTED:
+        spreads = sorted((row["p90"] - row["p10"]) / row["median"]
+                         for row in report["benchmarks"].get(name, {}).get("metrics", {}).values()
+                         if row["n"] >= 3 and row["median"] > 0)
+        if spreads:
+            parts.append(f"{name} {common.median(spreads) * 100:.0f}% (worst {spreads[-1] * 100:.0f}%)")
+    return ("- **Noise**, as (p90 - p10) / median of each figure, median over a benchmark's figures (worst): "
+            + ", ".join(parts) + ". Latency figures pool every call, so their spread includes the scheduler's "
+            "tail on 2 vCPUs; run-level figures (mapping, handoff, gathers) are 5-9 runs each.")
+
+
+def _bare_populate(bundle: dict[str, Any], size: int) -> str:
+    """`` (bare populate: X ms)`` from primary_map's 2 MiB series of ``size``, if this run has it."""
+    for s in bundle.get("primary_map", {}).get("details", {}).get("series", []):
+        if s["bytes"] == size and s["page_size"] == 2 * common.MiB and s["directory"] != "/dev/shm":
+            return f" (bare populate of {common.format_size(size)} in this run: {s['bare']['median'] * 1e3:.0f} ms)"
+    return ""
+
+
+def _handoff_findings(result: dict[str, Any], bundle: dict[str, Any]) -> list[str]:
     table = result["details"]["by_size"]
     sizes = sorted({r["size"] for r in table})
     by = {(r["method"], r["size"]): r for r in table}
@@ -194,12 +218,24 @@ def _handoff_findings(result: dict[str, Any]) -> list[str]:
                    f"{ours['read'] * 1e3:.2f}); {peers}.")
     behind = [f"{m} at {common.format_size(s)}" for (m, s), r in by.items()
               if m != "hugeshmd" and r["total"]["median"] < by[("hugeshmd", s)]["total"]["median"]]
-    out.append("- Where a peer is faster: " + (", ".join(behind) if behind else "nowhere in this run") + ". "
-               "For small arrays the fixed costs dominate: a hugeshmd reserve and free commit to the shared table "
-               "under its flock and the consumer's lookup then re-reads the table, some 50-100 us, against "
-               "Plasma's create/seal/get over its socket. For large ones the fill decides: hugeshmd's and "
-               "Plasma's pages are populated already (hugepages, no faults), shared_memory faults and zeroes a new "
-               "4 KiB page per 4 KiB, and the Queue copies the array twice through a pipe.")
+    small, large = sizes[0], sizes[-1]
+    ours_small, ours_large = by[("hugeshmd", small)], by[("hugeshmd", large)]
+    text = ("- Where a peer is faster: " + (", ".join(behind) if behind else "nowhere in this run") + ". "
+            f"For small arrays fixed costs dominate: at {common.format_size(small)} hugeshmd's fill "
+            f"({ours_small['fill'] * 1e3:.2f} ms) includes a reserve committed to the shared table under its "
+            f"flock, and its deliver ({ours_small['deliver'] * 1e3:.2f} ms) a pipe message plus a lookup that "
+            "re-reads the table the producer has just changed.")
+    plasma = by.get(("plasma", large))
+    if plasma:
+        text += (f" At {common.format_size(large)} Plasma's fill takes {plasma['fill'] * 1e3:.0f} ms against "
+                 f"hugeshmd's {ours_large['fill'] * 1e3:.0f} ms; the difference is about what the kernel takes to "
+                 f"fault in and zero {common.format_size(large)} of hugepages{_bare_populate(bundle, large)}, "
+                 "which is consistent with Plasma's allocator giving a freed large object's memory back and "
+                 "faulting it in anew for the next one, where hugeshmd's zones reuse pages the primary "
+                 "populated once.")
+    text += (" shared_memory faults and zeroes a new 4 KiB page every 4 KiB of its fill, and the Queue pickles, "
+             "pipes and unpickles: two copies, most of its time.")
+    out.append(text)
     return out
 
 
