@@ -12,24 +12,50 @@ for the 1 GiB table.
 Baseline, in the same worker: the bare syscalls an attach cannot avoid, through
 ctypes: reserve the window (PROT_NONE, MAP_FIXED_NOREPLACE), open the segment's
 file, map it MAP_SHARED|MAP_FIXED, close; then munmap.
+
+Attach against the number of segments: today's primary maps its memory as one
+segment and has no option for more (one page size, one mapping), so tables of
+1 to 256 segments are *built* by the benchmark in a scratch runtime dir with
+the package's own table code (``Layout.plan``, ``Table.create``, one
+``commit`` of N ``SegmentRecord``), each segment a real hugetlbfs file of one
+2 MiB page (populated, as a primary's), the state set ready with this process
+as the owner. That is the table a growing or multi-page-size primary will
+publish; the worker cannot tell it from a primary's. The bare baseline then
+maps the same N files.
+
+Concurrent attach: K = 1, 2, 8, 32 worker processes, each started and
+imported first, then released together each round (a line on every stdin):
+each times one ``attach()`` and ``close()``, and answers. p50 and p99 over
+every worker's attaches of every round.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 from .common import (
     HUGEPAGE,
+    PYTHON,
+    REPO,
     MiB,
     PrimaryProcess,
+    available_pages,
+    check_leftovers,
     format_size,
     free_hugepages,
+    hugepages_available,
     hugetlbfs_mount,
     metric,
+    percentile,
     run_worker,
+    unique_prefix,
     worker_reply,
 )
 
@@ -37,6 +63,8 @@ TARGET = 0.25e-3
 SMALL, LARGE = 64 * MiB, 1024 * MiB
 QUICK_SMALL, QUICK_LARGE = 4 * MiB, 16 * MiB
 ZONES = 100
+SEGMENT_COUNTS, QUICK_SEGMENT_COUNTS = (1, 4, 16, 64, 256), (1, 4, 16)
+CONCURRENCY, QUICK_CONCURRENCY = (1, 2, 8, 32), (1, 2, 8)
 
 
 def _sizes(quick: bool) -> tuple[int, int, str, list[str]]:
@@ -61,6 +89,37 @@ def _measure(memory: int, huge_pages: str, repeats: int, zones: int) -> dict[str
 
 
 def run(quick: bool) -> dict[str, Any]:
+    result = _run_sizes(quick)
+    notes = result["notes"]
+    counts = QUICK_SEGMENT_COUNTS if quick else SEGMENT_COUNTS
+    with _segment_pool(quick, max(counts), notes) as available:
+        by_segments = [_measure_segments(n, 50 if quick else 300, available, notes) for n in counts]
+    huge_pages = result["params"]["huge_pages"]
+    memory = 16 * MiB if quick else 64 * MiB
+    with PrimaryProcess(memory, huge_pages) as primary:
+        concurrent = [_concurrent(primary, k, 5 if quick else max(20, 400 // k))
+                      for k in (QUICK_CONCURRENCY if quick else CONCURRENCY)]
+    for row in by_segments:
+        result["metrics"][f"attach, {row['segments']} segments"] = metric(
+            row["attach"], baseline=row["bare"], baseline_name=f"bare reserve+{row['segments']}x(open+mmap+close)",
+            note=f"built table, {row['page_size'] >> 10} KiB pages")
+    for row in concurrent:
+        result["metrics"][f"attach, {row['workers']} workers at once"] = metric(
+            row["attach"], baseline=concurrent[0]["attach"], baseline_name="attach, 1 worker",
+            note=f"{row['rounds']} rounds, p99 {percentile(row['attach'], 99) * 1e6:.0f} us")
+    result["details"]["by_segments"] = [{k: v for k, v in r.items() if k not in ("attach", "bare", "close")}
+                                        | {"attach_p50": percentile(r["attach"], 50),
+                                           "attach_p99": percentile(r["attach"], 99),
+                                           "bare_p50": percentile(r["bare"], 50),
+                                           "bare_p99": percentile(r["bare"], 99)} for r in by_segments]
+    result["details"]["concurrent"] = [{"workers": r["workers"], "rounds": r["rounds"], "samples": len(r["attach"]),
+                                        "attach_p50": percentile(r["attach"], 50),
+                                        "attach_p99": percentile(r["attach"], 99),
+                                        "per_worker_p50": r["per_worker_p50"]} for r in concurrent]
+    return result
+
+
+def _run_sizes(quick: bool) -> dict[str, Any]:
     small, large, huge_pages, notes = _sizes(quick)
     repeats = 50 if quick else 1000
     results = {
@@ -97,11 +156,161 @@ def run(quick: bool) -> dict[str, Any]:
     }
 
 
+# -- tables of N segments ---------------------------------------------------------------
+
+
+def _segment_pool(quick: bool, pages: int, notes: list[str]) -> Any:
+    import contextlib
+
+    if quick:
+        return contextlib.nullcontext(available_pages(HUGEPAGE))
+    return hugepages_available(HUGEPAGE, pages + 64, notes)  # a margin: others may take pages meanwhile
+
+
+class BuiltTable:
+    """A runtime dir whose table lists ``count`` segments, each a real file of one page. Remove with :meth:`remove`.
+
+    Made with the package's table code; this process is recorded as the table's
+    (live) owner, so workers attach to it as to a primary's.
+    """
+
+    def __init__(self, count: int, huge: bool) -> None:
+        from hugeshmd.config import MIN_WINDOW, default_base_address
+        from hugeshmd.runtime import RuntimePaths, own_start_time
+        from hugeshmd.table import MODE_HUGETLBFS, MODE_SHM, STATE_READY, Layout, SegmentRecord, Table
+
+        self.prefix = unique_prefix()
+        self.root = tempfile.mkdtemp(prefix="hsb", dir="/tmp")
+        self.page_size = HUGEPAGE if huge else 4096
+        directory = hugetlbfs_mount() if huge else "/dev/shm"
+        assert directory is not None
+        paths = RuntimePaths.for_prefix(self.prefix, self.root)
+        self.files: list[str] = []
+        self.table: Any = None
+        try:
+            os.makedirs(paths.dir)
+            base = default_base_address(self.prefix)
+            layout = Layout.plan(base=base, window=MIN_WINDOW, page_size=self.page_size,
+                                 mode=MODE_HUGETLBFS if huge else MODE_SHM, prefix=self.prefix,
+                                 max_segments=max(256, count))
+            self.table = Table.create(paths.table, layout)
+            records = []
+            for i in range(count):
+                path = os.path.join(directory, f"{paths.segment_stem()}{i}")
+                self._make_file(path)
+                address = base + 2 * i * self.page_size  # a hole between segments: one mapping each
+                records.append(SegmentRecord(i, address, self.page_size, self.page_size, 0, -1, address, 0, 0, path))
+            with self.table.locked() as snap:
+                self.table.commit(snap, segments=tuple(records))
+            self.table.set_state(STATE_READY, os.getpid(), own_start_time())
+        except BaseException:
+            self.remove()
+            raise
+
+    def _make_file(self, path: str) -> None:
+        """A file of one page, populated (a hugetlbfs page is reserved and zeroed here, as a primary does)."""
+        import mmap
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.files.append(path)
+        try:
+            os.ftruncate(fd, self.page_size)
+            with mmap.mmap(fd, self.page_size) as m:
+                m[0] = 1
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        if self.table is not None:
+            self.table.close()
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+        check_leftovers(self.prefix, None)
+
+
+def _measure_segments(count: int, repeats: int, available: int, notes: list[str]) -> dict[str, Any]:
+    huge = hugetlbfs_mount() is not None and available >= count
+    if not huge:
+        notes.append(f"{count} segments: {available} free 2 MiB pages: 4 KiB files in /dev/shm instead")
+    built = BuiltTable(count, huge)
+    try:
+        reply = run_worker(__name__, {"prefix": built.prefix, "root": built.root, "repeats": repeats, "zones": 0,
+                                      "bare_all": True})
+    finally:
+        built.remove()
+    return {"segments": count, "page_size": built.page_size, "repeats": repeats, **reply}
+
+
+# -- K workers attaching at once ------------------------------------------------------------
+
+
+def _concurrent(primary: PrimaryProcess, workers: int, rounds: int) -> dict[str, Any]:
+    """K long-lived workers, released together each round; every attach() time."""
+    request = json.dumps({"prefix": primary.prefix, "root": primary.root})
+    procs = [subprocess.Popen([PYTHON, "-m", __name__, "--round-worker", request], cwd=REPO, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(workers)]
+    samples: list[list[float]] = [[] for _ in procs]
+    try:
+        for proc in procs:  # each says "ready" once imported and warmed up
+            _expect(proc, "ready")
+        for _ in range(rounds + 1):  # the first round is a warm-up
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            for i, proc in enumerate(procs):
+                samples[i].append(float(_expect(proc, None)))
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    kept = [s[1:] for s in samples]
+    return {"workers": workers, "rounds": rounds, "attach": [x for s in kept for x in s],
+            "per_worker_p50": [percentile(s, 50) for s in kept]}
+
+
+def _expect(proc: subprocess.Popen[str], word: str | None) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line or (word is not None and line != word):
+        raise RuntimeError(f"attach round worker {proc.pid} said {line!r} (exit {proc.poll()})")
+    return line
+
+
+def round_worker(request: dict[str, Any]) -> None:
+    """Wait for a line, attach, close, print the attach's seconds; until stdin closes."""
+    import hugeshmd
+
+    prefix, root = request["prefix"], request["root"]
+    hugeshmd.attach(prefix, runtime_root=root).close()
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        t0 = time.perf_counter()
+        shm = hugeshmd.attach(prefix, runtime_root=root)
+        t1 = time.perf_counter()
+        shm.close()
+        del shm
+        print(repr(t1 - t0), flush=True)
+
+
 # -- the worker -----------------------------------------------------------------------
 
 
-def _bare_attach(base: int, window: int, path: str, address: int, length: int) -> float:
-    """The syscalls of an attach with no hugeshmd code around them; seconds."""
+def _bare_attach(base: int, window: int, segments: list[tuple[str, int, int]]) -> float:
+    """The syscalls of an attach with no hugeshmd code around them; seconds.
+
+    ``segments`` are (path, address, length): one open+mmap+close each.
+    """
     import ctypes
     import os
 
@@ -112,13 +321,16 @@ def _bare_attach(base: int, window: int, path: str, address: int, length: int) -
         if got not in (None, ctypes.c_void_p(-1).value):
             libc.munmap(got, window)
         raise OSError(ctypes.get_errno(), f"bare attach: {base:#x} is taken (was the last window released?)")
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    mapped = libc.mmap(address, length, 0x3, 0x01 | 0x10, fd, 0)  # MAP_SHARED|MAP_FIXED
-    os.close(fd)
+    failed = 0
+    for path, address, length in segments:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        mapped = libc.mmap(address, length, 0x3, 0x01 | 0x10, fd, 0)  # MAP_SHARED|MAP_FIXED
+        os.close(fd)
+        failed += mapped != address
     t1 = time.perf_counter()
     libc.munmap(base, window)
-    if mapped != address:
-        raise OSError(ctypes.get_errno(), "bare attach: mapping the segment failed")
+    if failed:
+        raise OSError(ctypes.get_errno(), "bare attach: mapping a segment failed")
     return t1 - t0
 
 
@@ -167,7 +379,7 @@ def worker(request: dict[str, Any]) -> dict[str, Any]:
     shm.close()
     del shm
     attach, close, bare = [], [], []
-    seg = segments[0]
+    runs = [(s.path, s.address, s.length) for s in (segments if request.get("bare_all") else segments[:1])]
     for _ in range(repeats):
         t0 = time.perf_counter()
         shm = hugeshmd.attach(prefix, runtime_root=root)
@@ -177,10 +389,12 @@ def worker(request: dict[str, Any]) -> dict[str, Any]:
         del shm
         attach.append(t1 - t0)
         close.append(t2 - t1)
-        bare.append(_bare_attach(base, window, seg.path, seg.address, seg.length))
+        bare.append(_bare_attach(base, window, runs))
     return {"first": first, "attach": attach, "close": close, "bare": bare, "segments": len(segments),
             "pages": sum(s.length for s in segments) // page_size}
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     worker_reply(worker(json.loads(sys.argv[2])))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--round-worker"]:
+    round_worker(json.loads(sys.argv[2]))

@@ -30,7 +30,8 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "PYTHON", "REPO", "MiB", "GiB", "LEFTOVERS", "PrimaryProcess", "run_worker", "worker_reply",
     "free_hugepages", "hugetlbfs_mount", "median", "percentile", "summary", "metric",
     "machine_label", "code_label", "format_seconds", "format_size", "unique_prefix",
+    "POOL_CHANGES", "pool_pages", "available_pages", "mount_of", "hugepages_available",
 ]  # fmt: skip
 
 PYTHON = sys.executable
@@ -45,11 +47,13 @@ REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
 HUGEPAGE = 2 * MiB
+GIGAPAGE = GiB
 READY_TIMEOUT = 120.0  # mapping 1 GiB takes well under a second; this is for a loaded CI machine
 STOP_TIMEOUT = 60.0
 STEM = "hugeshmd.{prefix}."  # hugeshmd.runtime.RuntimePaths.segment_stem, less "seg"
 
 LEFTOVERS: list[str] = []  # every file a primary of ours left behind, over the whole run
+POOL_CHANGES: list[str] = []  # every change this run made to a hugepage pool, and its undoing
 
 
 # -- the host ------------------------------------------------------------------
@@ -93,6 +97,104 @@ def hugepage_dirs() -> list[str]:
     with open("/proc/mounts") as lines:
         rows = [line.split() for line in lines]
     return [f[1].replace("\\040", " ") for f in rows if len(f) > 2 and f[2] == "hugetlbfs"]
+
+
+# -- hugepage pools of any size, and growing them for a run -------------------------------
+#
+# Some facts about the pools (Documentation/admin-guide/mm/hugetlbpage.rst):
+# writing nr_hugepages asks the kernel for that many persistent pages; it
+# grants what it can find (contiguous free memory, so 1 GiB pages often fail
+# after boot) and the file reads back what it got. Lowering it frees only free
+# pages: pages in use become surplus and are freed when released, so setting
+# the old value back never takes a page from a process using it.
+
+
+def _pool_file(page_size: int, name: str) -> str:
+    return f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/{name}_hugepages"
+
+
+def _read_number(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def pool_pages(page_size: int) -> dict[str, int]:
+    """total, free, reserved and surplus pages of the global pool of ``page_size`` (zeros if none)."""
+    return {key: _read_number(_pool_file(page_size, name))
+            for key, name in (("total", "nr"), ("free", "free"), ("reserved", "resv"), ("surplus", "surplus"))}
+
+
+def available_pages(page_size: int) -> int:
+    """Pages of ``page_size`` a new mapping can have: free less reserved."""
+    counts = pool_pages(page_size)
+    return max(0, counts["free"] - counts["reserved"])
+
+
+def mount_of(page_size: int) -> str | None:
+    """The first hugetlbfs mount of ``page_size`` pages, from /proc/mounts (no hugeshmd code)."""
+    default = _meminfo().get("Hugepagesize", 0) * 1024
+    with open("/proc/mounts") as lines:
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[2] != "hugetlbfs":
+                continue
+            sizes = [o.split("=", 1)[1] for o in fields[3].split(",") if o.startswith("pagesize=")]
+            size = _parse_pagesize(sizes[0]) if sizes else default
+            if size == page_size:
+                return fields[1].replace("\\040", " ")
+    return None
+
+
+def _parse_pagesize(text: str) -> int:
+    units = {"K": 1024, "M": MiB, "G": GiB}
+    text = text.upper().rstrip("B")
+    return int(text[:-1]) * units[text[-1]] if text and text[-1] in units else int(text or 0)
+
+
+@contextmanager
+def hugepages_available(page_size: int, pages: int, notes: list[str]) -> Iterator[int]:
+    """Make ``pages`` pages of ``page_size`` available for the ``with`` block; yields how many are.
+
+    Raises the pool's nr_hugepages by the shortfall only (root only), reads
+    back what the kernel granted, and afterwards sets the value it found back,
+    unless someone else changed it meanwhile (then it says so and leaves it).
+    What it did goes into ``notes`` and :data:`POOL_CHANGES`.
+    """
+    path = _pool_file(page_size, "nr")
+    found = _read_number(path)
+    short = pages - available_pages(page_size)
+    granted = None
+    if short > 0 and os.access(path, os.W_OK):
+        try:
+            with open(path, "w") as f:
+                f.write(str(found + short))
+        except OSError as err:
+            _pool_note(notes, f"could not raise {path} to {found + short}: {err.strerror}")
+        granted = _read_number(path)
+        _pool_note(notes, f"{page_size >> 20} MiB pool raised from {found} to {granted} pages "
+                          f"(asked {found + short}); {available_pages(page_size)} available for the run")
+    try:
+        yield available_pages(page_size)
+    finally:
+        if granted is not None:
+            now = _read_number(path)
+            if now == granted:
+                with open(path, "w") as f:
+                    f.write(str(found))
+                _pool_note(notes, f"{page_size >> 20} MiB pool set back to {found} pages "
+                                  f"(reads {_read_number(path)})")
+            else:
+                _pool_note(notes, f"{page_size >> 20} MiB pool changed by someone else meanwhile "
+                                  f"({granted} -> {now}): left as it is")
+
+
+def _pool_note(notes: list[str], text: str) -> None:
+    notes.append(text)
+    POOL_CHANGES.append(text)
+    print(f"benchmarks: {text}", file=sys.stderr, flush=True)
 
 
 def machine_label() -> dict[str, Any]:
@@ -273,12 +375,12 @@ def median(values: Iterable[float]) -> float:
 def summary(samples: Sequence[float]) -> dict[str, float]:
     """median, p10, p90, min, max and n of ``samples`` (seconds)."""
     return {"median": median(samples), "p10": percentile(samples, 10), "p90": percentile(samples, 90),
-            "min": min(samples), "max": max(samples), "n": len(samples)}
+            "p99": percentile(samples, 99), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
 def metric(samples: Sequence[float], *, baseline: Sequence[float] | None = None, baseline_name: str | None = None,
            target: float | None = None, target_kind: str = "max", quick: bool = False,
-           note: str = "") -> dict[str, Any]:
+           note: str = "", unit: str = "s") -> dict[str, Any]:
     """One row of results: the samples' summary, the baseline's median, the ratio, the verdict.
 
     ``target_kind`` is ``max`` (the median must be at most ``target`` seconds) or
@@ -286,7 +388,7 @@ def metric(samples: Sequence[float], *, baseline: Sequence[float] | None = None,
     sizes are scaled down, so no verdict is given (``pass`` is None).
     """
     row: dict[str, Any] = summary(samples)
-    row["unit"] = "s"
+    row["unit"] = unit
     row["baseline_name"] = baseline_name
     row["baseline"] = median(baseline) if baseline else None
     row["baseline_p90"] = percentile(baseline, 90) if baseline else None

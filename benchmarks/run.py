@@ -2,6 +2,9 @@
 
     python -m benchmarks.run [--quick] [--only NAME ...] [--out DIR]
 
+Writes DIR/<time>.json and, with matplotlib installed (``pip install -e .[bench]``),
+one PNG per benchmark of issue 4 next to it (DIR/<time>-<benchmark>.png).
+
 Exit status: 0 when every benchmark ran and left nothing behind, 1 otherwise.
 A missed target does not change the exit status: targets are reported, never asserted.
 """
@@ -25,6 +28,9 @@ BENCHMARKS = {
     "attach": "benchmarks.bench_attach",
     "fresh_worker": "benchmarks.bench_fresh_worker",
     "zone_ops": "benchmarks.bench_zone_ops",
+    "control_plane": "benchmarks.bench_control",
+    "handoff": "benchmarks.bench_handoff",
+    "hugepages": "benchmarks.bench_hugepages",
 }
 RESULTS = common.REPO / "benchmarks" / "results"
 
@@ -49,9 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     report["leftovers"] = list(common.LEFTOVERS)
     report["hugepages_free_after"] = common.free_hugepages()
     report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    path = _write(report, args.out)
+    report["pool_changes"] = list(common.POOL_CHANGES)
+    path = _path(args.out, args.quick)
+    report["plots"] = _plots(report, os.path.dirname(path), os.path.basename(path)[: -len(".json")] + "-")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
     print(format_table(report))
     print(f"\nresults: {path}")
+    for png in report["plots"].values():
+        print(f"plot: {png}")
     return 1 if report["errors"] or report["leftovers"] else 0
 
 
@@ -61,22 +74,33 @@ def _parser() -> argparse.ArgumentParser:
                         help="tiny sizes and few repeats (a smoke run; works without hugepages)")
     parser.add_argument("--only", action="append", choices=list(BENCHMARKS), metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
-    parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON file (default: %(default)s)")
+    parser.add_argument("--out", default=str(RESULTS),
+                        help="directory for the JSON file and the PNG plots (default: %(default)s)")
     return parser
 
 
-def _write(report: dict[str, Any], directory: str) -> str:
+def _path(directory: str, quick: bool) -> str:
+    """A new results file name in ``directory``: the local time, ``-quick`` for a smoke run."""
     os.makedirs(directory, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    path = os.path.join(directory, f"{stamp}{'-quick' if report['quick'] else ''}.json")
+    stem = datetime.datetime.now().strftime("%Y%m%dT%H%M%S") + ("-quick" if quick else "")
+    path = os.path.join(directory, f"{stem}.json")
     n = 1
     while os.path.exists(path):
         n += 1
-        path = os.path.join(directory, f"{stamp}{'-quick' if report['quick'] else ''}-{n}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
+        path = os.path.join(directory, f"{stem}-{n}.json")
     return path
+
+
+def _plots(report: dict[str, Any], directory: str, stem: str) -> dict[str, str]:
+    """PNGs next to the JSON; none (with a note on stderr) without matplotlib."""
+    from . import plots  # the standard library only, until it draws
+
+    try:
+        return plots.write_plots(report, directory, stem)
+    except ImportError as err:
+        print(f"benchmarks: plots skipped: {err} (pip install -e .[bench])", file=sys.stderr)
+        report.setdefault("notes", []).append(f"plots skipped: {err}")
+        return {}
 
 
 def _target(row: dict[str, Any]) -> str:
@@ -93,6 +117,14 @@ def _verdict(row: dict[str, Any]) -> str:
     return "PASS" if row["pass"] else "FAIL"
 
 
+def format_value(row: dict[str, Any], key: str) -> str:
+    """A row's figure in its unit: seconds scaled to ns/us/ms/s, anything else as a plain number."""
+    value = row.get(key)
+    if row.get("unit", "s") == "s" or value is None:
+        return common.format_seconds(value)
+    return f"{value:,.0f} {row['unit']}" if value >= 100 else f"{value:.3g} {row['unit']}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable table: one row per metric."""
     m = report["machine"]
@@ -107,8 +139,8 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [header]
     for name, result in report["benchmarks"].items():
         for key, row in result["metrics"].items():
-            rows.append((name, key, common.format_seconds(row["median"]), common.format_seconds(row["p90"]),
-                         str(row["n"]), row["baseline_name"] or "-", common.format_seconds(row["baseline"]),
+            rows.append((name, key, format_value(row, "median"), format_value(row, "p90"),
+                         str(row["n"]), row["baseline_name"] or "-", format_value(row, "baseline"),
                          "-" if row["ratio"] is None else f"{row['ratio']:.2f}", _target(row), _verdict(row)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, r in enumerate(rows):
