@@ -14,10 +14,15 @@ Two gates, both from the instance's config:
   open doors. The handler (in the primary's own loop, :class:`ZapHandler`)
   gets the peer's credentials: on ``ipc://`` libzmq reads ``SO_PEERCRED`` at
   accept and appends ``:uid:gid:pid`` to the ZAP request's address
-  (stream_engine_base.cpp). It admits root, the primary's own user,
-  ``allow_users``, and members of ``allow_groups`` (default: ``group``).
-  SO_PEERCRED carries the primary group only, so supplementary membership is
-  read from the group database (getgrouplist(3)) for the peer's user.
+  (stream_engine_base.cpp). It admits exactly whom the files admit: root, the
+  primary's own user and members of ``group``. SO_PEERCRED carries the primary
+  group only, so supplementary membership is read from the group database
+  (getgrouplist(3)) for the peer's user. The check matters where the file
+  modes do not hold: a socket or directory whose mode someone loosened.
+
+One boundary, on purpose: a worker that may open the files can map and change
+everything without the sockets, so an allow list for the sockets alone could
+not keep anyone out, and hugetlbfs has no ACLs to widen the files' one group.
 
 A refused peer sees the handshake fail (``ZMQ_EVENT_HANDSHAKE_FAILED_AUTH``
 on its monitor); :class:`hugeshmd.client.Control` turns that into AccessDenied.
@@ -29,13 +34,11 @@ import grp
 import logging
 import os
 import pwd
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import AccessDenied, InvalidArgument
 
-__all__ = ["Policy", "ZAP_DOMAIN", "ZAP_ENDPOINT", "group_id", "user_id", "parse_peer", "denied_message",
-           "remove_ipc_risk"]
+__all__ = ["Policy", "ZAP_DOMAIN", "ZAP_ENDPOINT", "group_id", "parse_peer", "denied_message", "remove_ipc_risk"]
 
 log = logging.getLogger("hugeshmd.access")
 
@@ -53,14 +56,6 @@ def group_id(name: str | int, key: str) -> int:
         raise InvalidArgument(f"invalid {key}: no group {name!r} on this host", name=key) from None
 
 
-def user_id(name: str | int, key: str) -> int:
-    """A user name or number as a uid; InvalidArgument naming ``key`` if there is none."""
-    try:
-        return int(name) if isinstance(name, int) or name.isdigit() else pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise InvalidArgument(f"invalid {key}: no user {name!r} on this host", name=key) from None
-
-
 def groups_of(uid: int, gid: int) -> set[int]:
     """``gid`` and the groups the group database gives ``uid``'s user."""
     try:
@@ -71,30 +66,24 @@ def groups_of(uid: int, gid: int) -> set[int]:
 
 @dataclass(frozen=True)
 class Policy:
-    """The instance's owning group and who is admitted on its sockets."""
+    """The instance's owning group: whom its files and its sockets admit."""
 
     gid: int
-    allow_uids: frozenset[int]
-    allow_gids: frozenset[int]
     own_uid: int
 
     @classmethod
-    def from_names(cls, group: str | None, allow_users: Iterable[str], allow_groups: Iterable[str] | None) -> Policy:
-        """Resolve names now, before anything is touched; InvalidArgument names the key."""
+    def from_names(cls, group: str | None) -> Policy:
+        """Resolve the name now, before anything is touched; InvalidArgument names the key."""
         gid = os.getegid() if group is None else group_id(group, "group")
         if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
             raise InvalidArgument(
                 f"invalid group: this process (uid {os.geteuid()}) is not in group {group!r}, "
                 "so it cannot give the instance's files to it; add its user to the group "
                 f"(usermod -aG {group} USER) and restart it", name="group")
-        uids = frozenset(user_id(u, "allow_users") for u in allow_users)
-        gids = frozenset([gid] if allow_groups is None else (group_id(g, "allow_groups") for g in allow_groups))
-        return cls(gid, uids, gids, os.geteuid())
+        return cls(gid, os.geteuid())
 
     def admits(self, uid: int, gid: int) -> bool:
-        if uid in (0, self.own_uid) or uid in self.allow_uids:
-            return True
-        return not self.allow_gids.isdisjoint(groups_of(uid, gid))
+        return uid in (0, self.own_uid) or self.gid in groups_of(uid, gid)
 
     def own(self, path: str, mode: int = FILE_MODE) -> None:
         """Give ``path`` to the instance's group with ``mode``; AccessDenied if the kernel refuses."""
@@ -177,7 +166,7 @@ def parse_peer(address: bytes) -> tuple[int, int, int] | None:
 def denied_message(prefix: str, what: str) -> str:
     uid, gid = os.geteuid(), os.getegid()
     return (f"the instance {prefix!r} refused this process (uid {uid}, gid {gid}) {what}; "
-            "its operator admits workers by group: see the instance's group, allow_users and allow_groups")
+            "its operator admits workers by group: see the instance's group option")
 
 
 def refuse(prefix: str, path: str, err: OSError) -> AccessDenied:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import HugeshmdError, InvalidArgument, PrimaryUnavailable
+from .errors import HugeshmdError, InvalidArgument
 from .units import format_size
 
 __all__ = ["main"]
@@ -110,7 +110,7 @@ def _primary(args: argparse.Namespace) -> int:
 
     conf, overrides = _load_config(args)
     setup_logging(conf.log_level)
-    return primary.run(conf, overrides)
+    return primary.run(conf, overrides, args.instance)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -144,7 +144,7 @@ def _metrics(args: argparse.Namespace) -> int:
     try:
         with Control(RuntimePaths.for_prefix(args.prefix, args.runtime_root), args.timeout) as control:
             status = control.request("status")
-    except PrimaryUnavailable as err:
+    except HugeshmdError as err:  # down, refused, busy: the file must still say so, not keep an old "up 1"
         print(f"hugeshmd: {err.message}", file=sys.stderr)
     text = metrics.render(args.prefix, status)
     if args.textfile:

@@ -124,7 +124,11 @@ class Subscription:
         self.snapshot: dict[str, Any] = {}
         self.seq = 0
         self.resyncs = 0
-        self.resync()
+        try:
+            self.resync()
+        except BaseException:
+            self.close()
+            raise
 
     def resync(self) -> None:
         """Fetch the snapshot again and continue after its ``seq``."""

@@ -62,22 +62,6 @@ def _count(value: Any) -> int:
     return value
 
 
-def _names(value: Any) -> tuple[str, ...]:
-    """User or group names: a TOML list, or a comma-separated string from the command line."""
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    def name(v: Any) -> bool:
-        return isinstance(v, (str, int)) and not isinstance(v, bool) and v != ""
-
-    if not isinstance(value, (list, tuple)) or not all(name(v) for v in value):
-        raise ValueError(f"{value!r} is not a list of names")
-    return tuple(str(v) for v in value)
-
-
-def _optional_names(value: Any) -> tuple[str, ...] | None:
-    return None if value is None else _names(value)
-
-
 def _optional_str(value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{value!r} is not a string")
@@ -113,15 +97,10 @@ OPTIONS = (
     Option("log_level", "info", _choice("debug", "info", "warning", "error"),
            "log verbosity (reloaded on SIGHUP)"),
     Option("group", None, _optional_str,
-           "group that owns the instance's files (runtime dir 2750, files 0660): its members may attach; "
-           "default the primary's own group"),
-    Option("allow_users", (), _names,
-           "users also admitted on the control and event sockets, besides root and the primary's own user "
-           "(reloaded on SIGHUP)"),
-    Option("allow_groups", None, _optional_names,
-           "groups admitted on the control and event sockets; default [group] (reloaded on SIGHUP)"),
+           "group that owns the instance's files (runtime dir 0750, files 0660) and whose members (with root and "
+           "the primary's own user) the sockets admit: they may attach; default the primary's own group"),
 )
-RELOADABLE = frozenset({"log_level", "allow_users", "allow_groups"})
+RELOADABLE = frozenset({"log_level"})
 
 
 @dataclass(frozen=True)
@@ -138,8 +117,6 @@ class Config:
     max_workers: int
     log_level: str
     group: str | None = None
-    allow_users: tuple[str, ...] = ()
-    allow_groups: tuple[str, ...] | None = None
     path: str | None = None  # the file it was read from, if any: what SIGHUP reads again
 
     def window_for(self, memory: int) -> int:

@@ -24,7 +24,6 @@ keeps the two equal.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import shutil
@@ -33,6 +32,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from .access import group_id
 from .config import Config
 from .errors import InvalidArgument
 from .hugepages import SERVICE_SUBDIR
@@ -50,7 +50,7 @@ _TEMPLATE = """\
 [Unit]
 Description=hugeshmd hugepage shared memory, instance {instance}
 Documentation=man:systemd.service(5) file://{doc}
-After=local-fs.target dev-hugepages.mount
+After=local-fs.target dev-hugepages.mount{conflicts}
 StartLimitIntervalSec=60
 StartLimitBurst=5
 
@@ -61,7 +61,7 @@ NotifyAccess=main
 # and make the mount's hugeshmd/ directory for {user}'s files.
 ExecStartPre=+{command} systemd prestart --instance {instance} --user {user}
 ExecStart={command} primary --instance {instance} --runtime-root {runtime_root}
-# SIGHUP reloads log_level, allow_users and allow_groups (RELOADING=1 ... READY=1).
+# SIGHUP reloads log_level (RELOADING=1 ... READY=1).
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=1
@@ -130,6 +130,8 @@ def render(command: Sequence[str], instance: str | None, user: str = SERVICE_USE
     return _TEMPLATE.format(
         name="hugeshmd@.service" if instance is None else "hugeshmd.service",
         python=python, command=" ".join(command), instance="%i" if instance is None else instance,
+        # Two units must never run one prefix: the loser's stop would remove the winner's runtime dir.
+        conflicts="" if instance is None else f"\nConflicts=hugeshmd@{instance}.service",
         runtime_root=RUNTIME_ROOT, user=user, doc=doc,
         protect_home="read-only" if home else "yes",
         mounts=" ".join(f"-{m}" for m in HUGEPAGE_MOUNTS),
@@ -153,22 +155,30 @@ def this_command() -> list[str]:
     return [os.path.abspath(sys.executable), "-m", "hugeshmd"]
 
 
-def check_reachable(path: str, user: str) -> None:
+def check_reachable(path: str, user: str, package: str | None = None) -> None:
     """InvalidArgument unless ``user`` may execute ``path`` (every directory on the way searchable)
     and the service will see it (not in /tmp or /var/tmp).
 
-    The usual failure: a Python under /root (pyenv, a venv of root's), which
-    the service's user cannot reach. The unit would fail at exec with EACCES.
+    The usual failures: a Python under /root (pyenv, a venv of root's), which
+    the service's user cannot reach, or a venv in /tmp. The unit would fail at
+    exec. Both the path as given and what its symlinks lead to are checked (a
+    venv's ``bin/python`` links to the system's), and so is ``package`` (the
+    directory the interpreter will import hugeshmd from), when given.
     """
     try:
         entry = pwd.getpwnam(user)
-    except KeyError:
-        return  # made later by systemd-sysusers: it is in no group that helps, so only "other" bits count
-    uid, gids = entry.pw_uid, set(os.getgrouplist(user, entry.pw_gid))
-    target = os.path.realpath(path)
-    if target.startswith(("/tmp/", "/var/tmp/")):
-        raise InvalidArgument(f"{target} is under /tmp or /var/tmp, which the unit's PrivateTmp=yes hides from the "
-                              "service: install hugeshmd elsewhere, e.g. /opt/hugeshmd", name="python")
+        uid, gids = entry.pw_uid, set(os.getgrouplist(user, entry.pw_gid))
+    except KeyError:  # made later by systemd-sysusers: in no group that helps, so only "other" bits count
+        uid, gids = -1, set()
+    paths = [path] if package is None else [path, package]
+    for target in dict.fromkeys(p for given in paths for p in (os.path.abspath(given), os.path.realpath(given))):
+        if target.startswith(("/tmp/", "/var/tmp/")):
+            raise InvalidArgument(f"{target} is under /tmp or /var/tmp, which the unit's PrivateTmp=yes hides from "
+                                  "the service: install hugeshmd elsewhere, e.g. /opt/hugeshmd", name="python")
+        _check_searchable(target, user, uid, gids)
+
+
+def _check_searchable(target: str, user: str, uid: int, gids: set[int]) -> None:
     parts = target.split("/")
     for depth in range(1, len(parts) + 1):
         here = "/".join(parts[:depth]) or "/"
@@ -186,12 +196,13 @@ def install(unit_dir: str = UNIT_DIR, sysusers_dir: str | None = SYSUSERS_DIR, u
             reload: bool = True, command: Sequence[str] | None = None) -> list[str]:
     """Write the units (and the sysusers.d entry, then make the user); the paths written."""
     command = list(command or this_command())
+    package = os.path.dirname(os.path.abspath(__file__)) if command == this_command() else None
+    check_reachable(command[0], user, package)  # first: a refusal leaves nothing half-installed
     written = []
     if sysusers_dir is not None:
         written.append(_write(sysusers_dir, "hugeshmd.conf", sysusers(user)))
         if shutil.which("systemd-sysusers"):
             subprocess.run(["systemd-sysusers", written[-1]], check=True)
-    check_reachable(command[0], user)
     for name, text in units(command, user).items():
         written.append(_write(unit_dir, name, text))
     if reload and shutil.which("systemctl"):
@@ -208,12 +219,24 @@ def prestart(config: Config, user: str, mounts: Sequence[str]) -> list[str]:
     """
     done = []
     entry = pwd.getpwnam(user)
-    gid = entry.pw_gid if config.group is None else grp.getgrnam(config.group).gr_gid
+    gid = entry.pw_gid if config.group is None else group_id(config.group, "group")
     for mount in mounts:
         path = os.path.join(mount, SERVICE_SUBDIR)
-        os.makedirs(path, exist_ok=True)
-        os.chown(path, entry.pw_uid, gid)
-        os.chmod(path, 0o750)
+        try:
+            os.mkdir(path, 0o750)
+        except FileExistsError:
+            pass
+        # As root: never follow a link someone planted here (it could point at /etc).
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            raise InvalidArgument(f"{path} is not a directory ({err.strerror}): remove it and start again",
+                                  path=path) from err
+        try:
+            os.fchown(fd, entry.pw_uid, gid)
+            os.fchmod(fd, 0o750)
+        finally:
+            os.close(fd)
         done.append(f"{path}: owner {user}, group {gid}, mode 0750")
     return done
 

@@ -46,12 +46,15 @@ def render(prefix: str, status: dict[str, Any] | None) -> str:
     lines.append(f"hugeshmd_up{own} {0 if status is None else 1}")
     if status is None:
         return "\n".join(lines) + "\n"
-    _family(lines, "info", "gauge", "The instance's mode and primary pid (always 1).")
-    lines.append(f"hugeshmd_info{_labels(prefix=prefix, mode=status['mode'], pid=status['pid'])} 1")
+    _family(lines, "info", "gauge", "The instance's mode (always 1).")
+    lines.append(f"hugeshmd_info{_labels(prefix=prefix, mode=status['mode'])} 1")
+    _family(lines, "primary_pid", "gauge", "Process id of the instance's primary (changes at a restart).")
+    lines.append(f"hugeshmd_primary_pid{own} {status['pid']}")
     for name, key, text in _GAUGES:
         _family(lines, name, "gauge", text)
         lines.append(f"hugeshmd_{name}{own} {status[key]}")
-    _family(lines, "requests_total", "counter", "Control-socket requests answered, by operation.")
+    _family(lines, "requests_total", "counter",
+            "Control-socket requests, by operation (op=\"invalid\": no valid operation named).")
     for op, count in sorted(status.get("requests_by_op", {}).items()):
         lines.append(f"hugeshmd_requests_total{_labels(prefix=prefix, op=op)} {count}")
     _family(lines, "errors_total", "counter", "Requests refused, by error kind.")

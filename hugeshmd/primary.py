@@ -14,6 +14,7 @@ internal error, and the loop goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ import zmq
 from . import hugepages, protocol, zones
 from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, parse_peer, remove_ipc_risk
 from .backing import HugetlbfsBacking, Mapped, ShmBacking
-from .config import DEFAULT_FALLBACK_MEMORY, RELOADABLE, Config, load
+from .config import DEFAULT_FALLBACK_MEMORY, RELOADABLE, Config, instance_path, load
 from .errors import HugepagesUnavailable, HugeshmdError, InvalidArgument, TableBusy
 from .hugepages import SERVICE_SUBDIR
 from .pool import remove_stale_instance
@@ -50,8 +51,9 @@ class Primary:
     """One instance's primary. :meth:`start`, then :meth:`serve`, then :meth:`shutdown`."""
 
     def __init__(self, config: Config, overrides: dict[str, Any] | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, instance: str | None = None) -> None:
         self.config = config
+        self.instance = instance  # started with --instance: SIGHUP looks for its file again
         self.overrides = overrides or {}  # the command line's options: kept over the file on reload
         self.notifier = notifier or Notifier({})
         self.paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root)
@@ -61,6 +63,9 @@ class Primary:
         self.errors: dict[str, int] = {}
         self.refused = 0  # connections the ZAP check turned away
         self._reload_pending = False
+        self._progress_sent = 0.0  # when the last STATUS= of the mapping went out
+        self._status_sent = ""  # the last STATUS= summary, sent again when it changes
+        self._refused_by_uid: dict[int | None, int] = {}
         self._seq = 0
         self._stopping = False
         self._undo = ExitStack()
@@ -84,13 +89,15 @@ class Primary:
     def _start(self) -> None:
         self._check_socket_paths()
         c = self.config
-        self.policy = Policy.from_names(c.group, c.allow_users, c.allow_groups)
+        self.policy = Policy.from_names(c.group)
         os.makedirs(self.paths.dir, mode=DIR_MODE, exist_ok=True)
+        if os.path.islink(self.paths.dir):  # chown and chmod below would follow it
+            raise InvalidArgument(f"invalid runtime_root: {self.paths.dir} is a symbolic link", name="runtime_root")
         self._undo.callback(_rmdir_quietly, self.paths.dir)  # last undo: fails if another primary uses it
         lock = PrimaryLock.acquire(self.paths.lock)
         self._undo.callback(lock.release)
         self.policy.own(self.paths.dir, DIR_MODE)  # ours now: a rival would have been refused the lock
-        self.policy.own(self.paths.lock, 0o640)
+        self.policy.own(self.paths.lock, 0o600)  # a member that could read it could flock it, and block a restart
         self._remove_stale()
         backing, memory = self._choose_backing()
         window = Window.reserve(self.config.base_address, self.config.window_for(memory))
@@ -108,7 +115,8 @@ class Primary:
         log.info("ready: %s", summary)
 
     def _remove_stale(self) -> None:
-        for path in remove_stale_instance(self.paths, hugepages.segment_dirs()):
+        dirs = hugepages.segment_dirs() + ([self.config.hugepage_dir] if self.config.hugepage_dir else [])
+        for path in remove_stale_instance(self.paths, dirs):
             log.warning("removed stale %s left by a previous primary of prefix %r", path, self.config.prefix)
 
     def _check_socket_paths(self) -> None:
@@ -189,7 +197,7 @@ class Primary:
     def _progress(self, done: int, total: int) -> None:
         log.debug("mapping: %s of %s", format_size(done), format_size(total))
         now = time.monotonic()
-        if done == total or now - getattr(self, "_progress_sent", 0.0) >= 0.25:  # the manager needs no more
+        if done == total or now - self._progress_sent >= 0.25:  # the manager needs no more
             self._progress_sent = now
             self.notifier.status(f"mapping {format_size(done)} of {format_size(total)} ({100 * done // total}%)")
 
@@ -197,8 +205,7 @@ class Primary:
         c = self.config
         layout = Layout.plan(base=self.window.base, window=self.window.size, page_size=self.backing.page_size,
                              mode=self.backing.mode, prefix=c.prefix, max_zones=c.max_zones, max_workers=c.max_workers)
-        table = Table.create(self.paths.table, layout)
-        self.policy.own(self.paths.table)
+        table = Table.create(self.paths.table, layout, own_fd=self.policy.own_fd)
         table.read_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
         self._undo.callback(os.unlink, self.paths.table)
         self._undo.callback(table.close)
@@ -320,15 +327,22 @@ class Primary:
             message = protocol.decode(body)
             request_id = message.get("id")
             op, args = protocol.parse_request(message)
-            self.requests_by_op[op] = self.requests_by_op.get(op, 0) + 1
+            self._count_op(op)
             return protocol.ok_reply(getattr(self, f"_op_{op}")(**args), request_id)
         except HugeshmdError as err:
+            if op == "?":
+                self._count_op("invalid")
             self._count(type(err).__name__)
             return protocol.error_reply(err, request_id)
         except Exception as err:  # a bug: keep serving, but say so loudly
             log.exception("internal error handling %r", op)
             self._count("InternalError")
             return protocol.error_reply(HugeshmdError(f"internal error in {op}: {type(err).__name__}"), request_id)
+
+    def _count_op(self, op: str) -> None:
+        self.requests_by_op[op] = self.requests_by_op.get(op, 0) + 1
+
+
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -343,9 +357,19 @@ class Primary:
         self.publisher.send(protocol.encode({"v": protocol.VERSION, "seq": self._seq, "op": "heartbeat"}))
         if self.notifier.watchdog:
             self.notifier.send(watchdog=1)
+        if self.notifier.enabled:
+            summary = self.summary()
+            if summary != self._status_sent:  # zones and workers change: keep `systemctl status` true
+                self._status_sent = summary
+                self.notifier.status(summary)
 
     def _serve_zap(self) -> None:
-        """Answer the ZAP requests libzmq queued (RFC 27): 200 admits, 400 refuses."""
+        """Answer the ZAP requests libzmq queued (RFC 27): 200 admits, 400 refuses.
+
+        Every request gets a reply, whatever goes wrong: a REP socket left
+        without one would take no further request, and every handshake after
+        it would hang.
+        """
         while True:
             try:
                 frames = self.zap.recv_multipart(zmq.NOBLOCK)
@@ -353,51 +377,61 @@ class Primary:
                 return
             request_id = frames[1] if len(frames) > 1 else b""
             peer = parse_peer(frames[3]) if len(frames) >= 6 and frames[0] == b"1.0" else None
-            if peer is not None and self.policy.admits(peer[0], peer[1]):
+            try:
+                admitted = peer is not None and self.policy.admits(peer[0], peer[1])
+            except Exception:  # noqa: BLE001 - the group database failed us: refuse, keep serving
+                log.exception("access check of %s failed; refusing it", peer)
+                admitted = False
+            if admitted and peer is not None:
                 reply = [b"200", b"OK", str(peer[0]).encode()]
             else:
-                self.refused += 1
-                log.warning("refused a connection from %s: not root, this primary's user, in allow_users, "
-                            "or in allow_groups", "uid {} gid {} pid {}".format(*peer) if peer else "an unknown peer")
+                self._refuse(peer)
                 reply = [b"400", b"not admitted", b""]
             self.zap.send_multipart([b"1.0", request_id, *reply, b""])
+
+    def _refuse(self, peer: tuple[int, int, int] | None) -> None:
+        """Count a refusal; log a peer's 1st, 2nd, 4th, 8th... (libzmq reconnects a refused SUB every 100 ms)."""
+        self.refused += 1
+        uid = peer[0] if peer else None
+        seen = self._refused_by_uid[uid] = self._refused_by_uid.get(uid, 0) + 1
+        if seen & (seen - 1) == 0:
+            who = "uid {} gid {} pid {}".format(*peer) if peer else "a peer without credentials"
+            log.warning("refused a connection from %s (%d so far): not root, this primary's user, or a member of "
+                        "the instance's group", who, seen)
 
     # -- reloading -----------------------------------------------------------
 
     def reload(self) -> None:
         """Read the config file again and apply what can change live (systemd's reload protocol).
 
-        Only log_level, allow_users and allow_groups reload; a change to
+        Only log_level reloads; a change to
         anything else is logged and waits for a restart. A bad file changes
         nothing: the error is logged and the primary goes on as it was.
         """
         self._reload_pending = False
         self.notifier.reloading()
+        path = self.config.path
+        if path is None and self.instance is not None and os.path.exists(instance_path(self.instance)):
+            path = instance_path(self.instance)  # made since start
         try:
-            fresh = load(self.config.path, self.overrides)
-            policy = Policy.from_names(self.policy_group(), fresh.allow_users, fresh.allow_groups)
+            fresh = load(path, self.overrides)
         except HugeshmdError as err:
             log.error("reload: %s; nothing changed", err.message)
+        except Exception:  # noqa: BLE001 - a bug in reloading must not stop a serving primary
+            log.exception("reload failed; nothing changed")
         else:
             kept = [f for f in fresh.__dataclass_fields__ if f not in RELOADABLE
                     and getattr(fresh, f) != getattr(self.config, f)]
             if kept:
                 log.warning("reload: %s changed in %s; these apply at the next restart",
-                            ", ".join(sorted(kept)), self.config.path)
+                            ", ".join(sorted(kept)), path)
             self.config = self._with(fresh)
-            self.policy = policy
             logging.getLogger().setLevel(fresh.log_level.upper())
-            log.info("reloaded %s: log_level %s, allow_users %s, allow_groups %s", self.config.path or "(no file)",
-                     fresh.log_level, list(fresh.allow_users), list(fresh.allow_groups or [self.policy_group()]))
+            log.info("reloaded %s: log_level %s", fresh.path or "(no file)", fresh.log_level)
         self.notifier.send(ready=1, status=self.summary())
 
-    def policy_group(self) -> str:
-        return self.config.group or str(self.policy.gid)
-
     def _with(self, fresh: Config) -> Config:
-        import dataclasses
-
-        return dataclasses.replace(self.config, **{k: getattr(fresh, k) for k in RELOADABLE})
+        return dataclasses.replace(self.config, path=fresh.path, **{k: getattr(fresh, k) for k in RELOADABLE})
 
     # -- operations (each returns the reply's fields) ------------------------------
 
@@ -466,6 +500,7 @@ class Primary:
             self._undo.close()
             self._wake_r.close()
             self._wake_w.close()
+            self.notifier.close()
         log.info("stopped: prefix %s, all hugepage files and runtime files removed", self.config.prefix)
 
     def _tell_workers(self) -> None:
@@ -488,7 +523,7 @@ def mark_stopped(table: Table, wait: float = 2.0) -> None:
                     "at their next reserve or free", wait)
 
 
-def run(config: Config, overrides: dict[str, Any] | None = None) -> int:
+def run(config: Config, overrides: dict[str, Any] | None = None, instance: str | None = None) -> int:
     """Run a primary in the foreground until SIGTERM or SIGINT; the exit status.
 
     The handlers go in before start-up, so a signal during a long mapping
@@ -497,15 +532,15 @@ def run(config: Config, overrides: dict[str, Any] | None = None) -> int:
     once serving. Under systemd (``$NOTIFY_SOCKET``) the primary reports
     READY, STATUS, WATCHDOG, RELOADING and STOPPING (:mod:`hugeshmd.systemd`).
     """
-    primary = Primary(config, overrides, Notifier())
+    primary = Primary(config, overrides, Notifier(), instance)
     previous = signal.set_wakeup_fd(primary.wakeup_fd(), warn_on_full_buffer=False)
     handlers = {sig: signal.signal(sig, lambda *_: primary.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     hup = signal.signal(signal.SIGHUP, lambda *_: primary.request_reload())
     try:
         try:
             primary.start()
-        except HugeshmdError as err:
-            primary.notifier.status(f"failed: {err.message}")
+        except Exception as err:
+            primary.notifier.status(f"failed: {getattr(err, 'message', None) or err}")
             raise
         try:
             primary.serve()

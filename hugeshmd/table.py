@@ -229,11 +229,18 @@ class Table:
         _fork.register(self)
 
     @classmethod
-    def create(cls, path: str, layout: Layout, mode: int = 0o660) -> Table:
-        """Write a fresh, empty table at ``path`` atomically (temp file + rename)."""
+    def create(cls, path: str, layout: Layout, mode: int = 0o660,
+               own_fd: Callable[[int], None] | None = None) -> Table:
+        """Write a fresh, empty table at ``path`` atomically (temp file + rename).
+
+        ``own_fd`` gives the file its owner group and mode before the rename,
+        so that no one ever opens it with the wrong ones.
+        """
         tmp = f"{path}.new.{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
+            if own_fd is not None:
+                own_fd(fd)
             os.ftruncate(fd, layout.file_size)
             os.pwrite(fd, layout.pack(), 0)
             empty = _META.pack(0, 0, 0, 0, 0, 0)[:_META_HEAD]

@@ -92,12 +92,19 @@ class Users:
         self.users.append(name)
 
     def remove(self) -> None:
+        """Remove them all; AssertionError naming any that could not be removed (after trying every one)."""
+        failed = []
         for name in reversed(self.users):
-            subprocess.run(["userdel", name], capture_output=True)
+            done = subprocess.run(["userdel", name], capture_output=True, text=True)
+            if done.returncode not in (0, 6):  # 6: no such user (never made, or made by a failed install)
+                failed.append(f"userdel {name}: {done.stderr.strip()}")
             subprocess.run(["groupdel", name], capture_output=True)  # its user group, if userdel left it
         for name in reversed(self.groups):
-            subprocess.run(["groupdel", name], capture_output=True)
+            done = subprocess.run(["groupdel", name], capture_output=True, text=True)
+            if done.returncode not in (0, 6):
+                failed.append(f"groupdel {name}: {done.stderr.strip()}")
         self.users, self.groups = [], []
+        assert not failed, failed
 
 
 def as_user(user: str) -> list[str]:

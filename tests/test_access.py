@@ -36,28 +36,23 @@ def test_a_zap_address_gives_the_peer_credentials() -> None:
     assert parse_peer(b"a:b:c:d") is None
 
 
-def test_the_policy_admits_root_its_own_user_listed_users_and_group_members(users: Any) -> None:
+def test_the_policy_admits_root_its_own_user_and_group_members(users: Any) -> None:
     group = users.group()
-    member, outsider, listed = users.user([group]), users.user(), users.user()
-    ids = {name: (getpwnam(name).pw_uid, getpwnam(name).pw_gid) for name in (member, outsider, listed)}
-    policy = Policy.from_names(group, [listed], None)
+    member, outsider = users.user([group]), users.user()
+    ids = {name: (getpwnam(name).pw_uid, getpwnam(name).pw_gid) for name in (member, outsider)}
+    policy = Policy.from_names(group)
     assert policy.gid == grp.getgrnam(group).gr_gid
-    assert policy.admits(0, 0)
+    assert policy.admits(0, 0) and policy.admits(os.geteuid(), 12345)
     assert policy.admits(*ids[member])  # by supplementary membership: SO_PEERCRED's gid is its own group
-    assert policy.admits(*ids[listed])
+    assert policy.admits(ids[outsider][0], policy.gid)  # or by the process's own gid
     assert not policy.admits(*ids[outsider])
-    assert not Policy.from_names(group, [], []).admits(*ids[member])  # allow_groups = []: sockets for root only
+    assert not policy.admits(4242424, 4242424)  # a uid with no name: only its gid counts
 
 
-@pytest.mark.parametrize(("args", "key"), [
-    (("no-such-group-x", [], None), "group"),
-    ((None, ["no-such-user-x"], None), "allow_users"),
-    ((None, [], ["no-such-group-y"]), "allow_groups"),
-])
-def test_unknown_names_are_refused_with_the_key(args: tuple[Any, ...], key: str) -> None:
-    with pytest.raises(InvalidArgument, match=f"invalid {key}: no ") as info:
-        Policy.from_names(*args)
-    assert info.value.name == key
+def test_an_unknown_group_is_refused_with_the_key() -> None:
+    with pytest.raises(InvalidArgument, match="invalid group: no group 'no-such-group-x'") as info:
+        Policy.from_names("no-such-group-x")
+    assert info.value.name == "group"
 
 
 def getpwnam(name: str) -> Any:
@@ -109,7 +104,7 @@ def test_files_belong_to_the_group_and_only_members_get_in(
     gid = grp.getgrnam(group).gr_gid
     runtime = os.path.join(shared_root, prefix)
     shm = f"/dev/shm/hugeshmd.{prefix}.seg0"
-    expected = {runtime: 0o750, f"{runtime}/table": 0o660, f"{runtime}/primary.lock": 0o640,
+    expected = {runtime: 0o750, f"{runtime}/table": 0o660, f"{runtime}/primary.lock": 0o600,
                 f"{runtime}/control": 0o660, f"{runtime}/events": 0o660, shm: 0o660}
     for path, mode in expected.items():
         st = os.stat(path)
@@ -127,38 +122,48 @@ def test_files_belong_to_the_group_and_only_members_get_in(
     assert status.returncode == 1 and "AccessDenied" not in status.stderr and "cannot open" in status.stderr
 
 
-def test_the_sockets_refuse_who_the_allow_lists_leave_out_until_a_reload_lets_them_in(
-        shared_root: str, prefix: str, users: Any, service_python: str, tmp_path: Any) -> None:
+def test_the_sockets_refuse_an_outsider_even_where_file_modes_let_it_reach_them(
+        start_primary: Any, shared_root: str, prefix: str, users: Any, service_python: str) -> None:
+    """The ZAP check is the sockets' own gate: loosen the modes, and it still holds."""
     group = users.group()
-    member = users.user([group])
+    member, outsider = users.user([group]), users.user()
+    primary = start_primary("--huge-pages", "off", "--memory", "8M", "--group", group)
+    runtime = os.path.join(shared_root, prefix)
+    os.chmod(runtime, 0o755)  # an operator's mistake: now anyone reaches the sockets
+    os.chmod(os.path.join(runtime, "control"), 0o666)
+    os.chmod(os.path.join(runtime, "events"), 0o666)
+    refused = status_as(service_python, outsider, shared_root, prefix)
+    assert refused.returncode == 1
+    assert f"the instance {prefix!r} refused this process (uid {getpwnam(outsider).pw_uid}" in refused.stderr
+    primary.wait_for(f"refused a connection from uid {getpwnam(outsider).pw_uid}")
+    admitted = status_as(service_python, member, shared_root, prefix)
+    assert admitted.returncode == 0 and f"prefix     {prefix}" in admitted.stdout, admitted.stderr
+    code = (f"from hugeshmd.client import Control; from hugeshmd.runtime import RuntimePaths\n"
+            f"print(Control(RuntimePaths({prefix!r}, {shared_root!r})).request('status')['refused'])")
+    assert int(run_python(code, shared_root).stdout) >= 1
+
+
+def test_a_reload_applies_the_log_level_and_a_bad_file_changes_nothing(
+        shared_root: str, prefix: str, tmp_path: Any) -> None:
     config = tmp_path / "instance.toml"
-    config.write_text(f'group = "{group}"\nallow_groups = []\n')
+    config.write_text('log_level = "info"\n')
     primary = Primary(prefix, shared_root, "--config", str(config), "--huge-pages", "off", "--memory", "8M")
     try:
         primary.wait_ready()
-        # The member can open the files (the group's), but the sockets admit only root and the primary's user.
-        refused = status_as(service_python, member, shared_root, prefix)
-        assert refused.returncode == 1
-        assert f"the instance {prefix!r} refused this process" in refused.stderr
-        primary.wait_for("refused a connection from uid")
-        assert run_python(f"from hugeshmd.client import Control; from hugeshmd.runtime import RuntimePaths\n"
-                          f"print(Control(RuntimePaths({prefix!r}, {shared_root!r})).request('status')['refused'])",
-                          shared_root).stdout.strip() != "0"
-
-        config.write_text(f'group = "{group}"\nallow_groups = ["{group}"]\nlog_level = "debug"\n')
+        config.write_text('log_level = "debug"\n')
         primary.proc.send_signal(signal.SIGHUP)
         primary.wait_for("reloaded ")
-        admitted = status_as(service_python, member, shared_root, prefix)
-        assert admitted.returncode == 0, admitted.stderr
-        assert f"prefix     {prefix}" in admitted.stdout
-
-        config.write_text('allow_groups = "x"\nmemory = "16M"\nlog_level = "loud"\n')  # bad: nothing changes
+        assert f"reloaded {config}: log_level debug" in primary.text
+        run_python(f"from hugeshmd.client import Control; from hugeshmd.runtime import RuntimePaths\n"
+                   f"Control(RuntimePaths({prefix!r}, {shared_root!r})).request('hello')", shared_root)
+        config.write_text('memory = "16M"\nlog_level = "loud"\n')  # bad: nothing changes
         primary.proc.send_signal(signal.SIGHUP)
         primary.wait_for("reload: ")
         assert "invalid log_level" in primary.text and "nothing changed" in primary.text
-        assert status_as(service_python, member, shared_root, prefix).returncode == 0
+        primary.proc.send_signal(signal.SIGTERM)
+        assert primary.wait_exit() == 0
     finally:
-        assert primary.stop() == 0
+        primary.stop()
     assert leftovers(prefix, shared_root) == []
 
 

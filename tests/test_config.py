@@ -56,13 +56,11 @@ def test_values_from_a_file(write) -> None:
         "max-workers = 32\n"  # dashes, as on the command line, are accepted too
         'log_level = "debug"\n'
         'group = "staff"\n'
-        'allow_users = ["alice", 1001]\n'
-        'allow_groups = []\n'
     )
     assert load(path) == Config(
         prefix="cfg_1", memory=GiB, page_size=GiB, huge_pages="on", base_address=0x2000_0000_0000,
         window=128 * GiB, hugepage_dir="/mnt/huge-1G", runtime_root="/tmp/rt", max_zones=64, max_workers=32,
-        log_level="debug", group="staff", allow_users=("alice", "1001"), allow_groups=(), path=path,
+        log_level="debug", group="staff", path=path,
     )
 
 
@@ -134,7 +132,7 @@ def test_base_address_must_be_a_multiple_of_the_page_size() -> None:
 @pytest.mark.parametrize(
     ("text", "key", "detail"),
     [
-        ('colour = "red"\n', "colour", "unknown option 'colour'; known: allow_groups, "),
+        ('colour = "red"\n', "colour", "unknown option 'colour'; known: base_address, "),
         ("[section]\nx = 1\n", "section", "unknown option 'section'"),
         ('memory = "12Q"\n', "memory", "invalid memory: not a size: '12Q'"),
         ("memory = -1\n", "memory", "invalid memory: size must not be negative"),
@@ -159,9 +157,6 @@ def test_base_address_must_be_a_multiple_of_the_page_size() -> None:
         ("hugepage_dir = 5\n", "hugepage_dir", "invalid hugepage_dir: 5 is not a string"),
         ('window = "lots"\n', "window", "invalid window: not a size"),
         ("group = 7\n", "group", "invalid group: 7 is not a string"),
-        ("allow_users = [true]\n", "allow_users", "invalid allow_users: [True] is not a list of names"),
-        ('allow_groups = [""]\n', "allow_groups", "invalid allow_groups: [''] is not a list of names"),
-        ("allow_groups = 3\n", "allow_groups", "invalid allow_groups: 3 is not a list of names"),
     ],
 )
 def test_bad_file_values_name_the_key_and_the_file(write, text: str, key: str, detail: str) -> None:

@@ -43,7 +43,8 @@ def test_metrics_of_a_live_instance(start_primary: Any, root: str, prefix: str) 
     run_python(f"import hugeshmd\nfrom hugeshmd.client import Control\nfrom hugeshmd.runtime import RuntimePaths\n"
                f"shm = hugeshmd.attach({prefix!r}); shm.reserve('a', 1 << 20)\n"
                f"c = Control(RuntimePaths({prefix!r}, {root!r}))\nc.request('lookup', name='a')\n"
-               f"try:\n    c.request('lookup', name='nope')\nexcept hugeshmd.NotFound:\n    pass\n", root)
+               f"try:\n    c.request('lookup', name='nope')\nexcept hugeshmd.NotFound:\n    pass\n"
+               f"try:\n    c.request('nonsense')\nexcept hugeshmd.ProtocolError:\n    pass\n", root)
     done = metrics(root, prefix)
     assert done.returncode == 0, done.stderr
     samples = parse(done.stdout)
@@ -55,8 +56,12 @@ def test_metrics_of_a_live_instance(start_primary: Any, root: str, prefix: str) 
     assert samples[f"hugeshmd_zones{own}"] == 1
     assert samples[f'hugeshmd_requests_total{{prefix="{prefix}",op="lookup"}}'] == 2
     assert samples[f'hugeshmd_errors_total{{prefix="{prefix}",kind="NotFound"}}'] == 1
+    assert samples[f'hugeshmd_requests_total{{prefix="{prefix}",op="invalid"}}'] == 1
+    assert samples[f'hugeshmd_errors_total{{prefix="{prefix}",kind="ProtocolError"}}'] == 1
     assert samples[f"hugeshmd_refused_connections_total{own}"] == 0
-    assert any(key.startswith('hugeshmd_info{prefix="' + prefix + '",mode="fallback",pid=') for key in samples)
+    assert samples[f'hugeshmd_info{{prefix="{prefix}",mode="fallback"}}'] == 1
+    assert samples[f"hugeshmd_primary_pid{own}"] > 1
+    assert samples[f'hugeshmd_requests_total{{prefix="{prefix}",op="status"}}'] == 1  # this very scrape
 
 
 def test_metrics_without_a_primary_say_down_and_exit_1(root: str, prefix: str, tmp_path: Any) -> None:
@@ -71,4 +76,4 @@ def test_label_values_are_escaped() -> None:
     status = {"mode": 'odd"mode\\\n', "pid": 1, "memory": 1, "used": 0, "free": 1, "page_size": 4096, "segments": 1,
               "zones": 0, "workers": 0, "uptime": 1.5, "requests_by_op": {}, "errors": {}, "refused": 0}
     samples = parse(render("p", status))
-    assert 'hugeshmd_info{prefix="p",mode="odd\\"mode\\\\\\n",pid="1"}' in samples
+    assert 'hugeshmd_info{prefix="p",mode="odd\\"mode\\\\\\n"}' in samples

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,17 @@ def test_the_checked_in_units_are_what_the_installer_renders() -> None:
 
 
 def test_units_start_this_installation(tmp_path: Path) -> None:
-    written = install.install(str(tmp_path / "units"), None, "root", reload=False)
-    text = (tmp_path / "units" / "hugeshmd@.service").read_text()
+    text = install.units(install.this_command())["hugeshmd@.service"]
     command = " ".join(install.this_command())
+    assert command.startswith(os.path.abspath(sys.executable) + " -m hugeshmd")
     assert f"ExecStart={command} primary --instance %i --runtime-root /run/hugeshmd" in text
     assert f"ExecStartPre=+{command} systemd prestart --instance %i" in text
     assert "Type=notify" in text and "RuntimeDirectoryPreserve=restart" in text and "RemoveIPC=no" in text
+    written = install.install(str(tmp_path / "units"), None, "root", reload=False,
+                              command=["/usr/bin/python3", "-m", "hugeshmd"])
     assert sorted(Path(p).name for p in written) == ["hugeshmd.service", "hugeshmd@.service"]
-    assert "--instance default " in (tmp_path / "units" / "hugeshmd.service").read_text()
+    default = (tmp_path / "units" / "hugeshmd.service").read_text()
+    assert "--instance default " in default and "Conflicts=hugeshmd@default.service" in default
 
 
 def test_a_python_the_service_user_cannot_reach_is_refused_with_advice() -> None:
@@ -55,6 +59,34 @@ def test_a_python_the_service_user_cannot_reach_is_refused_with_advice() -> None
 def test_a_python_in_a_private_tmp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="PrivateTmp=yes hides"):
         install.check_reachable(str(tmp_path / "python"), "nobody")
+    (tmp_path / "python3").symlink_to("/usr/bin/python3")  # a venv's python: a link to the system's
+    with pytest.raises(InvalidArgument, match="PrivateTmp=yes hides"):
+        install.check_reachable(str(tmp_path / "python3"), "no-such-user-yet")
+
+
+def test_a_venv_link_in_a_private_dir_is_refused_though_its_target_is_reachable() -> None:
+    hidden = Path(tempfile.mkdtemp(prefix="hugeshmd-test-", dir="/opt" if os.access("/opt", os.W_OK) else None))
+    try:
+        (hidden / "python").symlink_to("/usr/bin/python3")
+        with pytest.raises(InvalidArgument, match=f"cannot reach {hidden}/python "):
+            install.check_reachable(str(hidden / "python"), "nobody")
+    finally:
+        shutil.rmtree(hidden)
+
+
+def test_prestart_never_follows_a_planted_link(tmp_path: Path, users: Any) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    from hugeshmd.config import load
+
+    target = tmp_path / "precious"
+    target.mkdir(mode=0o700)
+    (tmp_path / "mount").mkdir()
+    (tmp_path / "mount" / "hugeshmd").symlink_to(target)
+    with pytest.raises(InvalidArgument, match="is not a directory"):
+        install.prestart(load(None, {}), users.user(system=True), [str(tmp_path / "mount")])
+    st = target.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)  # untouched
 
 
 def test_a_python_under_a_home_gets_a_read_only_home() -> None:
