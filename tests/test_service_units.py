@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,18 @@ def test_units_start_this_installation(tmp_path: Path) -> None:
     assert "--instance default " in default and "Conflicts=hugeshmd@default.service" in default
 
 
-def test_a_python_the_service_user_cannot_reach_is_refused_with_advice() -> None:
-    hidden = Path(tempfile.mkdtemp(prefix="hugeshmd-test-", dir="/opt" if os.access("/opt", os.W_OK) else None))
-    try:
-        (hidden / "python").write_text("")
-        with pytest.raises(InvalidArgument, match=r"the service user 'nobody' cannot reach .*/opt/hugeshmd/bin/pip"):
-            install.check_reachable(str(hidden / "python"), "nobody")
-    finally:
-        shutil.rmtree(hidden)
+@pytest.fixture
+def hidden() -> Iterator[Path]:
+    """A 0700 directory outside /tmp (which would be refused for another reason)."""
+    made = Path(tempfile.mkdtemp(prefix="hugeshmd-test-", dir="/opt" if os.access("/opt", os.W_OK) else None))
+    yield made
+    shutil.rmtree(made)
+
+
+def test_a_python_the_service_user_cannot_reach_is_refused_with_advice(hidden: Path) -> None:
+    (hidden / "python").write_text("")
+    with pytest.raises(InvalidArgument, match=r"the service user 'nobody' cannot reach .*/opt/hugeshmd/bin/pip"):
+        install.check_reachable(str(hidden / "python"), "nobody")
     install.check_reachable("/usr/bin/python3", "nobody")  # /usr/bin is everyone's
 
 
@@ -64,14 +69,10 @@ def test_a_python_in_a_private_tmp_is_refused(tmp_path: Path) -> None:
         install.check_reachable(str(tmp_path / "python3"), "no-such-user-yet")
 
 
-def test_a_venv_link_in_a_private_dir_is_refused_though_its_target_is_reachable() -> None:
-    hidden = Path(tempfile.mkdtemp(prefix="hugeshmd-test-", dir="/opt" if os.access("/opt", os.W_OK) else None))
-    try:
-        (hidden / "python").symlink_to("/usr/bin/python3")
-        with pytest.raises(InvalidArgument, match=f"cannot reach {hidden}/python "):
-            install.check_reachable(str(hidden / "python"), "nobody")
-    finally:
-        shutil.rmtree(hidden)
+def test_a_venv_link_in_a_private_dir_is_refused_though_its_target_is_reachable(hidden: Path) -> None:
+    (hidden / "python").symlink_to("/usr/bin/python3")
+    with pytest.raises(InvalidArgument, match=f"cannot reach {hidden}/python "):
+        install.check_reachable(str(hidden / "python"), "nobody")
 
 
 def test_prestart_never_follows_a_planted_link(tmp_path: Path, users: Any) -> None:
