@@ -82,6 +82,25 @@ def test_kill_9_leaves_stale_files_that_the_next_primary_removes(start_primary, 
     assert hugepages_free() == before and leftovers(prefix, root) == []
 
 
+@needs_hugepages
+def test_stale_files_in_a_configured_hugepage_dir_are_removed_too(start_primary, prefix, root):
+    directory = os.path.join(hugepages.find_mount(2 << 20).path, f"team-{prefix}")
+    os.mkdir(directory)
+    try:
+        args = ("--memory", "4M", "--huge-pages", "on", "--hugepage-dir", directory)
+        crashed = start_primary(*args)
+        assert crashed.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert os.listdir(directory) == [f"hugeshmd.{prefix}.seg0"]
+        successor = start_primary(*args)
+        assert f"removed stale {directory}/hugeshmd.{prefix}.seg0" in successor.text
+        assert successor.stop() == 0
+        assert os.listdir(directory) == []
+    finally:
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+
+
 def test_attach_waits_for_a_primary_that_starts_later(prefix, root, start_primary):
     code = f"import hugeshmd; s = hugeshmd.attach({prefix!r}, timeout=30); print(hex(s.base)); s.close()"
     worker = subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, text=True,

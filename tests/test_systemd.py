@@ -164,6 +164,8 @@ def test_start_share_and_stop_leaves_nothing(service: Service, instance: str) ->
 
     journal = service.systemd.run("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
     entries = [json.loads(line) for line in journal.splitlines()]
+    prestart = [e["MESSAGE"] for e in entries if "enough for memory 8 MiB" in e.get("MESSAGE", "")]
+    assert prestart, "the pre-start did not check the pool for the instance's memory"
     ready = [e for e in entries if e.get("MESSAGE", "").startswith("hugeshmd.primary: ready: ")]
     assert ready and ready[0]["PRIORITY"] == "6"  # the <6> prefix became the priority, and no timestamp of ours
 
@@ -233,3 +235,23 @@ def test_reload_follows_the_protocol(service: Service, instance: str) -> None:
     shown = service.systemd.show(unit, "ActiveState", "SubState", "MainPID", "ReloadResult")
     assert shown == {"ActiveState": "active", "SubState": "running", "MainPID": pid, "ReloadResult": "success"}
     assert f"reloaded /etc/hugeshmd/{instance}.toml: log_level debug" in service.journal(unit)
+
+
+def test_the_default_unit_and_its_template_twin_never_run_together(service: Service) -> None:
+    """Both would run prefix "default" in one runtime dir: starting one stops the other."""
+    needs_pages(8)
+    created = not (CONFIG_DIR / "default.toml").exists()
+    if not created:
+        pytest.skip("this host has an /etc/hugeshmd/default.toml of its own")
+    service.configure("default", 'memory = "8M"\nhuge_pages = "on"\n')
+    try:
+        service.start("hugeshmd.service")
+        assert service.systemd.show("hugeshmd.service", "ActiveState")["ActiveState"] == "active"
+        service.start("hugeshmd@default.service")
+        assert service.systemd.show("hugeshmd.service", "ActiveState")["ActiveState"] == "inactive"
+        assert service.systemd.show("hugeshmd@default.service", "ActiveState")["ActiveState"] == "active"
+        assert service.worker(service.member, WRITE, "default")["address"] > 0  # its runtime dir is whole
+    finally:
+        service.systemd.run("systemctl", "stop", "hugeshmd.service", "hugeshmd@default.service", check=False)
+        (CONFIG_DIR / "default.toml").unlink()
+    assert service.files_of("default") == []
