@@ -71,7 +71,7 @@ class HugetlbfsBacking:
         """Create, map at ``address`` and populate; HugepagesUnavailable on ENOMEM."""
         path = self.path(segment_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
-        _own(self.own_fd, fd, lambda: _close_and_unlink(fd, path))
+        _own(self.own_fd, fd, lambda: _discard_file(fd, path))
         try:
             _map_and_populate(window, segment_id, address, length, fd, self.page_size, progress)
         except OSError as err:
@@ -115,7 +115,7 @@ class ShmBacking:
                progress: Progress | None = None) -> Mapped:
         """Create, map at ``address`` and populate; OutOfMemory if /dev/shm cannot hold it."""
         shm = posix_ipc.SharedMemory(self.name(segment_id), posix_ipc.O_CREX, mode=0o660, size=length)
-        _own(self.own_fd, shm.fd, lambda: _close_and_unlink(shm, None))
+        _own(self.own_fd, shm.fd, lambda: _discard_shm(shm))
         try:
             _map_and_populate(window, segment_id, address, length, shm.fd, self.page_size, progress)
         except OSError as err:
@@ -136,13 +136,14 @@ class ShmBacking:
             pass
 
 
-def _close_and_unlink(handle: int | posix_ipc.SharedMemory, path: str | None) -> None:
-    if isinstance(handle, int):
-        os.close(handle)
-        os.unlink(path or "")
-    else:
-        handle.close_fd()
-        handle.unlink()
+def _discard_file(fd: int, path: str) -> None:
+    os.close(fd)
+    os.unlink(path)
+
+
+def _discard_shm(shm: posix_ipc.SharedMemory) -> None:
+    shm.close_fd()
+    shm.unlink()
 
 
 def _own(own_fd: OwnFd | None, fd: int, undo: Callable[[], object]) -> None:

@@ -40,6 +40,7 @@ class Control:
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
+        self._poller = zmq.Poller()  # the socket and its monitor, registered at connect
 
     def _connect(self) -> zmq.Socket[bytes]:
         if self._socket is None:
@@ -55,6 +56,9 @@ class Control:
             socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY)
             self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             socket.connect(self.paths.control)
+            self._poller = zmq.Poller()
+            self._poller.register(socket, zmq.POLLIN)
+            self._poller.register(self._monitor, zmq.POLLIN)
             self._socket = socket
         return self._socket
 
@@ -78,11 +82,7 @@ class Control:
 
     def _wait(self, socket: zmq.Socket[bytes], wait: float) -> bool:
         """Whether a reply came within ``wait`` seconds; AccessDenied if the primary refused us."""
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        ready = dict(poller.poll(int(wait * 1000)))
+        ready = dict(self._poller.poll(int(wait * 1000)))
         if self._monitor is not None and self._monitor in ready:
             self.close()
             raise AccessDenied(denied_message(self.paths.prefix, f"on {self.paths.control}"),

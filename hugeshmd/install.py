@@ -36,6 +36,7 @@ from .access import group_id
 from .config import Config
 from .errors import InvalidArgument
 from .hugepages import SERVICE_SUBDIR
+from .runtime import write_file
 
 __all__ = ["render", "units", "sysusers", "check_reachable", "install", "prestart", "UNIT_DIR", "SERVICE_USER"]
 
@@ -243,10 +244,4 @@ def prestart(config: Config, user: str, mounts: Sequence[str]) -> list[str]:
 
 def _write(directory: str, name: str, text: str) -> str:
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as out:
-        out.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return write_file(os.path.join(directory, name), text)

@@ -9,8 +9,9 @@ An instance with no primary still gets a file, with ``hugeshmd_up 0``.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
+
+from .runtime import write_file
 
 __all__ = ["render", "write_textfile"]
 
@@ -67,14 +68,4 @@ def render(prefix: str, status: dict[str, Any] | None) -> str:
 
 def write_textfile(directory: str, prefix: str, text: str) -> str:
     """Write ``text`` to ``directory/hugeshmd_<prefix>.prom`` atomically; the path."""
-    path = os.path.join(directory, f"hugeshmd_{prefix}.prom")
-    fd, tmp = tempfile.mkstemp(prefix=f".hugeshmd_{prefix}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_file(os.path.join(directory, f"hugeshmd_{prefix}.prom"), text)

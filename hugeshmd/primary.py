@@ -152,9 +152,9 @@ class Primary:
         wanted = self.config.hugepage_dir
         if wanted is not None:
             real = os.path.realpath(wanted)
-            on = [m for m in mounts if real == os.path.realpath(m.path)
-                  or real.startswith(os.path.realpath(m.path).rstrip("/") + "/")]
-            if not on or not os.path.isdir(real):
+            on_a_mount = any(os.path.commonpath([real, os.path.realpath(m.path)]) == os.path.realpath(m.path)
+                             for m in mounts)
+            if not on_a_mount or not os.path.isdir(real):
                 raise HugepagesUnavailable(
                     f"{wanted} is not a hugetlbfs mount of {format_size(size)} pages (or a directory on one); "
                     f"mount one with: {hugepages.mount_hint(size)}")
@@ -420,7 +420,7 @@ class Primary:
         except Exception:  # noqa: BLE001 - a bug in reloading must not stop a serving primary
             log.exception("reload failed; nothing changed")
         else:
-            kept = [f for f in fresh.__dataclass_fields__ if f not in RELOADABLE
+            kept = [f for f in fresh.__dataclass_fields__ if f not in RELOADABLE | {"path"}
                     and getattr(fresh, f) != getattr(self.config, f)]
             if kept:
                 log.warning("reload: %s changed in %s; these apply at the next restart",

@@ -31,6 +31,7 @@ import time
 from .errors import InstanceLocked, InvalidArgument
 
 __all__ = [
+    "write_file",
     "validate_prefix",
     "RuntimePaths",
     "PrimaryLock",
@@ -234,3 +235,21 @@ def own_start_time() -> int:
 def process_alive(pid: int, start: int) -> bool:
     """True while the process that had ``pid`` and ``start`` still exists."""
     return process_start_time(pid) == start
+
+
+def write_file(path: str, text: str, mode: int = 0o644) -> str:
+    """Replace ``path`` with ``text`` atomically (a temp file beside it, renamed over it); the path.
+
+    A reader (systemd, node_exporter) sees the old file or the new one, never half of one.
+    """
+    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(tmp, mode)  # not narrowed by the umask
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
