@@ -175,9 +175,11 @@ class BuiltTable:
     """
 
     def __init__(self, count: int, huge: bool) -> None:
-        from hugeshmd.config import MIN_WINDOW, default_base_address
-        from hugeshmd.runtime import RuntimePaths, own_start_time
-        from hugeshmd.table import MODE_HUGETLBFS, MODE_SHM, STATE_READY, Layout, SegmentRecord, Table
+        from hugeshmd.daemon.config import MIN_WINDOW, default_base_address
+        from hugeshmd.shm.identity import own_start_time
+        from hugeshmd.shm.layout import MODE_HUGETLBFS, MODE_SHM, STATE_READY, Layout, SegmentRecord
+        from hugeshmd.shm.paths import RuntimePaths
+        from hugeshmd.shm.table import Table
 
         self.prefix = unique_prefix()
         self.root = tempfile.mkdtemp(prefix="hsb", dir="/tmp")
@@ -196,7 +198,7 @@ class BuiltTable:
             self.table = Table.create(paths.table, layout)
             records = []
             for i in range(count):
-                path = os.path.join(directory, f"{paths.segment_stem()}{i}")
+                path = os.path.join(directory, paths.segment_name(i))
                 self._make_file(path)
                 address = base + 2 * i * self.page_size  # a hole between segments: one mapping each
                 records.append(SegmentRecord(i, address, self.page_size, self.page_size, 0, -1, address, 0, 0, path))

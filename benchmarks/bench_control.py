@@ -6,7 +6,7 @@
   (after another worker's change it re-reads the table first).
 * **primary over ZeroMQ** (what a design that sends every change to the primary
   would cost, and what tools use): ``reserve``, ``lookup`` and ``free``
-  requests through ``hugeshmd.client.Control`` (a REQ socket on the primary's
+  requests through ``hugeshmd.wire.client.Control`` (a REQ socket on the primary's
   ``ipc://`` control endpoint), one request in flight per client.
 
 N = 1, 2, 4, 8 worker processes, each started, attached (or connected) and
@@ -121,8 +121,8 @@ def _round(primary: PrimaryProcess, path: str, workers: int, cycles: int) -> dic
 
 
 def _primary_requests(primary: PrimaryProcess) -> int:
-    from hugeshmd.client import Control
-    from hugeshmd.runtime import RuntimePaths
+    from hugeshmd.shm.paths import RuntimePaths
+    from hugeshmd.wire.client import Control
 
     with Control(RuntimePaths.for_prefix(primary.prefix, primary.root)) as control:
         return int(control.request("status")["requests"])
@@ -139,8 +139,8 @@ def _api_calls(request: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _zmq_calls(request: dict[str, Any]) -> tuple[Any, Any]:
-    from hugeshmd.client import Control
-    from hugeshmd.runtime import RuntimePaths
+    from hugeshmd.shm.paths import RuntimePaths
+    from hugeshmd.wire.client import Control
 
     control = Control(RuntimePaths.for_prefix(request["prefix"], request["root"]))
     return control, {"reserve": lambda n: control.request("reserve", name=n, size=ZONE_SIZE),

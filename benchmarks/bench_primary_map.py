@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -99,22 +100,23 @@ def _timed(phases: dict[str, float], name: str, fn: Callable[..., Any]) -> Calla
 
 # The primary's steps, in start-up order, and module functions under them; a
 # name the package no longer has is skipped (the total is still measured).
-_PRIMARY_STEPS = ("_remove_stale", "_choose_backing", "_map_first_segment", "_create_table", "_bind")
-_MODULE_STEPS = (("_sys", "populate"), ("_sys", "physical_addresses"), ("backing", "numa_node"))
+_PRIMARY_STEPS = ("_clear_predecessor", "_map_first_segment", "_create_table", "_bind")
+_MODULE_STEPS = (("_sys", "populate"), ("_sys", "physical_addresses"), ("daemon.backing", "numa_node"),
+                 ("daemon.backing", "choose"))
 
 
 class _Instrumented:
     """Wraps the primary's steps and a few package functions with timers, and undoes it."""
 
     def __init__(self) -> None:
-        import hugeshmd.primary
+        import hugeshmd.daemon.primary
 
         self.phases: dict[str, float] = {}
         self._undo: list[tuple[object, str, object]] = []
         for name in _PRIMARY_STEPS:
-            self._wrap(hugeshmd.primary.Primary, name, name.strip("_"))
+            self._wrap(hugeshmd.daemon.primary.Primary, name, name.strip("_"))
         for module_name, name in _MODULE_STEPS:
-            module = getattr(hugeshmd, module_name, None)
+            module = sys.modules.get(f"hugeshmd.{module_name}")
             self._wrap(module, name, name)
 
     def _wrap(self, owner: object, attr: str, label: str) -> None:
@@ -131,8 +133,8 @@ class _Instrumented:
 
 def hugeshmd_start(length: int, huge_pages: str, root: str, page_size: int = HUGEPAGE) -> dict[str, Any]:
     """One Primary.start() + shutdown() in this process: seconds of each, phases, mode."""
-    from hugeshmd import config as hconfig
-    from hugeshmd.primary import Primary
+    from hugeshmd.daemon import config as hconfig
+    from hugeshmd.daemon.primary import Primary
 
     prefix = unique_prefix()
     conf = hconfig.load(None, {"prefix": prefix, "memory": length, "huge_pages": huge_pages, "runtime_root": root,

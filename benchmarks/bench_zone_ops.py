@@ -12,7 +12,7 @@ zones of 4 KiB first, then measures:
 * ``reserve`` and ``free``, each call timed with ``perf_counter_ns`` over
   pairs with a new name each time (the table stays at 100 zones). Target
   reserve <= 25 us. Baselines: a ZeroMQ round trip of the primary's ``hello``
-  through ``hugeshmd.client.Control`` (what a reserve would cost if the primary
+  through ``hugeshmd.wire.client.Control`` (what a reserve would cost if the primary
   did it; DESIGN.md says ~90 us), and a bare ``fcntl.flock`` lock/unlock pair.
 * ``reserve`` when the table holds ~900 zones, and ``reserve`` with a new size
   each time, to show how the cost grows.
@@ -58,7 +58,7 @@ def run(quick: bool) -> dict[str, Any]:
         "reserve, a new size each call": metric(reply["reserve_distinct"], baseline=reply["reserve"],
                                                 baseline_name="reserve, same size",
                                                 note="a ctypes type is made per new size"),
-        "baseline: ZeroMQ hello round trip": metric(zmq_rtt, note="hugeshmd.client.Control.request('hello')"),
+        "baseline: ZeroMQ hello round trip": metric(zmq_rtt, note="hugeshmd.wire.client.Control.request('hello')"),
         "baseline: flock lock+unlock": metric(flock, note="fcntl.flock on a file in the runtime dir"),
     }
     notes = ["the primary ran in fallback mode: 4 KiB pages in /dev/shm"] if mode == "fallback" else []
@@ -105,9 +105,9 @@ def _reserve_free_pairs(shm: Any, tag: str, count: int, sizes: list[int] | None 
 
 def _lookup_after_change(shm: Any, prefix: str, root: str, count: int) -> list[float]:
     """lookup() right after a change committed through a second handle of the table (as by another worker)."""
-    from hugeshmd import zones
-    from hugeshmd.runtime import RuntimePaths
-    from hugeshmd.table import Table
+    from hugeshmd.shm import zones
+    from hugeshmd.shm.paths import RuntimePaths
+    from hugeshmd.shm.table import Table
 
     other = Table.open(RuntimePaths.for_prefix(prefix, root).table)
     out = []
@@ -144,8 +144,8 @@ def _flock_pairs(directory: str, count: int) -> list[float]:
 
 def _zmq_hello(prefix: str, root: str, count: int) -> tuple[list[float], float]:
     t0 = time.perf_counter()
-    from hugeshmd.client import Control
-    from hugeshmd.runtime import RuntimePaths
+    from hugeshmd.shm.paths import RuntimePaths
+    from hugeshmd.wire.client import Control
 
     imported = time.perf_counter() - t0
     out = []

@@ -50,7 +50,7 @@ HUGEPAGE = 2 * MiB
 GIGAPAGE = GiB
 READY_TIMEOUT = 120.0  # mapping 1 GiB takes well under a second; this is for a loaded CI machine
 STOP_TIMEOUT = 60.0
-STEM = "hugeshmd.{prefix}."  # hugeshmd.runtime.RuntimePaths.segment_stem, less "seg"
+STEM = "hugeshmd.{prefix}."  # hugeshmd.shm.paths.RuntimePaths.segment_stem, less "seg"
 
 LEFTOVERS: list[str] = []  # every file a primary of ours left behind, over the whole run
 POOL_CHANGES: list[str] = []  # every change this run made to a hugepage pool, and its undoing

@@ -9,26 +9,32 @@ table; workers call :func:`attach` and share named zones zero-copy::
         memoryview(zone)[:5] = b"hello"
 
 Importing this package loads only what a worker needs to attach and look up
-(no ZeroMQ, no msgpack, no numpy): a fresh worker pays for what it uses.
+(:mod:`hugeshmd.shm`: no ZeroMQ, no msgpack, no posix_ipc, no numpy): a fresh
+worker pays for what it uses. The floors above it, :mod:`hugeshmd.wire`,
+:mod:`hugeshmd.daemon` and :mod:`hugeshmd.host`, load only when asked for.
 """
 
 from .errors import (
     AccessDenied,
     AddressUnavailable,
     AlreadyExists,
+    HandleClosed,
     HugepagesUnavailable,
     HugeshmdError,
     InstanceLocked,
     InvalidArgument,
+    KernelRefused,
     NotFound,
     OutOfMemory,
+    PrimaryStopped,
     PrimaryUnavailable,
     ProtocolError,
     TableBusy,
     TableCorrupt,
+    TableFull,
 )
-from .secondary import Secondary, Segment, attach
-from .zones import ReadOnlyZone, Zone
+from .shm.secondary import Secondary, Segment, attach
+from .shm.zones import ReadOnlyZone, Zone
 
 __version__ = "0.1.0"
 
@@ -43,12 +49,16 @@ __all__ = [
     "AlreadyExists",
     "NotFound",
     "OutOfMemory",
+    "TableFull",
     "AddressUnavailable",
     "PrimaryUnavailable",
+    "PrimaryStopped",
     "InstanceLocked",
     "HugepagesUnavailable",
     "TableCorrupt",
     "TableBusy",
     "ProtocolError",
     "AccessDenied",
+    "KernelRefused",
+    "HandleClosed",
 ]

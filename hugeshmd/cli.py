@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from .errors import HugeshmdError, InvalidArgument
-from .units import format_size
+from .sizes import format_size
 
 __all__ = ["main"]
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .config import OPTIONS
+    from .daemon.config import OPTIONS
 
     parser = argparse.ArgumentParser(
         prog="hugeshmd", description="Hugepage shared memory at the same address in every process."
@@ -87,7 +87,7 @@ def _show(value: Any) -> str:
 
 
 def _load_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from . import config
+    from .daemon import config
 
     overrides = {o.name: getattr(args, o.name, None) for o in config.OPTIONS}
     path = args.config
@@ -105,8 +105,8 @@ def _load_config(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def _primary(args: argparse.Namespace) -> int:
-    from . import primary
-    from .systemd import setup_logging
+    from .daemon import primary
+    from .daemon.systemd import setup_logging
 
     conf, overrides = _load_config(args)
     setup_logging(conf.log_level)
@@ -114,7 +114,7 @@ def _primary(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from .config import OPTIONS
+    from .daemon.config import OPTIONS
 
     conf, _ = _load_config(args)
     print(f"# {conf.path or 'no file: defaults and flags'}")
@@ -136,9 +136,9 @@ def _toml(value: Any) -> str:
 
 
 def _metrics(args: argparse.Namespace) -> int:
-    from . import metrics
-    from .client import Control
-    from .runtime import RuntimePaths
+    from .host import metrics
+    from .shm.paths import RuntimePaths
+    from .wire.client import Control
 
     status: dict[str, Any] | None = None
     try:
@@ -156,7 +156,8 @@ def _metrics(args: argparse.Namespace) -> int:
 
 def _prestart(instance: str, user: str) -> int:
     """As root, before the daemon: grow the pool to the instance's memory, make the mount's directory."""
-    from . import hugepages, install, pool
+    from .daemon import hugepages
+    from .host import install, pool
 
     conf, _ = _load_config(argparse.Namespace(config=None, instance=instance))
     outcome = pool.reserve_for(conf)
@@ -169,7 +170,7 @@ def _prestart(instance: str, user: str) -> int:
 
 
 def _systemd(args: argparse.Namespace) -> int:
-    from . import install
+    from .host import install
 
     user = args.user or install.SERVICE_USER
     if args.action == "prestart":
@@ -189,8 +190,8 @@ def _systemd(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .client import Control
-    from .runtime import RuntimePaths
+    from .shm.paths import RuntimePaths
+    from .wire.client import Control
 
     with Control(RuntimePaths.for_prefix(args.prefix, args.runtime_root), args.timeout) as control:
         status = control.request("status")
@@ -271,15 +272,15 @@ def _hugepages_mount_parsers(actions: argparse._SubParsersAction[argparse.Argume
 
 
 def _hugepages_show(args: argparse.Namespace) -> int:
-    from . import hugepages
+    from .host import census
 
-    report = hugepages.report(runtime_root=args.runtime_root)
-    print(json.dumps(report, indent=2) if args.json else hugepages.format_report(report).rstrip("\n"))
+    report = census.report(runtime_root=args.runtime_root)
+    print(json.dumps(report, indent=2) if args.json else census.format_report(report).rstrip("\n"))
     return 0
 
 
 def _hugepages_reserve(args: argparse.Namespace) -> int:
-    from . import pool
+    from .host import pool
 
     if args.config is not None:
         return _hugepages_reserve_config(args)
@@ -294,8 +295,7 @@ def _hugepages_reserve(args: argparse.Namespace) -> int:
 
 
 def _hugepages_size(text: str) -> int:
-    from .errors import InvalidArgument
-    from .units import parse_size
+    from .sizes import parse_size
 
     try:
         return parse_size(text)
@@ -304,8 +304,8 @@ def _hugepages_size(text: str) -> int:
 
 
 def _hugepages_reserve_config(args: argparse.Namespace) -> int:
-    from . import config, pool
-    from .errors import InvalidArgument
+    from .daemon import config
+    from .host import pool
 
     if args.page_size is not None or args.node is not None:
         raise InvalidArgument("--config takes the page size from the file, and reserves on no one node")
@@ -315,14 +315,14 @@ def _hugepages_reserve_config(args: argparse.Namespace) -> int:
 
 
 def _hugepages_clear(args: argparse.Namespace) -> int:
-    from . import pool
+    from .host import pool
 
     print(pool.describe_clear(pool.clear(pool.page_size_of(args.page_size or "2M"), args.node)))
     return 0
 
 
 def _hugepages_mount(args: argparse.Namespace) -> int:
-    from . import pool
+    from .host import pool
 
     page_size = pool.page_size_of(args.page_size)
     size = None if args.size is None else _hugepages_size(args.size)
@@ -332,15 +332,15 @@ def _hugepages_mount(args: argparse.Namespace) -> int:
 
 
 def _hugepages_unmount(args: argparse.Namespace) -> int:
-    from . import pool
+    from .host import pool
 
     print(f"unmounted the hugetlbfs at {pool.unmount(args.path)}")
     return 0
 
 
 def _hugepages_cleanup(args: argparse.Namespace) -> int:
-    from . import pool
+    from .host import census
 
-    done = pool.cleanup(args.runtime_root, args.prefix, args.dry_run)
+    done = census.cleanup(args.runtime_root, args.prefix, args.dry_run)
     print("\n".join(cleaned.describe() for cleaned in done) or "no hugeshmd instance holds files")
     return 0

@@ -1,8 +1,14 @@
-"""Fixtures for tests with real processes, real sockets and real hugepages.
+"""Fixtures for tests with real processes, real sockets and real hugepages; the test layers.
 
 Every test gets its own prefix and runtime root, so tests can run side by side;
 every process a fixture starts is stopped by PID, and the fixtures assert that
 the primary left no hugepage file, shm object or runtime file behind.
+
+Layers (markers registered in pyproject.toml): a test is ``process`` (real
+primaries, workers, any child process), ``root``, ``systemd`` or ``bench`` when
+its module or itself says so, and ``pure`` otherwise: ``pytest -m pure`` runs
+the in-process tests in seconds. A pure test that starts a process fails,
+saying to mark it, so the label cannot drift from the truth.
 """
 
 from __future__ import annotations
@@ -21,12 +27,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_host import elsewhere, one_node, proc, two_nodes  # noqa: F401 - fixtures of a faked host
 
-from hugeshmd import hugepages
+from hugeshmd.daemon import hugepages
 
 PYTHON = sys.executable
 HERE = Path(__file__).parent
 START_TIMEOUT = 60.0
+
+
+LAYERS = ("process", "root", "systemd", "bench")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in LAYERS):
+            item.add_marker(pytest.mark.pure)
+
+
+def _no_process(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("a pure test started a process: mark it (or its module) pytest.mark.process")
+
+
+@pytest.fixture(autouse=True)
+def _pure_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("pure"):
+        monkeypatch.setattr(subprocess.Popen, "_execute_child", _no_process)
+        monkeypatch.setattr(os, "fork", _no_process)
 
 
 def free_hugepages(page_size: int = 2 << 20) -> int:
@@ -45,26 +72,37 @@ needs_hugepages = pytest.mark.skipif(
 )
 
 
-def run_python(code: str, root: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh Python process of the instance runtime ``root``; its output.
+def spawn_worker(args: list[str], root: str, **popen: Any) -> subprocess.Popen[str]:
+    """The one way tests start a worker process: this interpreter with ``args``, attached to
+    instances under ``root`` (``HUGESHMD_RUNTIME_ROOT``), in a session of its own so that
+    :func:`kill_session` can stop it and any child it forked."""
+    return subprocess.Popen([PYTHON, *args], text=True, start_new_session=True,
+                            env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root), **popen)
 
-    The process gets a session of its own, killed whole once it exits or times
-    out: code that forks must not leave a child behind a failed test. Output
-    goes to files, not pipes, which such a child would hold open.
+
+def kill_session(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the session of a process :func:`spawn_worker` started, and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_python(code: str, root: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh worker process (:func:`spawn_worker`) for instances under ``root``;
+    its output, once it exited or timed out. The session is killed whole after it: code that
+    forks must not leave a child behind a failed test. Output goes to files, not pipes, which
+    such a child would hold open.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([PYTHON, "-c", code], stdout=out, stderr=err, text=True, start_new_session=True,
-                                env=dict(os.environ, HUGESHMD_RUNTIME_ROOT=root))
+        proc = spawn_worker(["-c", code], root, stdout=out, stderr=err)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            kill_session(proc)
         out.seek(0)
         err.seek(0)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
@@ -127,12 +165,11 @@ class Primary:
 
 
 class Worker:
-    """A worker subprocess running tests/worker_agent.py; :meth:`call` sends one command."""
+    """A long-lived worker process (:func:`spawn_worker`) running tests/worker_agent.py;
+    :meth:`call` sends one command and returns its reply."""
 
     def __init__(self, root: str) -> None:
-        env = dict(os.environ, HUGESHMD_RUNTIME_ROOT=root)
-        self.proc = subprocess.Popen([PYTHON, str(HERE / "worker_agent.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = spawn_worker([str(HERE / "worker_agent.py")], root, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -155,8 +192,8 @@ class Worker:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        kill_session(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -21,9 +21,10 @@ from conftest import Primary, leftovers, run_python
 from sysenv import as_user
 
 from hugeshmd import AccessDenied, InvalidArgument
-from hugeshmd.access import Policy, parse_peer
+from hugeshmd.daemon.access import Policy, parse_peer
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes users and changes file owners: needs root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="makes users and changes file owners: needs root"),
+              pytest.mark.process, pytest.mark.root]
 
 
 # -- the policy, without processes --------------------------------------------------------
@@ -78,6 +79,9 @@ WORKER = textwrap.dedent("""
 """)
 
 
+SYSTEM_ROOT = "/run/hugeshmd"
+
+
 @pytest.fixture
 def shared_root(root: str) -> str:
     os.chmod(root, 0o755)  # others may pass; the instance's own dir decides who gets in
@@ -122,6 +126,35 @@ def test_files_belong_to_the_group_and_only_members_get_in(
     assert status.returncode == 1 and "AccessDenied" not in status.stderr and "cannot open" in status.stderr
 
 
+def test_a_member_finds_a_system_instance_with_no_configuration(
+        prefix: str, users: Any, service_python: str) -> None:
+    """A non-root member of the group, as the README sets one up (usermod -aG), with no
+    HUGESHMD_RUNTIME_ROOT: its own runtime root has no such instance, /run/hugeshmd has."""
+    group = users.group()
+    member = users.user([group])
+    made_root = not os.path.exists(SYSTEM_ROOT)
+    primary = Primary(prefix, SYSTEM_ROOT, "--huge-pages", "off", "--memory", "8M", "--group", group)
+    try:
+        primary.wait_ready()
+        env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": f"/nonexistent-{prefix}"}
+        done = subprocess.run([*as_user(member), service_python, "-c", WORKER, "write", prefix, "found"],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["data"] == "hello"
+        missing = subprocess.run(
+            [*as_user(member), service_python, "-c",
+             "import hugeshmd\ntry:\n    hugeshmd.attach('no-such-instance', timeout=0.2)\n"
+             "except hugeshmd.PrimaryUnavailable as err:\n    print(err.path)"],
+            capture_output=True, text=True, timeout=60, env=env)
+        assert missing.stdout.split("; ") == [f"/nonexistent-{prefix}/hugeshmd/no-such-instance",
+                                              f"{SYSTEM_ROOT}/no-such-instance\n"], missing.stderr
+    finally:
+        primary.stop()
+        if made_root:
+            os.rmdir(SYSTEM_ROOT)
+    assert leftovers(prefix, SYSTEM_ROOT) == []
+
+
 def test_the_sockets_refuse_an_outsider_even_where_file_modes_let_it_reach_them(
         start_primary: Any, shared_root: str, prefix: str, users: Any, service_python: str) -> None:
     """The ZAP check is the sockets' own gate: loosen the modes, and it still holds."""
@@ -138,7 +171,7 @@ def test_the_sockets_refuse_an_outsider_even_where_file_modes_let_it_reach_them(
     primary.wait_for(f"refused a connection from uid {getpwnam(outsider).pw_uid}")
     admitted = status_as(service_python, member, shared_root, prefix)
     assert admitted.returncode == 0 and f"prefix     {prefix}" in admitted.stdout, admitted.stderr
-    code = (f"from hugeshmd.client import Control; from hugeshmd.runtime import RuntimePaths\n"
+    code = (f"from hugeshmd.wire.client import Control; from hugeshmd.shm.paths import RuntimePaths\n"
             f"print(Control(RuntimePaths({prefix!r}, {shared_root!r})).request('status')['refused'])")
     assert int(run_python(code, shared_root).stdout) >= 1
 
@@ -154,7 +187,7 @@ def test_a_reload_applies_the_log_level_and_a_bad_file_changes_nothing(
         primary.proc.send_signal(signal.SIGHUP)
         primary.wait_for("reloaded ")
         assert f"reloaded {config}: log_level debug" in primary.text
-        run_python(f"from hugeshmd.client import Control; from hugeshmd.runtime import RuntimePaths\n"
+        run_python(f"from hugeshmd.wire.client import Control; from hugeshmd.shm.paths import RuntimePaths\n"
                    f"Control(RuntimePaths({prefix!r}, {shared_root!r})).request('hello')", shared_root)
         config.write_text('memory = "16M"\nlog_level = "loud"\n')  # bad: nothing changes
         primary.proc.send_signal(signal.SIGHUP)
@@ -244,7 +277,7 @@ def test_access_denied_is_a_permission_error() -> None:
     (1000, "[Login]\n#RemoveIPC=no\n", True),  # commented out: the default holds
 ])
 def test_the_remove_ipc_trap_is_named_for_non_system_users(tmp_path: Any, uid: int, logind: str, risk: bool) -> None:
-    from hugeshmd.access import remove_ipc_risk
+    from hugeshmd.daemon.access import remove_ipc_risk
 
     (tmp_path / "logind.conf").write_text(logind)
     (tmp_path / "login.defs").write_text("SYS_UID_MAX\t\t999\n")
@@ -255,7 +288,7 @@ def test_the_remove_ipc_trap_is_named_for_non_system_users(tmp_path: Any, uid: i
 
 
 def test_a_drop_in_overrides_logind_conf(tmp_path: Any) -> None:
-    from hugeshmd.access import remove_ipc_risk
+    from hugeshmd.daemon.access import remove_ipc_risk
 
     (tmp_path / "logind.conf").write_text("[Login]\nRemoveIPC=no\n")
     (tmp_path / "logind.conf.d").mkdir()
@@ -280,7 +313,7 @@ def test_a_primary_run_by_a_plain_user_warns_of_remove_ipc_and_gives_files_to_it
             if " ready: " in line:
                 break
         text = "".join(lines)
-        from hugeshmd.access import remove_ipc_risk
+        from hugeshmd.daemon.access import remove_ipc_risk
 
         expected = remove_ipc_risk(getpwnam(user).pw_uid) is not None  # this host's logind.conf decides
         assert ("logind's RemoveIPC=yes is in force" in text) == expected, text

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("primary_map", "attach", "fresh_worker", "zone_ops", "control_plane", "handoff", "hugepages")
 PLOTTED = ("primary_map", "attach", "control_plane", "handoff", "hugepages")

@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 
+import pytest
 from conftest import PYTHON, Primary
 
-from hugeshmd.config import OPTIONS
+from hugeshmd.daemon.config import OPTIONS
+
+pytestmark = pytest.mark.process
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -38,7 +41,7 @@ def test_config_file_then_flags(start_primary, prefix, root, tmp_path, workers):
     zones = [w.ok("reserve", name=f"z{i}", size=4096)["address"] for i in range(2)]
     assert zones[1] - zones[0] == 4096
     full = w.call("reserve", name="z2", size=4096)
-    assert full["error"] == "OutOfMemory" and "larger max_zones" in full["message"]
+    assert full["error"] == "TableFull" and "larger max_zones" in full["message"]
     status = json.loads(run("status", "--prefix", prefix, "--runtime-root", root, "--json").stdout)
     assert (status["memory"], status["mode"], status["zones"]) == (8 << 20, "fallback", 2)
 

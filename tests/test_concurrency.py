@@ -10,7 +10,9 @@ import pytest
 from conftest import Primary, leftovers, run_python
 
 import hugeshmd
-from hugeshmd import zones
+from hugeshmd.shm import zones
+
+pytestmark = pytest.mark.process
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 
-from hugeshmd.config import DEFAULT_BASE_ADDRESS, OPTIONS, Config, default_base_address, load
+from hugeshmd.daemon.config import DEFAULT_BASE_ADDRESS, OPTIONS, Config, default_base_address, load
 from hugeshmd.errors import InvalidArgument
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40

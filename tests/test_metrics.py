@@ -7,9 +7,12 @@ import re
 import subprocess
 from typing import Any
 
+import pytest
 from conftest import PYTHON, run_python
 
-from hugeshmd.metrics import render
+from hugeshmd.host.metrics import render
+
+pytestmark = pytest.mark.process
 
 SAMPLE = re.compile(r'^(hugeshmd_[a-z_]+)(\{(?:[a-z_]+="(?:[^"\\\n]|\\.)*",?)*\})? (-?[0-9.e+]+)$')
 
@@ -40,7 +43,8 @@ def metrics(root: str, prefix: str, *args: str) -> subprocess.CompletedProcess[s
 
 def test_metrics_of_a_live_instance(start_primary: Any, root: str, prefix: str) -> None:
     start_primary("--huge-pages", "off", "--memory", "16M")
-    run_python(f"import hugeshmd\nfrom hugeshmd.client import Control\nfrom hugeshmd.runtime import RuntimePaths\n"
+    run_python("import hugeshmd\nfrom hugeshmd.wire.client import Control\n"
+               "from hugeshmd.shm.paths import RuntimePaths\n"
                f"shm = hugeshmd.attach({prefix!r}); shm.reserve('a', 1 << 20)\n"
                f"c = Control(RuntimePaths({prefix!r}, {root!r}))\nc.request('lookup', name='a')\n"
                f"try:\n    c.request('lookup', name='nope')\nexcept hugeshmd.NotFound:\n    pass\n"

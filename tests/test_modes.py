@@ -9,6 +9,8 @@ import subprocess
 import pytest
 from conftest import PYTHON, Primary, free_hugepages, hugetlbfs_mount, leftovers, needs_hugepages
 
+pytestmark = pytest.mark.process
+
 
 def status(prefix: str, root: str) -> dict:
     out = subprocess.run([PYTHON, "-m", "hugeshmd", "status", "--prefix", prefix, "--runtime-root", root, "--json"],

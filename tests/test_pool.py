@@ -9,16 +9,16 @@ and turns the rest of the cut into surplus.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 from pathlib import Path
 
 import pytest
 
-from hugeshmd import config, pool
+from hugeshmd.daemon import config
 from hugeshmd.errors import InvalidArgument, KernelRefused
-from hugeshmd.units import GiB, MiB
+from hugeshmd.host import pool
+from hugeshmd.sizes import GiB, MiB
 
 KB = 2048  # 2 MiB pages
 NODE_PATH = re.compile(r"/node(\d+)/")
@@ -314,26 +314,3 @@ def test_unmount_only_a_hugetlbfs(tmp_path: Path) -> None:
     assert os.path.ismount("/proc")
 
 
-def test_cleanup_on_fake_dirs_removes_only_the_stale(tmp_path: Path) -> None:
-    huge, shm, run, proc = (tmp_path / name for name in ("huge", "shm", "run", "proc"))
-    for directory in (huge, shm, run / "live", run / "dead", proc / "99"):
-        directory.mkdir(parents=True)
-    for prefix in ("live", "dead", "files.only", "used"):
-        (huge / f"hugeshmd.{prefix}.seg0").write_bytes(b"x" * 4096)
-    (run / "dead/table.new.3").write_bytes(b"")
-    (run / "dead/primary.lock").write_text("12345\n")
-    (proc / "99/maps").write_text(f"7f00-7f01 rw-s 00000000 00:2f 7 {huge}/hugeshmd.used.seg0\n")
-    (tmp_path / "mounts").write_text(f"nodev {huge} hugetlbfs rw,pagesize=2M 0 0\n")
-    where = {"proc_mounts": str(tmp_path / "mounts"), "meminfo": str(tmp_path / "none"), "shm": str(shm),
-             "proc": str(proc)}
-    with open(run / "live/primary.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = {c.instance.prefix: c for c in pool.cleanup(str(run), **where)}
-    assert {p: c.removed for p, c in done.items()} == {
-        "dead": [f"{huge}/hugeshmd.dead.seg0", f"{run}/dead/table.new.3", f"{run}/dead/primary.lock", f"{run}/dead"],
-        "files.only": [f"{huge}/hugeshmd.files.only.seg0"],
-        "live": [], "used": []}
-    assert sorted(os.listdir(huge)) == ["hugeshmd.live.seg0", "hugeshmd.used.seg0"]
-    assert sorted(os.listdir(run)) == ["live"]
-    assert done["used"].describe() == "used: in use by pid 99, left alone"
-    assert done["live"].describe() == "live: live, left alone"

@@ -20,8 +20,12 @@ from typing import Any
 import pytest
 from conftest import PYTHON, leftovers, needs_hugepages
 
-from hugeshmd import _sys, hugepages, pool
-from hugeshmd.units import MiB
+from hugeshmd import _sys
+from hugeshmd.daemon import hugepages
+from hugeshmd.host import pool
+from hugeshmd.sizes import MiB
+
+pytestmark = [pytest.mark.process, pytest.mark.root]
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes the host: needs root")
 

@@ -1,7 +1,8 @@
-"""Unit tests of hugeshmd.protocol and hugeshmd.errors: frames, requests, replies, error codes."""
+"""Unit tests of hugeshmd.wire.protocol and hugeshmd.errors: frames, requests, replies, error codes."""
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import msgpack
@@ -9,17 +10,21 @@ import pytest
 
 from hugeshmd import errors
 from hugeshmd.errors import (
+    AddressUnavailable,
     AlreadyExists,
+    HandleClosed,
     HugeshmdError,
     InvalidArgument,
     NotFound,
     OutOfMemory,
+    PrimaryStopped,
     PrimaryUnavailable,
     ProtocolError,
     TableBusy,
+    TableFull,
     error_for_code,
 )
-from hugeshmd.protocol import (
+from hugeshmd.wire.protocol import (
     COMMANDS,
     MAX_MESSAGE,
     MAX_REPLY,
@@ -32,7 +37,8 @@ from hugeshmd.protocol import (
     result_of,
 )
 
-ALL_ERRORS = [getattr(errors, name) for name in errors.__all__ if name != "error_for_code"]
+ALL_ERRORS = list(errors.ERRORS)
+
 
 
 # -- decode: the frame -------------------------------------------------------------
@@ -291,7 +297,7 @@ def test_error_reply() -> None:
     err = AlreadyExists("a zone named 'a' already exists", name="a")
     assert error_reply(err, "req-1") == {
         "v": 1, "ok": False, "code": 3, "error": "AlreadyExists",
-        "message": "a zone named 'a' already exists", "id": "req-1",
+        "message": "a zone named 'a' already exists", "fields": {"name": "a"}, "id": "req-1",
     }
 
 
@@ -348,12 +354,59 @@ def test_every_error_survives_the_wire(cls: type[HugeshmdError]) -> None:
     assert type(info.value) is cls
 
 
+def test_declared_fields_cross_the_wire() -> None:
+    sent = AddressUnavailable("taken", address=0x1000, size=4096, errno=17, conflicts=["1000-2000 rw-p x"])
+    with pytest.raises(AddressUnavailable) as info:
+        result_of(decode(encode(error_reply(sent))))
+    assert info.value.fields == sent.fields
+    busy = TableFull("full", table="zones", capacity=3)
+    with pytest.raises(TableFull) as full:
+        result_of(decode(encode(error_reply(busy))))
+    assert (full.value.table, full.value.capacity, full.value.size) == ("zones", 3, None)
+
+
+def test_undeclared_fields_from_a_newer_primary_are_dropped() -> None:
+    reply = decode(encode(error_reply(NotFound("gone", name="a"))))
+    reply["fields"]["added_later"] = 1
+    with pytest.raises(NotFound) as info:
+        result_of(reply)
+    assert info.value.fields == {"name": "a"}
+
+
+@pytest.mark.parametrize("cls", ALL_ERRORS, ids=lambda c: c.__name__)
+def test_every_declared_field_is_present_and_survives_pickling(cls: type[HugeshmdError]) -> None:
+    empty = cls("no fields given")
+    assert set(empty.fields) == set(cls.FIELDS)  # present, None (or [] for conflicts) when not known
+    given = {name: f"v-{name}" for name in cls.FIELDS}
+    copy = pickle.loads(pickle.dumps(cls("with fields", **given)))
+    assert type(copy) is cls and copy.message == "with fields" and copy.fields == given
+
+
+def test_an_undeclared_field_is_a_mistake_of_the_raiser() -> None:
+    with pytest.raises(TypeError, match="NotFound has no field"):
+        NotFound("x", nmae="typo")
+
+
+def test_new_names_are_subclasses_of_what_was_raised_before() -> None:
+    assert issubclass(TableFull, OutOfMemory)
+    assert issubclass(PrimaryStopped, PrimaryUnavailable)
+    assert issubclass(HandleClosed, HugeshmdError)
+    assert AddressUnavailable("x").conflicts == []
+
+
+def test_every_error_is_exported_by_the_package() -> None:
+    import hugeshmd
+
+    for cls in ALL_ERRORS:
+        assert getattr(hugeshmd, cls.__name__) is cls
+
+
 # -- the error hierarchy ----------------------------------------------------------------
 
 
 def test_error_codes_are_unique_and_map_back() -> None:
     codes = [cls.code for cls in ALL_ERRORS]
-    assert len(set(codes)) == len(codes) == 14
+    assert len(set(codes)) == len(codes) == 17
     for cls in ALL_ERRORS:
         assert error_for_code(cls.code) is cls
         assert issubclass(cls, HugeshmdError)

@@ -1,257 +1,146 @@
-"""The units under a real systemd, booted as PID 1 of a private PID and mount namespace.
+"""The primary and its service manager, without systemd: a real notify socket, real signals.
 
-One systemd serves the module: `hugeshmd systemd install` writes the units into
-its own /run/systemd/system and makes the service's system user (systemd-sysusers);
-each test starts its own instance (its own prefix and /etc/hugeshmd/<prefix>.toml)
-and stops it. Workers run inside the namespace (its /run) as real users.
+A datagram socket stands where systemd's would be (``$NOTIFY_SOCKET``), so
+each message the primary sends can be read and checked in order. The
+journal's line format is checked the same way, with ``$JOURNAL_STREAM``
+naming the file that takes the primary's stderr.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import signal
+import socket
 import subprocess
-import tempfile
-import textwrap
+import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_hugepages
-from sysenv import SYSTEMD, BootedSystemd, Users, as_user, make_name
+from conftest import PYTHON, Primary, leftovers
 
-from hugeshmd import hugepages
-
-pytestmark = pytest.mark.skipif(
-    os.environ.get("CI") != "true" and (os.geteuid() != 0 or not os.path.exists(SYSTEMD)
-                                        or shutil.which("unshare") is None or shutil.which("nsenter") is None),
-    reason="needs root, systemd, unshare and nsenter (CI has them)")
-
-CONFIG_DIR = Path("/etc/hugeshmd")
+from hugeshmd.daemon.systemd import Notifier, watchdog_interval
 
 
-class Service:
-    """The booted systemd, the units installed in it, and the users of this module."""
+class Manager:
+    """The receiving end of ``$NOTIFY_SOCKET``: every datagram, parsed."""
 
-    def __init__(self, systemd: BootedSystemd, python: str, user: str, users: Users) -> None:
-        self.systemd, self.python, self.user, self.users = systemd, python, user, users
-        self.workers = users.group()
-        self.member, self.outsider = users.user([self.workers]), users.user()
-        # The daemon gives its files to the workers' group, so it must be a member (as an operator would do it).
-        subprocess.run(["usermod", "-aG", self.workers, user], check=True)
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address.replace("@", "\0", 1))
+        self.sock.settimeout(30)
+        self.address = address
+        self.messages: list[dict[str, str]] = []
 
-    def configure(self, prefix: str, text: str) -> Path:
-        path = CONFIG_DIR / f"{prefix}.toml"
-        path.write_text(f'group = "{self.workers}"\n' + text)
-        return path
+    def next(self) -> dict[str, str]:
+        data = self.sock.recv(4096).decode()
+        message = dict(line.split("=", 1) for line in data.splitlines() if line)
+        self.messages.append(message)
+        return message
 
-    def worker(self, user: str, code: str, *args: str) -> dict[str, Any]:
-        """Run ``code`` as ``user`` inside the namespace; the JSON it prints."""
-        done = self.systemd.run(*as_user(user), self.python, "-c", textwrap.dedent(code), *args,
-                                env={"PATH": "/usr/bin:/bin", "HUGESHMD_RUNTIME_ROOT": "/run/hugeshmd"}, check=False)
-        assert done.returncode == 0 and done.stdout, done.stderr
-        return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
-
-    def start(self, unit: str, *flags: str) -> None:
-        done = self.systemd.run("systemctl", "start", *flags, unit, check=False)
-        assert done.returncode == 0, done.stderr + self.journal(unit)
-
-    def journal(self, unit: str) -> str:
-        return self.systemd.run("journalctl", "-u", unit, "--no-pager", check=False).stdout
-
-    def files_of(self, prefix: str) -> list[str]:
-        found = []
-        for mount in [m.path for m in hugepages.mounts()] + ["/dev/shm"]:
-            for directory in (mount, os.path.join(mount, "hugeshmd")):
-                if os.path.isdir(directory):
-                    found += [os.path.join(directory, n) for n in os.listdir(directory) if f".{prefix}." in n]
-        runtime = self.systemd.run("ls", f"/run/hugeshmd/{prefix}", check=False)
-        return found + ([f"/run/hugeshmd/{prefix}"] if runtime.returncode == 0 else [])
+    def until(self, key: str) -> dict[str, str]:
+        """Read messages until one has ``key``; that one."""
+        while True:
+            message = self.next()
+            if key in message:
+                return message
 
 
-@pytest.fixture(scope="module")
-def service(service_python: str, tmp_path_factory: Any) -> Iterator[Service]:
-    made_config_dir = not CONFIG_DIR.exists()
-    made_mount_dirs = [m for m in ("/dev/hugepages/hugeshmd", "/dev/hugepages1G/hugeshmd") if not os.path.exists(m)]
-    users = Users()
-    sysusers = tempfile.mkdtemp(prefix="hugeshmd-sysusers-", dir="/var/tmp")
-    log = tmp_path_factory.mktemp("systemd") / "boot.log"
-    systemd = BootedSystemd(str(log))
+@pytest.fixture(params=["path", "abstract"])
+def manager(request: Any, tmp_path: Any) -> Iterator[Manager]:
+    address = str(tmp_path / "notify") if request.param == "path" else f"@hugeshmd-test-{os.getpid()}-{time.time_ns()}"
+    made = Manager(address)
+    yield made
+    made.sock.close()
+
+
+@pytest.mark.process
+def test_ready_status_watchdog_reloading_and_stopping_in_order(manager: Manager, root: str, prefix: str) -> None:
+    env = dict(os.environ, NOTIFY_SOCKET=manager.address, WATCHDOG_USEC="400000")
+    primary = Primary(prefix, root, "--huge-pages", "off", "--memory", "64M", env=env)
     try:
-        user = make_name("s")
-        users.adopt(user)
-        systemd.run(service_python, "-m", "hugeshmd", "systemd", "install", "--dir", "/run/systemd/system",
-                    "--sysusers-dir", sysusers, "--user", user)  # not under /tmp: the namespace has its own
-        CONFIG_DIR.mkdir(exist_ok=True)
-        yield Service(systemd, service_python, user, users)
+        mapping = manager.next()
+        assert mapping["STATUS"].startswith("mapping ") and "READY" not in mapping
+        ready = manager.until("READY")
+        assert ready["READY"] == "1" and ready["STATUS"].startswith(f"prefix {prefix}: 64 MiB")
+        assert all("READY" not in m for m in manager.messages[:-1])  # nothing said ready before the end
+        assert manager.messages[-2]["STATUS"] == "mapping 64 MiB of 64 MiB (100%)"
+        assert os.path.exists(os.path.join(root, prefix, "control"))  # bound before READY=1
+        for _ in range(3):
+            assert manager.until("WATCHDOG") == {"WATCHDOG": "1"}
+        primary.proc.send_signal(signal.SIGHUP)
+        reloading = manager.until("RELOADING")
+        now = time.monotonic_ns() // 1000
+        assert reloading["RELOADING"] == "1" and abs(int(reloading["MONOTONIC_USEC"]) - now) < 30e6
+        assert manager.until("READY")["READY"] == "1"  # the reload is over
+        primary.proc.send_signal(signal.SIGTERM)
+        assert manager.until("STOPPING")["STOPPING"] == "1"
+        assert primary.wait_exit() == 0
     finally:
-        systemd.close()
-        users.remove()
-        shutil.rmtree(sysusers, ignore_errors=True)
-        if made_config_dir:
-            shutil.rmtree(CONFIG_DIR, ignore_errors=True)
-        for path in made_mount_dirs:
-            if os.path.isdir(path):
-                os.rmdir(path)  # empty by now: every instance stopped and removed its files
+        primary.stop()
+    assert leftovers(prefix, root) == []
 
 
-@pytest.fixture
-def instance(service: Service) -> Iterator[str]:
-    prefix = make_name("i")
-    yield prefix
-    unit = f"hugeshmd@{prefix}.service"
-    service.systemd.run("systemctl", "stop", unit, check=False)
-    service.systemd.run("systemctl", "clean", "--what=runtime", unit, check=False)  # after a failed start
-    service.systemd.run("systemctl", "reset-failed", unit, check=False)
-    (CONFIG_DIR / f"{prefix}.toml").unlink(missing_ok=True)
-    dropin = f"/run/systemd/system/{unit}.d"
-    if service.systemd.run("test", "-d", dropin, check=False).returncode == 0:
-        service.systemd.run("rm", "-r", dropin)
-        service.systemd.run("systemctl", "daemon-reload")
-    assert service.files_of(prefix) == []
+def test_the_watchdog_is_only_for_the_process_it_names() -> None:
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 2.0
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}) == 2.0
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval({}) is None
 
 
-WRITE = """
-    import json, sys, hugeshmd
-    shm = hugeshmd.attach(sys.argv[1], timeout=10)
-    zone = shm.reserve("frames", 1 << 20)
-    zone[:5] = b"hello"
-    print(json.dumps({"address": zone.address, "base": shm.base}))
-"""
-READ = """
-    import json, sys, hugeshmd
+def test_without_a_manager_nothing_is_sent_and_nothing_fails(tmp_path: Any) -> None:
+    assert not Notifier({}).send(ready=1)
+    assert not Notifier({"NOTIFY_SOCKET": "relative/path"}).enabled
+    gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody")})  # a manager that went away
+    assert gone.enabled and not gone.send(status="x") and not gone.send(ready=1)
+
+
+def test_a_status_with_a_newline_stays_one_field(manager: Manager) -> None:
+    Notifier({"NOTIFY_SOCKET": manager.address}).send(status="two\nlines", ready=1)
+    assert manager.next() == {"STATUS": "two lines", "READY": "1"}
+
+
+def run_logging(journal: bool, tmp_path: Any) -> str:
+    """What the log setup writes to a stderr that is, or is not, the journal's stream."""
+    path = tmp_path / "stderr"
+    code = ("import logging; from hugeshmd.daemon.systemd import setup_logging; setup_logging('info');"
+            "logging.getLogger('hugeshmd.primary').warning('careful'); logging.getLogger('x').info('fine');"
+            "logging.getLogger('x').debug('hidden')\n"
+            "try:\n    1/0\nexcept ZeroDivisionError:\n    logging.getLogger('x').exception('broke')")
+    with open(path, "w") as err:
+        st = os.fstat(err.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}" if journal else "")
+        subprocess.run([PYTHON, "-c", code], stderr=err, env=env, check=True)
+    return path.read_text()
+
+
+@pytest.mark.process
+def test_journal_lines_carry_a_priority_and_no_timestamp(tmp_path: Any) -> None:
+    lines = run_logging(True, tmp_path).splitlines()
+    assert lines[:3] == ["<4>hugeshmd.primary: careful", "<6>x: fine", "<3>x: broke"]
+    assert all(line.startswith("<3>") for line in lines[3:]) and "ZeroDivisionError" in lines[-1]
+
+
+@pytest.mark.process
+def test_terminal_lines_carry_a_timestamp_and_level(tmp_path: Any) -> None:
+    lines = run_logging(False, tmp_path).splitlines()
+    assert lines[0].endswith(" WARNING hugeshmd.primary: careful") and lines[0][:4].isdigit()
+    assert not any(line.startswith("<") for line in lines)
+
+
+@pytest.mark.process
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
+def test_a_start_failure_says_why_and_never_says_ready(manager: Manager, root: str, prefix: str) -> None:
+    env = dict(os.environ, NOTIFY_SOCKET=manager.address)
+    failed = Primary(prefix, root, "--huge-pages", "on", "--page-size", "4M", env=env)
+    assert failed.wait_exit() == 1
+    manager.sock.settimeout(0.5)
     try:
-        shm = hugeshmd.attach(sys.argv[1], timeout=10, read_only=sys.argv[2] == "ro")
-        zone = shm.lookup("frames")
-        out = {"address": zone.address, "data": bytes(zone[:5]).decode()}
-        try:
-            zone.view()[0] = 0
-            out["write"] = "wrote"
-        except TypeError:
-            out["write"] = "refused"
-    except hugeshmd.HugeshmdError as err:
-        out = {"error": type(err).__name__, "message": err.message}
-    print(json.dumps(out))
-"""
-
-
-def needs_pages(count: int) -> None:
-    if os.environ.get("CI") != "true" and free_hugepages() < count:
-        pytest.skip(f"needs {count} free 2 MiB hugepages")
-
-
-def test_start_share_and_stop_leaves_nothing(service: Service, instance: str) -> None:
-    needs_pages(8)
-    service.configure(instance, 'memory = "8M"\nhuge_pages = "on"\n')
-    unit = f"hugeshmd@{instance}.service"
-    free_before = free_hugepages()
-    service.start(unit)  # returns once READY=1 came: Type=notify
-    shown = service.systemd.show(unit, "ActiveState", "SubState", "StatusText", "User")
-    assert shown["ActiveState"] == "active" and shown["SubState"] == "running"
-    assert shown["StatusText"].startswith(f"prefix {instance}: 8 MiB of 2 MiB pages, hugepages")
-    assert shown["User"] == service.user
-
-    written = service.worker(service.member, WRITE, instance)
-    read = service.worker(service.member, READ, instance, "rw")
-    assert read == {"address": written["address"], "data": "hello", "write": "wrote"}
-    read_only = service.worker(service.member, READ, instance, "ro")
-    assert read_only == {"address": written["address"], "data": "\0ello", "write": "refused"}  # rw wrote the 0
-    refused = service.worker(service.outsider, READ, instance, "rw")
-    assert refused["error"] == "AccessDenied" and f"group {service.workers!r}" in refused["message"]
-
-    journal = service.systemd.run("journalctl", "-u", unit, "-o", "json", "--no-pager").stdout
-    entries = [json.loads(line) for line in journal.splitlines()]
-    prestart = [e["MESSAGE"] for e in entries if "enough for memory 8 MiB" in e.get("MESSAGE", "")]
-    assert prestart, "the pre-start did not check the pool for the instance's memory"
-    ready = [e for e in entries if e.get("MESSAGE", "").startswith("hugeshmd.primary: ready: ")]
-    assert ready and ready[0]["PRIORITY"] == "6"  # the <6> prefix became the priority, and no timestamp of ours
-
-    service.systemd.run("systemctl", "stop", unit)
-    assert service.files_of(instance) == []
-    assert free_hugepages() >= free_before  # ours came back (others may have freed more meanwhile)
-
-
-def test_active_only_after_ready(service: Service, instance: str) -> None:
-    """Mapping 1 GiB of 4 KiB pages takes long enough to watch the unit while it maps."""
-    service.configure(instance, 'memory = "1G"\nhuge_pages = "off"\n')
-    unit = f"hugeshmd@{instance}.service"
-    service.systemd.run("systemctl", "start", "--no-block", unit)
-    seen = []
-    while not seen or seen[-1]["ActiveState"] == "activating":
-        seen.append(service.systemd.show(unit, "ActiveState", "StatusText"))
-        assert len(seen) < 2000, seen[-1]
-    assert seen[-1]["ActiveState"] == "active" and seen[-1]["StatusText"].startswith(f"prefix {instance}:")
-    mapping = [s for s in seen if s["StatusText"].startswith("mapping ")]
-    assert mapping and all(s["ActiveState"] == "activating" for s in mapping)
-    assert not any(s["ActiveState"] == "active" and not s["StatusText"].startswith("prefix") for s in seen)
-
-
-def test_kill_9_is_restarted_and_keeps_the_runtime_dir(service: Service, instance: str) -> None:
-    needs_pages(8)
-    service.configure(instance, 'memory = "8M"\nhuge_pages = "on"\n')
-    unit = f"hugeshmd@{instance}.service"
-    service.start(unit)
-    before = service.systemd.show(unit, "MainPID", "NRestarts")
-    inode = service.systemd.run("stat", "-c", "%i", f"/run/hugeshmd/{instance}").stdout
-    service.systemd.run("kill", "-9", before["MainPID"])
-    after = service.systemd.wait_until(unit, lambda s: s["MainPID"] not in ("0", before["MainPID"])
-                                       and s["ActiveState"] == "active")
-    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
-    assert service.systemd.run("stat", "-c", "%i", f"/run/hugeshmd/{instance}").stdout == inode  # preserved
-    assert service.worker(service.member, WRITE, instance)["address"] > 0  # the new primary serves
-
-
-def test_a_frozen_primary_is_killed_by_the_watchdog_and_restarted(service: Service, instance: str) -> None:
-    service.configure(instance, 'memory = "8M"\nhuge_pages = "off"\n')
-    unit = f"hugeshmd@{instance}.service"
-    service.systemd.run("mkdir", "-p", f"/run/systemd/system/{unit}.d")
-    service.systemd.run("sh", "-c", f"printf '[Service]\\nWatchdogSec=2\\nTimeoutAbortSec=2\\n' "
-                                    f"> /run/systemd/system/{unit}.d/watchdog.conf")
-    service.systemd.run("systemctl", "daemon-reload")
-    service.start(unit)
-    before = service.systemd.show(unit, "MainPID", "NRestarts", "WatchdogUSec")
-    assert before["WatchdogUSec"] == "2s"
-    time.sleep(3)  # longer than WatchdogSec: an unfrozen primary must not be killed (no readiness signal for "not")
-    assert service.systemd.show(unit, "MainPID")["MainPID"] == before["MainPID"]
-    service.systemd.run("kill", "-STOP", before["MainPID"])
-    after = service.systemd.wait_until(unit, lambda s: s["MainPID"] not in ("0", before["MainPID"])
-                                       and s["ActiveState"] == "active")
-    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
-    journal = service.systemd.run("journalctl", "-u", unit, "--no-pager").stdout
-    assert "Watchdog timeout" in journal
-
-
-def test_reload_follows_the_protocol(service: Service, instance: str) -> None:
-    config = service.configure(instance, 'memory = "8M"\nhuge_pages = "off"\n')
-    unit = f"hugeshmd@{instance}.service"
-    service.start(unit)
-    pid = service.systemd.show(unit, "MainPID")["MainPID"]
-    config.write_text(config.read_text() + 'log_level = "debug"\n')
-    service.systemd.run("systemctl", "reload", unit)  # ExecReload sends SIGHUP; RELOADING=1 ... READY=1
-    service.systemd.wait_until(unit, lambda s: "reloaded /etc/hugeshmd/" in service.journal(unit))
-    shown = service.systemd.show(unit, "ActiveState", "SubState", "MainPID", "ReloadResult")
-    assert shown == {"ActiveState": "active", "SubState": "running", "MainPID": pid, "ReloadResult": "success"}
-    assert f"reloaded /etc/hugeshmd/{instance}.toml: log_level debug" in service.journal(unit)
-
-
-def test_the_default_unit_and_its_template_twin_never_run_together(service: Service) -> None:
-    """Both would run prefix "default" in one runtime dir: starting one stops the other."""
-    needs_pages(8)
-    created = not (CONFIG_DIR / "default.toml").exists()
-    if not created:
-        pytest.skip("this host has an /etc/hugeshmd/default.toml of its own")
-    service.configure("default", 'memory = "8M"\nhuge_pages = "on"\n')
-    try:
-        service.start("hugeshmd.service")
-        assert service.systemd.show("hugeshmd.service", "ActiveState")["ActiveState"] == "active"
-        service.start("hugeshmd@default.service")
-        assert service.systemd.show("hugeshmd.service", "ActiveState")["ActiveState"] == "inactive"
-        assert service.systemd.show("hugeshmd@default.service", "ActiveState")["ActiveState"] == "active"
-        assert service.worker(service.member, WRITE, "default")["address"] > 0  # its runtime dir is whole
-    finally:
-        service.systemd.run("systemctl", "stop", "hugeshmd.service", "hugeshmd@default.service", check=False)
-        (CONFIG_DIR / "default.toml").unlink()
-    assert service.files_of("default") == []
+        while True:
+            manager.next()
+    except TimeoutError:
+        pass
+    assert all("READY" not in m for m in manager.messages)
+    assert any(m.get("STATUS", "").startswith("failed: ") for m in manager.messages)

@@ -1,4 +1,4 @@
-"""Unit tests of hugeshmd.table: the shared, crash-atomic table file.
+"""Unit tests of hugeshmd.shm.table, .layout and .registry: the shared, crash-atomic table file.
 
 Every table lives in pytest's tmp_path. A second ``Table.open`` of the same file
 is a separate mapping, which is what another process sees. Corruption and
@@ -17,41 +17,35 @@ import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
+from factories import BASE, PAGE, MiB, segment_record, zone_record
+from factories import layout as make_layout
 
-from hugeshmd import records
-from hugeshmd import table as table_mod
-from hugeshmd.errors import OutOfMemory, TableCorrupt
-from hugeshmd.table import (
+from hugeshmd.errors import OutOfMemory, TableCorrupt, TableFull
+from hugeshmd.shm import layout as records
+from hugeshmd.shm import layout as table_mod
+from hugeshmd.shm import table as table_code
+from hugeshmd.shm.layout import (
     HEADER_SIZE,
-    MODE_HUGETLBFS,
     MODE_SHM,
     STATE_READY,
     Layout,
+    Owner,
     SegmentRecord,
-    Snapshot,
-    Table,
     ZoneRecord,
 )
-
-BASE = 0x1000_0000_0000
-PAGE = 2 << 20
-MiB = 1 << 20
-
-
-def make_layout(**changes: object) -> Layout:
-    args: dict[str, object] = dict(base=BASE, window=64 * MiB, page_size=PAGE, mode=MODE_HUGETLBFS,
-                                   prefix="t", max_zones=16, max_workers=8)
-    args.update(changes)
-    return Layout.plan(**args)  # type: ignore[arg-type]
+from hugeshmd.shm.registry import Registry
+from hugeshmd.shm.snapshot import Snapshot
+from hugeshmd.shm.table import Table
 
 
 def segment(sid: int = 0, address: int = BASE, length: int = 8 * MiB, *, iova_index: int = 0,
             iova_count: int = 0, path: str = "/dev/hugepages/hugeshmd.t.seg0") -> SegmentRecord:
-    return SegmentRecord(sid, address, length, PAGE, 0, -1, address, iova_index, iova_count, path)
+    return segment_record(id=sid, address=address, length=length, iova_index=iova_index, iova_count=iova_count,
+                          path=path)
 
 
 def zone(name: str, address: int, size: int = 4096) -> ZoneRecord:
-    return ZoneRecord(name, address, size, address, 64, 0, 1234, 42)
+    return zone_record(name, address=address, size=size, owner=Owner(3, 1, 1234, 99), created_ns=42)
 
 
 def poke(path: str, offset: int, data: bytes) -> None:
@@ -113,7 +107,7 @@ def commit_zones(t: Table, *records: ZoneRecord) -> Snapshot:
 def test_fresh_table_is_generation_zero_and_empty(table: Table, reopen) -> None:
     assert table.generation == 0
     assert table.snapshot() == Snapshot(0, 0, (), ())
-    assert table.workers() == []
+    assert Registry(table).workers() == []
     assert table.state() == (0, 0)
     other = reopen()
     assert other.generation == 0
@@ -150,7 +144,7 @@ def test_layout_areas_do_not_overlap() -> None:
     layout = make_layout()
     assert layout.iova_at >= HEADER_SIZE
     assert layout.workers_at >= layout.iova_at + layout.max_iovas * 8
-    assert layout.slot_at[0] >= layout.workers_at + layout.max_workers * table_mod._WORKER.size
+    assert layout.slot_at[0] >= layout.workers_at + layout.max_workers * table_mod.WORKER.size
     assert layout.slot_at[1] == layout.slot_at[0] + layout.slot_size
     assert layout.slot_size >= layout.max_segments * records.SEGMENT.size + layout.max_zones * records.ZONE.size
     assert layout.file_size == layout.slot_at[1] + layout.slot_size
@@ -247,7 +241,8 @@ def test_insert_and_remove_in_one_commit(table: Table, reopen) -> None:
 
 def test_records_round_trip_every_field(table: Table, reopen) -> None:
     name = "é" * 31 + "x"  # 63 bytes of UTF-8, the maximum
-    z = ZoneRecord(name, BASE + 0x200000, 3 * MiB, 0xABC_DEF0_0000, 2 * MiB, 7, 99999, 1_700_000_000_123_456_789, 5)
+    owner = Owner(1023, 2**32 - 1, 99999, 2**64 - 1)
+    z = ZoneRecord(name, BASE + 0x200000, 3 * MiB, 0xABC_DEF0_0000, 2 * MiB, 7, owner, 1_700_000_000_123_456_789, 5)
     seg = SegmentRecord(7, BASE, 8 * MiB, PAGE, 4 * MiB, 1, 0xABC_DEF0_0000, 3, 4, "/p/" + "x" * 188, 9)
     with table.locked() as base:
         table.commit(base, segments=(seg,), insert=z)
@@ -273,14 +268,15 @@ def test_zone_name_too_long_is_refused_before_anything_is_written(table: Table, 
     assert reopen().snapshot() == Snapshot(0, 0, (), ())
 
 
-def test_zone_table_full_raises_out_of_memory_and_changes_nothing(path: str, reopen) -> None:
+def test_zone_table_full_raises_table_full_and_changes_nothing(path: str, reopen) -> None:
     t = Table.create(path, make_layout(max_zones=3))
     try:
         full = commit_zones(t, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
         message = r"the zone table is full \(3 zones\); start the primary with a larger max_zones"
-        with t.locked() as base, pytest.raises(OutOfMemory, match=message) as info:
+        with t.locked() as base, pytest.raises(TableFull, match=message) as info:
             t.commit(base, insert=zone("d", BASE + 12288))
-        assert info.value.size == 3
+        assert isinstance(info.value, OutOfMemory)  # what it was before it had a name of its own
+        assert (info.value.table, info.value.capacity) == ("zones", 3)
         assert t.generation == 3
         assert reopen().snapshot() == full
         # replacing one zone in a single commit is allowed when full
@@ -297,7 +293,7 @@ def test_segment_table_full_is_refused_and_changes_nothing(path: str, reopen) ->
         segs = tuple(segment(i, BASE + i * 8 * MiB) for i in range(3))
         # unchecked, the third record overwrote the zone area and every other
         # mapping then found the committed generation corrupt
-        with t.locked() as base, pytest.raises(OutOfMemory, match=r"the segment table is full \(2 segments\)"):
+        with t.locked() as base, pytest.raises(TableFull, match=r"the segment table is full \(2 segments\)"):
             t.commit(base, segments=segs)
         assert t.generation == 0
         assert reopen().snapshot() == Snapshot(0, 0, (), ())
@@ -335,7 +331,7 @@ def test_corrupt_committed_slot_is_detected(table: Table, path: str, reopen, are
     offset = {
         "zone": zones_at(table.layout, slot) + 60,  # inside the zone's name (from byte 57)
         "segment": table.layout.slot_at[slot] + 8,  # the segment's address
-        "meta count": table_mod._META_AT[slot] + 20,  # zone_count
+        "meta count": table_mod.META_AT[slot] + 20,  # zone_count
     }[area]
     byte = peek(path, offset, 1)[0]
     poke(path, offset, bytes([byte ^ 0x01]))
@@ -352,7 +348,7 @@ def test_garbage_in_the_inactive_slot_is_harmless(table: Table, path: str, reope
     inactive = 0
     poke(path, zones_at(table.layout, inactive), b"\xa5" * 4 * records.ZONE.size)
     poke(path, table.layout.slot_at[inactive], b"\x5a" * 256)
-    poke(path, table_mod._META_AT[inactive], b"\xff" * table_mod._META.size)
+    poke(path, table_mod.META_AT[inactive], b"\xff" * table_mod.META.size)
 
     reader = reopen()
     assert reader.snapshot() == committed
@@ -381,7 +377,7 @@ def test_a_change_killed_before_its_commit_point_is_invisible(table: Table, path
     committed = commit_zones(table, zone("a", BASE))
     with table.locked() as base:
         table.commit(base, insert=zone("ghost", BASE + 4096))
-    poke(path, table_mod._GEN_AT, struct.pack("<Q", 1))  # undo the one-word store
+    poke(path, table_mod.GEN_AT, struct.pack("<Q", 1))  # undo the one-word store
 
     reader = reopen()
     assert reader.generation == 1
@@ -416,8 +412,8 @@ def rewrite_header(path: str, fields: dict[int, int]) -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({1: 2}, "table format 2 is not 1"),  # field 1: format version
-        ({13: records.ZONE.size + 8}, "table format 1 is not 1"),  # field 13: zone record size
+        ({1: 1}, "table format 1 is not 2"),  # field 1: format version
+        ({13: records.ZONE.size + 8}, "table format 2 is not 2"),  # field 13: zone record size
     ],
 )
 def test_other_format_is_refused(table: Table, path: str, fields: dict[str, int], message: str) -> None:
@@ -427,7 +423,7 @@ def test_other_format_is_refused(table: Table, path: str, fields: dict[str, int]
 
 
 def test_header_rewrite_helper_keeps_a_valid_table(table: Table, path: str, reopen) -> None:
-    rewrite_header(path, {1: 1})  # no change: the file must still open (guards the tests above)
+    rewrite_header(path, {1: 2})  # no change: the file must still open (guards the tests above)
     assert reopen().layout == table.layout
 
 
@@ -515,7 +511,7 @@ def test_locked_in_a_forked_child_takes_an_flock_of_its_own(table: Table, monkey
     # flock on it. Simulated without forking: this process takes a new pid,
     # and the table's original descriptor plays the parent's.
     parent_fd = table._fd
-    monkeypatch.setattr(table_mod.os, "getpid", lambda: 999_999_999)
+    monkeypatch.setattr(table_code.os, "getpid", lambda: 999_999_999)
     with table.locked():
         with pytest.raises(BlockingIOError):
             fcntl.flock(parent_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -543,27 +539,44 @@ def everyone_alive(pid: int, start: int) -> bool:
 
 
 def test_workers_register_and_unregister(table: Table, reopen) -> None:
-    assert table.register_worker(101, 5001, everyone_alive) == 0
-    assert table.register_worker(102, 5002, everyone_alive) == 1
-    assert reopen().workers() == [(101, 5001), (102, 5002)]
-    table.unregister_worker(0, 101)
-    assert table.workers() == [(102, 5002)]
-    assert table.register_worker(103, 5003, everyone_alive) == 0  # the freed entry first
-    assert table.workers() == [(103, 5003), (102, 5002)]
+    registry = Registry(table)
+    first = registry.register(101, 5001, everyone_alive)
+    assert first == Owner(0, 1, 101, 5001)
+    assert registry.register(102, 5002, everyone_alive) == Owner(1, 1, 102, 5002)
+    assert Registry(reopen()).workers() == [Owner(0, 1, 101, 5001), Owner(1, 1, 102, 5002)]
+    registry.unregister(first)
+    assert registry.workers() == [Owner(1, 1, 102, 5002)]
+    again = registry.register(103, 5003, everyone_alive)  # the freed entry first, in a new epoch
+    assert again == Owner(0, 2, 103, 5003)
+    assert registry.workers() == [again, Owner(1, 1, 102, 5002)]
     assert table.generation == 0  # advisory, no generation bump
 
 
-def test_unregister_with_another_pid_leaves_the_entry(table: Table) -> None:
-    index = table.register_worker(101, 5001, everyone_alive)
-    table.unregister_worker(index, 999)
-    assert table.workers() == [(101, 5001)]
+def test_an_owner_token_outlives_neither_its_registration_nor_a_reused_pid(table: Table) -> None:
+    registry = Registry(table)
+    first = registry.register(101, 5001, everyone_alive)
+    assert registry.holds(first)
+    registry.unregister(first)
+    same_pid = registry.register(101, 5001, everyone_alive)  # the same entry and even pid, a new epoch
+    assert not registry.holds(first)
+    assert registry.holds(same_pid)
+    assert not registry.holds(first._replace(slot=999))
+
+
+def test_unregister_with_another_registration_leaves_the_entry(table: Table) -> None:
+    registry = Registry(table)
+    owner = registry.register(101, 5001, everyone_alive)
+    registry.unregister(owner._replace(pid=999))
+    registry.unregister(owner._replace(epoch=owner.epoch + 1))
+    assert registry.workers() == [owner]
 
 
 def test_register_reuses_the_entry_of_a_dead_worker(table: Table) -> None:
+    registry = Registry(table)
     for pid in range(201, 209):
-        table.register_worker(pid, pid * 10, everyone_alive)
-    with pytest.raises(OutOfMemory, match=r"the worker table is full \(8 live workers\); .* larger max_workers"):
-        table.register_worker(300, 3000, everyone_alive)
+        registry.register(pid, pid * 10, everyone_alive)
+    with pytest.raises(TableFull, match=r"the worker table is full \(8 live workers\); .* larger max_workers"):
+        registry.register(300, 3000, everyone_alive)
 
     asked: list[tuple[int, int]] = []
 
@@ -571,11 +584,12 @@ def test_register_reuses_the_entry_of_a_dead_worker(table: Table) -> None:
         asked.append((pid, start))
         return pid != 205
 
-    assert table.register_worker(300, 3000, alive) == 4
+    assert registry.register(300, 3000, alive) == Owner(4, 2, 300, 3000)
     assert asked == [(201, 2010), (202, 2020), (203, 2030), (204, 2040), (205, 2050)]
-    assert (300, 3000) in table.workers()
-    assert (205, 2050) not in table.workers()
-    assert len(table.workers()) == 8
+    pids = [(o.pid, o.start) for o in registry.workers()]
+    assert (300, 3000) in pids
+    assert (205, 2050) not in pids
+    assert len(pids) == 8
 
 
 # -- iovas ------------------------------------------------------------------------------

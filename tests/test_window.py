@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from hugeshmd import _sys, hugepages
+from hugeshmd import _sys
+from hugeshmd.daemon import hugepages
 from hugeshmd.errors import AddressUnavailable
-from hugeshmd.window import Window, conflicts
+from hugeshmd.shm.window import Window, conflicts
 
 BASE = 0x3000_0000_0000  # far from anything this test process maps
 SIZE = 64 << 20

@@ -17,11 +17,14 @@ from collections.abc import Iterator
 
 import numpy
 import pytest
+from factories import segment_record, zone_record
 
-from hugeshmd import zones
 from hugeshmd.errors import AlreadyExists, InvalidArgument, NotFound, OutOfMemory
-from hugeshmd.table import MODE_HUGETLBFS, Layout, SegmentRecord, Snapshot, Table, ZoneRecord
-from hugeshmd.zones import check_align, check_name, check_size, make_zone, place
+from hugeshmd.shm import zones
+from hugeshmd.shm.layout import MODE_HUGETLBFS, NOBODY, Layout, Owner, SegmentRecord, ZoneRecord
+from hugeshmd.shm.snapshot import Snapshot
+from hugeshmd.shm.table import Table
+from hugeshmd.shm.zones import check_align, check_name, check_size, make_zone, place
 
 BASE = 0x1000_0000_0000
 KiB = 1 << 10
@@ -29,13 +32,16 @@ MiB = 1 << 20
 PAGE = 2 * MiB
 
 
+
+
 def segment(sid: int, address: int, length: int, *, iova_index: int = 0, iova_count: int = 0) -> SegmentRecord:
-    return SegmentRecord(sid, address, length, PAGE, 0, -1, address, iova_index, iova_count, f"/hp/seg{sid}")
+    return segment_record(id=sid, address=address, length=length, iova_index=iova_index, iova_count=iova_count,
+                          path=f"/hp/seg{sid}")
 
 
 def snapshot(segments: tuple[SegmentRecord, ...], *placed: tuple[str, int, int]) -> Snapshot:
     """A snapshot with zones (name, address, size), which must be given in address order."""
-    records = tuple(ZoneRecord(n, a, s, a, 64, 0, 1, 0) for n, a, s in placed)
+    records = tuple(zone_record(n, address=a, size=s) for n, a, s in placed)
     return Snapshot(1, 1, segments, records)
 
 
@@ -140,7 +146,7 @@ def test_place_first_fit_in_an_empty_segment() -> None:
     record = place(snap, "a", 1000, 64, va)
     index = position(snap, record)
     assert index == 0
-    assert record == ZoneRecord("a", BASE, 1000, BASE, 64, 0, os.getpid(), record.created_ns)
+    assert record == ZoneRecord("a", BASE, 1000, BASE, 64, 0, NOBODY, record.created_ns)
     assert record.created_ns > 0
 
 
@@ -262,11 +268,12 @@ def names_and_addresses(t: Table) -> list[tuple[str, int]]:
 
 
 def test_reserve_commits_a_new_generation(table: Table) -> None:
-    base, new, record = zones.reserve(table, "a", 1000, 64)
+    owner = Owner(2, 7, os.getpid(), 12345)
+    base, new, record = zones.reserve(table, "a", 1000, 64, owner=owner)
     assert (base.generation, new.generation, table.generation) == (1, 2, 2)
     assert new.zones == (record,)
     assert (record.name, record.address, record.size, record.align, record.segment) == ("a", BASE, 1000, 64, 0)
-    assert record.owner == os.getpid()
+    assert record.owner == owner
     other = Table.open(table.path)
     try:
         assert other.snapshot() == new
@@ -360,7 +367,7 @@ def memory() -> Iterator[tuple[mmap.mmap, int]]:
 
 
 def record_at(address: int, size: int, name: str = "z") -> ZoneRecord:
-    return ZoneRecord(name, address, size, 0xFEED_0000, 64, 0, 1, 0)
+    return zone_record(name, address=address, size=size, iova=0xFEED_0000)
 
 
 def test_zone_attributes_and_repr(memory) -> None:

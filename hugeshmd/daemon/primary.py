@@ -1,0 +1,433 @@
+"""The primary's lifecycle: start (each step with its undo), serve, reload, shut down.
+
+Start-up order matters and each step registers its own undo, so a failure at
+any point (a second primary, no hugepages, a taken address) leaves nothing
+behind: lock (before any socket: libzmq unlinks ipc paths it binds over), a
+dead predecessor's files (:mod:`.predecessor`), backing choice
+(:mod:`.backing`), address window, segment, table, sockets, then ``ready``.
+Shutdown runs the same undo list in reverse.
+
+What the loop serves lives elsewhere: requests in :mod:`.server`, access
+checks in :mod:`.access` (:class:`~.access.ZapHandler`), the change stream in
+:mod:`.publisher`. Every attribute is set in ``__init__``; those that start-up
+fills stay None until their step has run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import zmq
+
+from ..errors import HugepagesUnavailable, HugeshmdError, InvalidArgument
+from ..shm.identity import own_start_time
+from ..shm.layout import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord
+from ..shm.lock import PrimaryLock
+from ..shm.paths import RuntimePaths
+from ..shm.registry import Registry
+from ..shm.table import Table
+from ..shm.window import Window
+from ..sizes import format_size
+from ..wire import protocol
+from . import backing, hugepages, predecessor
+from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, ZapHandler, remove_ipc_risk
+from .backing import Backing, Mapped
+from .config import RELOADABLE, Config, instance_path, load
+from .publisher import Publisher
+from .server import LOCK_WAIT_S, RequestServer
+from .systemd import Notifier
+
+__all__ = ["Primary", "run", "LOCK_WAIT_S"]
+
+log = logging.getLogger("hugeshmd.primary")
+
+HEARTBEAT_S = 1.0
+STOP_WAIT_S = 2.0  # how long shutdown waits for a worker holding the table's lock to mark it stopped
+
+
+class Primary:
+    """One instance's primary. :meth:`start`, then :meth:`serve`, then :meth:`shutdown`."""
+
+    def __init__(self, config: Config, overrides: dict[str, Any] | None = None,
+                 notifier: Notifier | None = None, instance: str | None = None) -> None:
+        self.config = config
+        self.config_name = instance  # started with --instance NAME: SIGHUP looks for NAME.toml again
+        self.overrides = overrides or {}  # the command line's options: kept over the file on reload
+        self.notifier = notifier or Notifier({})
+        self.paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root)
+        self.policy = Policy.from_names(config.group)  # resolved first: a bad group touches nothing
+        self.server = RequestServer(self)
+        self.zap_handler = ZapHandler(self.policy)
+        self.publisher = Publisher()
+        # Filled by start-up, in this order:
+        self.fallback_reason: str | None = None
+        self.backing: Backing | None = None
+        self.window: Window | None = None
+        self.table_or_none: Table | None = None
+        self.zap: zmq.Socket[bytes] | None = None
+        self.router: zmq.Socket[bytes] | None = None
+        self._reload_pending = False
+        self._progress_sent = 0.0  # when the last STATUS= of the mapping went out
+        self._status_sent = ""  # the last STATUS= summary, sent again when it changes
+        self._stopping = False
+        self._undo = ExitStack()
+        self._started = time.monotonic()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    @property
+    def table(self) -> Table:
+        """The instance's table; only once start-up has made it (RuntimeError before)."""
+        if self.table_or_none is None:
+            raise RuntimeError("the primary has no table before start() made it")
+        return self.table_or_none
+
+    # -- start-up ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Map the memory and bind the sockets; raises HugeshmdError, leaving nothing behind."""
+        try:
+            self._start()
+        except BaseException:
+            self._undo.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
+
+    def _start(self) -> None:
+        self._check_socket_paths()
+        self._make_runtime_dir()
+        lock = PrimaryLock.acquire(self.paths.lock)
+        self._undo.callback(lock.release)
+        self.policy.own(self.paths.dir, DIR_MODE)  # ours now: a rival would have been refused the lock
+        self.policy.own(self.paths.lock, 0o600)  # a member that could read it could flock it, and block a restart
+        self._clear_predecessor()
+        choice = backing.choose(self.config, self.paths, self.policy.own_fd)
+        self.fallback_reason = choice.fallback_reason
+        window = Window.reserve(self.config.base_address, self.config.window_for(choice.memory))
+        self._undo.callback(window.release)
+        self.window = window
+        mapped = self._map_first_segment(choice)
+        assert self.backing is not None
+        risk = remove_ipc_risk(os.geteuid()) if self.backing.mode != MODE_HUGETLBFS else None
+        if risk:
+            log.warning("%s", risk)
+        self.table_or_none = self._create_table(mapped)
+        self._bind()
+        self.table.set_state(STATE_READY, os.getpid(), own_start_time())
+        summary = self.summary()
+        self.notifier.send(ready=1, status=summary)
+        log.info("ready: %s", summary)
+
+    def _make_runtime_dir(self) -> None:
+        os.makedirs(self.paths.dir, mode=DIR_MODE, exist_ok=True)
+        if os.path.islink(self.paths.dir):  # chown and chmod below would follow it
+            raise InvalidArgument(f"invalid runtime_root: {self.paths.dir} is a symbolic link", name="runtime_root")
+        self._undo.callback(_rmdir_quietly, self.paths.dir)  # last undo: fails if another primary uses it
+
+    def _clear_predecessor(self) -> None:
+        dirs = hugepages.segment_dirs() + ([self.config.hugepage_dir] if self.config.hugepage_dir else [])
+        for path in predecessor.clear(self.paths, dirs):
+            log.warning("removed stale %s left by a previous primary of prefix %r", path, self.config.prefix)
+
+    def _check_socket_paths(self) -> None:
+        """An ipc:// path must fit in sun_path (unix(7): 108 bytes with the NUL), checked
+        before any hugepage is touched rather than at bind, after mapping."""
+        for path in self.paths.socket_paths():
+            if len(path.encode()) > 107:
+                raise InvalidArgument(
+                    f"invalid runtime_root: the socket path {path} is {len(path.encode())} bytes, "
+                    "more than a unix socket allows (107)", name="runtime_root")
+
+    def _map_first_segment(self, choice: backing.Choice) -> Mapped:
+        assert self.window is not None
+        try:
+            mapped = choice.backing.create(self.window, 0, self.window.base, choice.memory, self._progress)
+        except HugepagesUnavailable as err:
+            if self.config.huge_pages == "on":
+                raise
+            choice = backing.fall_back(self.config, self.paths, self.policy.own_fd, err)
+            self.fallback_reason = choice.fallback_reason
+            mapped = choice.backing.create(self.window, 0, self.window.base, choice.memory, self._progress)
+        self.backing = choice.backing
+        self._undo.callback(choice.backing.remove, 0)
+        return mapped
+
+    def _progress(self, done: int, total: int) -> None:
+        log.debug("mapping: %s of %s", format_size(done), format_size(total))
+        now = time.monotonic()
+        if done == total or now - self._progress_sent >= 0.25:  # the manager needs no more
+            self._progress_sent = now
+            self.notifier.status(f"mapping {format_size(done)} of {format_size(total)} ({100 * done // total}%)")
+
+    def _create_table(self, mapped: Mapped) -> Table:
+        c = self.config
+        assert self.window is not None and self.backing is not None
+        layout = Layout.plan(base=self.window.base, window=self.window.size, page_size=self.backing.page_size,
+                             mode=self.backing.mode, prefix=c.prefix, max_zones=c.max_zones, max_workers=c.max_workers)
+        table = Table.create(self.paths.table, layout, own_fd=self.policy.own_fd)
+        table.read_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
+        self._undo.callback(os.unlink, self.paths.table)
+        self._undo.callback(table.close)
+        if mapped.iovas is not None:
+            table.write_iovas(0, mapped.iovas)
+        segment = SegmentRecord(0, mapped.address, mapped.length, self.backing.page_size, 0, mapped.numa_node,
+                                mapped.iovas[0] if mapped.iovas else mapped.address, 0,
+                                len(mapped.iovas or ()), mapped.path)
+        with table.locked() as base:
+            table.commit(base, segments=(segment,))
+        self.publisher.publish({"op": "segments", "segments": [segment._asdict()]})
+        return table
+
+    def _bind(self) -> None:
+        context = zmq.Context()
+        self._undo.callback(context.term)
+        # The ZAP handler first: see hugeshmd.daemon.access. It lives in this context
+        # (inproc) and is answered from the serve loop, so no thread is needed.
+        zap: zmq.Socket[bytes] = context.socket(zmq.REP)
+        self._undo.callback(zap.close, 0)
+        zap.bind(ZAP_ENDPOINT)
+        self.zap = zap
+        guarded: dict[int, int | bytes] = {zmq.ZAP_DOMAIN: ZAP_DOMAIN, zmq.ZAP_ENFORCE_DOMAIN: 1}
+        # ZMQ_MAXMSGSIZE must be set before bind: libzmq copies a socket's
+        # options into each listener when it binds, and ignores later changes.
+        self.router = self._socket(context, zmq.ROUTER, self.paths.control,
+                                   {zmq.MAXMSGSIZE: protocol.MAX_MESSAGE, **guarded})
+        self.publisher.attach(self._socket(context, zmq.PUB, self.paths.events, guarded))
+
+    def _socket(self, context: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str,
+                options: dict[int, int | bytes]) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = context.socket(kind)
+        for option, value in options.items():
+            sock.setsockopt(option, value)
+        # libzmq leaves the ipc:// file behind when the socket closes: remove it after.
+        self._undo.callback(_unlink_quietly, endpoint[len("ipc://"):])
+        self._undo.callback(sock.close, 200)
+        sock.setsockopt(zmq.LINGER, 200)
+        sock.bind(endpoint)
+        self.policy.own(endpoint[len("ipc://"):])
+        return sock
+
+    # -- serving -------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Answer requests until :meth:`stop` is called (from a signal handler or another thread)."""
+        assert self.zap is not None and self.router is not None, "serve() before start()"
+        poller = zmq.Poller()
+        poller.register(self.zap, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        # The watchdog is fed from this loop, so a loop that hangs is restarted.
+        beat = min(HEARTBEAT_S, self.notifier.watchdog / 2) if self.notifier.watchdog else HEARTBEAT_S
+        next_beat = time.monotonic()
+        while not self._stopping:
+            ready = dict(poller.poll(timeout=max(0, int((next_beat - time.monotonic()) * 1000))))
+            if self.zap in ready:
+                _drain(self.zap, self.zap_handler.reply)
+            if self.router in ready:
+                _drain(self.router, self.server.handle)
+            if self._wake_r.fileno() in ready:
+                self._drain_wakeups()
+            if self._reload_pending:
+                self.reload()
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + beat
+
+    def handle(self, frames: list[bytes]) -> list[bytes] | None:
+        """The reply frames for one request's frames (:meth:`RequestServer.handle`)."""
+        return self.server.handle(frames)
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return. Safe from a signal handler."""
+        self._stopping = True
+        self._wake()
+
+    def request_reload(self) -> None:
+        """Ask :meth:`serve` to :meth:`reload` (from a SIGHUP handler)."""
+        self._reload_pending = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending
+
+    def wakeup_fd(self) -> int:
+        return self._wake_w.fileno()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _heartbeat(self) -> None:
+        self.publisher.heartbeat()
+        if self.notifier.watchdog:
+            self.notifier.send(watchdog=1)
+        if self.notifier.enabled:
+            summary = self.summary()
+            if summary != self._status_sent:  # zones and workers change: keep `systemctl status` true
+                self._status_sent = summary
+                self.notifier.status(summary)
+
+    # -- reloading -----------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read the config file again and apply what can change live (systemd's reload protocol).
+
+        Only log_level reloads; a change to
+        anything else is logged and waits for a restart. A bad file changes
+        nothing: the error is logged and the primary goes on as it was.
+        """
+        self._reload_pending = False
+        self.notifier.reloading()
+        path = self.config.path
+        if path is None and self.config_name is not None and os.path.exists(instance_path(self.config_name)):
+            path = instance_path(self.config_name)  # made since start
+        try:
+            fresh = load(path, self.overrides)
+        except HugeshmdError as err:
+            log.error("reload: %s; nothing changed", err.message)
+        except Exception:  # noqa: BLE001 - a bug in reloading must not stop a serving primary
+            log.exception("reload failed; nothing changed")
+        else:
+            kept = [f for f in fresh.__dataclass_fields__ if f not in RELOADABLE | {"path"}
+                    and getattr(fresh, f) != getattr(self.config, f)]
+            if kept:
+                log.warning("reload: %s changed in %s; these apply at the next restart",
+                            ", ".join(sorted(kept)), path)
+            self.config = self._with(fresh)
+            logging.getLogger().setLevel(fresh.log_level.upper())
+            log.info("reloaded %s: log_level %s", fresh.path or "(no file)", fresh.log_level)
+        self.notifier.send(ready=1, status=self.summary())
+
+    def _with(self, fresh: Config) -> Config:
+        return dataclasses.replace(self.config, path=fresh.path, **{k: getattr(fresh, k) for k in RELOADABLE})
+
+    # -- figures ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.backing is not None and self.window is not None
+        snap = self.table.snapshot()
+        memory = sum(s.length for s in snap.segments)
+        used = sum(z.size for z in snap.zones)
+        server = self.server
+        return {
+            "prefix": self.config.prefix, "pid": os.getpid(), "state": STATE_NAMES[self.table.state()[0]],
+            "mode": "hugepages" if self.backing.mode == MODE_HUGETLBFS else "fallback",
+            "fallback_reason": self.fallback_reason, "page_size": self.backing.page_size,
+            "base": self.window.base, "window": self.window.size, "memory": memory, "used": used,
+            "free": memory - used, "segments": len(snap.segments), "zones": len(snap.zones),
+            "workers": len(Registry(self.table).live()),
+            "generation": snap.generation, "requests": server.requests, "errors": dict(server.errors),
+            "requests_by_op": dict(server.requests_by_op), "refused": self.zap_handler.refused,
+            "uptime": round(time.monotonic() - self._started, 3),
+        }
+
+    def summary(self) -> str:
+        s = self.status()
+        mode = s["mode"] if s["mode"] == "hugepages" else f"fallback ({s['fallback_reason'] or 'huge_pages=off'})"
+        return (f"prefix {s['prefix']}: {format_size(s['memory'])} of {format_size(s['page_size'])} pages, "
+                f"{mode}, window {s['base']:#x}+{format_size(s['window'])}, {s['zones']} zones, "
+                f"{s['workers']} workers")
+
+    # -- shutdown ------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Tell workers, unmap, remove every file this primary made. Idempotent.
+
+        The removal runs whatever happens while telling workers: a table that
+        fails its checks or a lock that cannot be had must not pin hugepages.
+        """
+        self.notifier.send(stopping=1, status="stopping: telling workers, removing files")
+        try:
+            self._tell_workers()
+        except Exception:  # noqa: BLE001 - log it, and still remove everything
+            log.exception("could not mark the table stopped; removing the instance anyway")
+        finally:
+            self._undo.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            self.notifier.close()
+        log.info("stopped: prefix %s, all hugepage files and runtime files removed", self.config.prefix)
+
+    def _tell_workers(self) -> None:
+        table = self.table_or_none
+        if table is None or table.state()[0] == STATE_STOPPING:
+            return
+        table.mark_stopped(STOP_WAIT_S)
+        self.publisher.publish({"op": "stopping"})
+
+
+def _drain(sock: zmq.Socket[bytes], answer: Any) -> None:
+    """Answer every message queued on ``sock`` with ``answer(frames)`` (None: no reply)."""
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        reply = answer(frames)
+        if reply is not None:
+            sock.send_multipart(reply)
+
+
+def run(config: Config, overrides: dict[str, Any] | None = None, instance: str | None = None) -> int:
+    """Run a primary in the foreground until SIGTERM or SIGINT; the exit status.
+
+    The handlers go in before start-up, so a signal during a long mapping
+    still ends in a clean shutdown. SIGHUP reloads what can change live
+    (:meth:`Primary.reload`); one that arrives during start-up is applied
+    once serving. Under systemd (``$NOTIFY_SOCKET``) the primary reports
+    READY, STATUS, WATCHDOG, RELOADING and STOPPING (:mod:`hugeshmd.daemon.systemd`).
+    """
+    notifier = Notifier()
+    try:
+        primary = Primary(config, overrides, notifier, instance)
+    except Exception as err:
+        notifier.status(f"failed: {getattr(err, 'message', None) or err}")
+        notifier.close()
+        raise
+    previous = signal.set_wakeup_fd(primary.wakeup_fd(), warn_on_full_buffer=False)
+    handlers = {sig: signal.signal(sig, lambda *_: primary.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    hup = signal.signal(signal.SIGHUP, lambda *_: primary.request_reload())
+    try:
+        try:
+            primary.start()
+        except Exception as err:
+            primary.notifier.status(f"failed: {getattr(err, 'message', None) or err}")
+            raise
+        try:
+            primary.serve()
+        finally:
+            primary.shutdown()
+    finally:
+        signal.set_wakeup_fd(previous)
+        for sig, handler in {**handlers, signal.SIGHUP: hup}.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _rmdir_quietly(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,71 @@
+"""An instance's figures in the Prometheus text format (version 0.0.4).
+
+For node_exporter's textfile collector: ``hugeshmd metrics --textfile DIR``
+writes ``DIR/hugeshmd_<prefix>.prom`` atomically (a temp file renamed over the
+old one, as the collector's documentation asks, so it never reads half a file).
+An instance with no primary still gets a file, with ``hugeshmd_up 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .files import write_file
+
+__all__ = ["render", "write_textfile"]
+
+_GAUGES = (
+    ("memory_bytes", "memory", "Bytes of shared memory the instance maps."),
+    ("memory_used_bytes", "used", "Bytes reserved by zones."),
+    ("memory_free_bytes", "free", "Bytes not reserved by any zone."),
+    ("page_size_bytes", "page_size", "Page size of the instance's memory."),
+    ("segments", "segments", "Mapped segments."),
+    ("zones", "zones", "Reserved zones."),
+    ("workers", "workers", "Live workers attached read-write."),
+    ("uptime_seconds", "uptime", "Seconds since the primary started."),
+)
+
+
+def _escape(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels: object) -> str:
+    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
+
+
+def _family(lines: list[str], name: str, kind: str, text: str) -> None:
+    lines += [f"# HELP hugeshmd_{name} {text}", f"# TYPE hugeshmd_{name} {kind}"]
+
+
+def render(prefix: str, status: dict[str, Any] | None) -> str:
+    """The exposition text for ``prefix``; ``status`` is the primary's status reply, None if it is down."""
+    lines: list[str] = []
+    own = _labels(prefix=prefix)
+    _family(lines, "up", "gauge", "1 if the instance's primary answered, else 0.")
+    lines.append(f"hugeshmd_up{own} {0 if status is None else 1}")
+    if status is None:
+        return "\n".join(lines) + "\n"
+    _family(lines, "info", "gauge", "The instance's mode (always 1).")
+    lines.append(f"hugeshmd_info{_labels(prefix=prefix, mode=status['mode'])} 1")
+    _family(lines, "primary_pid", "gauge", "Process id of the instance's primary (changes at a restart).")
+    lines.append(f"hugeshmd_primary_pid{own} {status['pid']}")
+    for name, key, text in _GAUGES:
+        _family(lines, name, "gauge", text)
+        lines.append(f"hugeshmd_{name}{own} {status[key]}")
+    _family(lines, "requests_total", "counter",
+            "Control-socket requests, by operation (op=\"invalid\": no valid operation named).")
+    for op, count in sorted(status.get("requests_by_op", {}).items()):
+        lines.append(f"hugeshmd_requests_total{_labels(prefix=prefix, op=op)} {count}")
+    _family(lines, "errors_total", "counter", "Requests refused, by error kind.")
+    for kind, count in sorted(status.get("errors", {}).items()):
+        lines.append(f"hugeshmd_errors_total{_labels(prefix=prefix, kind=kind)} {count}")
+    _family(lines, "refused_connections_total", "counter", "Connections refused by the access check.")
+    lines.append(f"hugeshmd_refused_connections_total{own} {status.get('refused', 0)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(directory: str, prefix: str, text: str) -> str:
+    """Write ``text`` to ``directory/hugeshmd_<prefix>.prom`` atomically; the path."""
+    return write_file(os.path.join(directory, f"hugeshmd_{prefix}.prom"), text)

@@ -1,0 +1,46 @@
+"""Which process is which, across pid reuse: a pid and its start time.
+
+A pid alone names a process only while it lives: the kernel hands it out again.
+The start time (proc(5), ``/proc/<pid>/stat`` field 22, clock ticks since boot)
+does not repeat for a pid within one boot, so the pair names one process for
+good. The primary records its own pair in the table; each worker entry and each
+zone owner (:class:`hugeshmd.shm.layout.Owner`) carries one.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["process_start_time", "own_start_time", "process_alive"]
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (proc(5) stat field 22).
+
+    With the pid it identifies a process across pid reuse. None if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and parentheses; the fields after the
+    # last ")" are plain numbers, starting with field 3 (state).
+    return int(raw[raw.rindex(b")") + 2 :].split()[19])
+
+
+_own: tuple[int, int | None] = (0, None)  # (pid, start time) of this process, read once per pid
+
+
+def own_start_time() -> int:
+    """This process's start time; read from /proc once per process (a forked child has its own)."""
+    global _own
+    pid = os.getpid()
+    if _own[0] != pid:
+        _own = (pid, process_start_time(pid))
+    return _own[1] or 0
+
+
+def process_alive(pid: int, start: int) -> bool:
+    """True while the process that had ``pid`` and ``start`` still exists."""
+    return process_start_time(pid) == start

@@ -1,0 +1,252 @@
+"""The instance on disk: every struct, offset and the format version of the shared table file.
+
+This module is the one owner of the table's bytes. :mod:`hugeshmd.shm.table`
+maps the file and commits changes; :mod:`hugeshmd.shm.snapshot` indexes one
+committed version; the worker registry lives in :mod:`hugeshmd.shm.registry`.
+None of them spells a struct or an offset of its own.
+
+The file, in order (every area page-aligned, every offset in the header)::
+
+    header      4096 B   static: magic, FORMAT, sizes and offsets of every area, the
+                         window, page size, mode, prefix, 16 random bytes naming the instance,
+                         then its CRC32; a few dynamic words after it (below)
+    iovas       8 B per page of the window (hugetlbfs only): physical addresses
+    workers     16 B per worker entry: pid, epoch, start time
+    slot 0      segment records, then zone records   } committed generation g
+    slot 1      segment records, then zone records   } lives in slot g & 1
+
+The dynamic words of the header (each naturally aligned, none covered by the
+header CRC): the committed generation at 512, the primary's state and pid at
+520, its start time at 528, and the two *meta* records (generation, segments
+generation, counts, sum of zone CRCs, CRC of the meta and segment records) at
+576 and 640, one per slot. Readers trust nothing here that the checks in
+:meth:`Layout.unpack` and the table's decode have not verified.
+
+FORMAT 2 (this one) differs from 1 in the zone record, which now carries its
+owner as a worker slot, the slot's epoch and the owner's pid and start time
+(:class:`Owner`): a token that pid reuse cannot fool, fit for reclaiming a dead
+worker's memory. A table of another format is refused as TableCorrupt.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+import zlib
+from collections import namedtuple
+
+from ..errors import TableCorrupt
+
+TYPE_CHECKING = False  # typing costs a worker's import ~5 ms; annotations are strings anyway
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = [
+    "MAGIC", "FORMAT", "HEADER_SIZE", "MODE_HUGETLBFS", "MODE_SHM", "STATE_STARTING", "STATE_READY",
+    "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "META", "META_HEAD",
+    "META_AT", "WORKER", "IOVA", "U32", "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT", "NO_SLOT",
+    "NOBODY", "Layout", "Owner", "SegmentRecord", "ZoneRecord",
+]  # fmt: skip
+
+MAGIC = b"HUGESHMD"
+FORMAT = 2
+HEADER_SIZE = 4096
+MODE_HUGETLBFS = 1
+MODE_SHM = 2
+STATE_STARTING, STATE_READY, STATE_STOPPING = 0, 1, 2
+STATE_NAMES = {STATE_STARTING: "starting", STATE_READY: "ready", STATE_STOPPING: "stopping"}
+NAME_MAX = 63  # bytes of UTF-8
+PATH_MAX = 191
+NO_SLOT = 0xFFFFFFFF  # a zone owner that is no registered worker (the primary, on a client's behalf)
+
+# Static header: written once by the primary, covered by the CRC32 that follows it.
+_HEADER = struct.Struct("<8sIIQQQQIIIIIIIIQQQQQQ64s16s")
+_HEADER_CRC = struct.Struct("<I")
+# Dynamic words, each naturally aligned.
+GEN_AT = 512  # u64 committed generation
+STATE_AT = 520  # u32 state, u32 primary pid
+STATE = struct.Struct("<II")
+OWNER_START_AT = 528  # u64 primary's start time (with its pid, identifies it across pid reuse)
+U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
+# generation, segments generation, segment count, zone count, sum of zone CRCs, CRC of the rest + segments
+META = struct.Struct("<QQIIII")
+META_HEAD = META.size - 4
+META_AT = (576, 640)
+WORKER = struct.Struct("<IIQ")  # pid, epoch (claims of this entry so far), start time (clock ticks since boot)
+IOVA = struct.Struct("<Q")
+# id, flags, address, length, page size, offset, numa node, reserved, iova, iova index, iova count, path
+SEGMENT = struct.Struct("<IIQQQQiIQII192s")
+# address, size, iova, align, segment, flags, owner slot, owner epoch, owner pid, reserved,
+# owner start time, created, name length, name, crc32 of the rest
+ZONE = struct.Struct("<QQQQIIIIIIQQB63sI4x")
+ZONE_BODY = ZONE.size - 8  # what the record's crc32 covers
+
+
+def _round(size: int, to: int = 4096) -> int:
+    return -(-size // to) * to
+
+
+class Layout(namedtuple("Layout", "file_size base window page_size mode max_segments max_zones max_workers "
+                                  "max_iovas iova_at workers_at slot_at slot_size created_ns prefix instance_id")):
+    """The static header: sizes and offsets of every area, and the instance's window."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        file_size: int
+        base: int
+        window: int
+        page_size: int
+        mode: int
+        max_segments: int
+        max_zones: int
+        max_workers: int
+        max_iovas: int
+        iova_at: int
+        workers_at: int
+        slot_at: tuple[int, int]
+        slot_size: int
+        created_ns: int
+        prefix: str
+        instance_id: bytes  # 16 random bytes naming this instance (a fresh start makes new ones)
+
+    @classmethod
+    def plan(cls, *, base: int, window: int, page_size: int, mode: int, prefix: str,
+             max_segments: int = 256, max_zones: int = 1024, max_workers: int = 1024) -> Layout:
+        max_iovas = window // page_size if mode == MODE_HUGETLBFS else 0
+        slot_size = _round(max_segments * SEGMENT.size + max_zones * ZONE.size)
+        iova_at = HEADER_SIZE
+        workers_at = iova_at + _round(max_iovas * IOVA.size)
+        slot0 = workers_at + _round(max_workers * WORKER.size)
+        return cls(slot0 + 2 * slot_size, base, window, page_size, mode, max_segments,
+                   max_zones, max_workers, max_iovas, iova_at, workers_at,
+                   (slot0, slot0 + slot_size), slot_size, time.time_ns(), prefix, os.urandom(16))
+
+    def zones_at(self, slot: int) -> int:
+        """Offset of the zone records of ``slot`` (0 or 1)."""
+        return self.slot_at[slot] + self.max_segments * SEGMENT.size
+
+    def pack(self) -> bytes:
+        raw = _HEADER.pack(
+            MAGIC, FORMAT, HEADER_SIZE, self.file_size, self.base, self.window, self.page_size,
+            self.mode, self.max_segments, self.max_zones, self.max_workers, self.max_iovas,
+            SEGMENT.size, ZONE.size, WORKER.size, self.iova_at, self.workers_at,
+            self.slot_at[0], self.slot_at[1], self.slot_size, self.created_ns,
+            self.prefix.encode(), self.instance_id,
+        )
+        return raw + _HEADER_CRC.pack(zlib.crc32(raw))
+
+    @classmethod
+    def unpack(cls, buf: bytes | mmap.mmap, path: str) -> Layout:
+        """The header of ``buf``; TableCorrupt if its magic, checksum, format or areas fail."""
+        if len(buf) < HEADER_SIZE or buf[:8] != MAGIC:
+            raise TableCorrupt(f"{path} is not a hugeshmd table (bad magic)", path=path)
+        fields = _HEADER.unpack_from(buf, 0)
+        (crc,) = _HEADER_CRC.unpack_from(buf, _HEADER.size)
+        if crc != zlib.crc32(buf[:_HEADER.size]):
+            raise TableCorrupt(f"{path}: header checksum mismatch", path=path)
+        if fields[1] != FORMAT or fields[12:15] != (SEGMENT.size, ZONE.size, WORKER.size):
+            raise TableCorrupt(f"{path}: table format {fields[1]} is not {FORMAT}", path=path)
+        (_, _, _, file_size, base, window, psize, mode, mseg, mzone, mwork, miova, _, _, _,
+         iova_at, workers_at, s0, s1, ssize, created, prefix, instance_id) = fields
+        return cls(file_size, base, window, psize, mode, mseg, mzone, mwork, miova, iova_at,
+                   workers_at, (s0, s1), ssize, created, prefix.rstrip(b"\0").decode(), instance_id)
+
+
+class Owner(namedtuple("Owner", "slot epoch pid start")):
+    """Who owns a zone: a worker entry (``slot``) in the claim ``epoch`` of it, and that
+    worker's ``pid`` and ``start`` time (clock ticks since boot, proc(5) stat field 22).
+
+    The slot and epoch say which registration made it (an entry claimed again
+    has a new epoch), the pid and start time which process: neither a reused
+    pid nor a reused entry can pass for the owner. ``slot`` is :data:`NO_SLOT`
+    for zones the primary made on a client's behalf.
+    """
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        slot: int
+        epoch: int
+        pid: int
+        start: int
+
+
+NOBODY = Owner(NO_SLOT, 0, 0, 0)
+
+
+class SegmentRecord(namedtuple("SegmentRecord", "id address length page_size offset numa_node iova "
+                                                "iova_index iova_count path flags", defaults=(0,))):
+    """A run of pages contiguous in VA and in its backing file (``path`` at ``offset``).
+
+    ``iova`` is the first page's I/O address; ``iova_count`` entries from
+    ``iova_index`` in the table's iova array give every page's (0: iova is VA).
+    ``numa_node`` is -1 when unknown or mixed.
+    """
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        id: int
+        address: int
+        length: int
+        page_size: int
+        offset: int
+        numa_node: int
+        iova: int
+        iova_index: int
+        iova_count: int
+        path: str
+        flags: int
+
+    @property
+    def end(self) -> int:
+        return self.address + self.length
+
+    def pack(self) -> bytes:
+        raw = self.path.encode()
+        if len(raw) > PATH_MAX:
+            raise ValueError(f"backing path too long ({len(raw)} > {PATH_MAX} bytes): {self.path}")
+        return SEGMENT.pack(self.id, self.flags, self.address, self.length, self.page_size, self.offset,
+                            self.numa_node, 0, self.iova, self.iova_index, self.iova_count, raw)
+
+    @classmethod
+    def unpack(cls, fields: tuple[Any, ...]) -> SegmentRecord:
+        sid, flags, addr, length, psize, off, node, _, iova, idx, cnt, path = fields
+        return cls(sid, addr, length, psize, off, node, iova, idx, cnt, path.rstrip(b"\0").decode(), flags)
+
+
+class ZoneRecord(namedtuple("ZoneRecord", "name address size iova align segment owner created_ns flags",
+                            defaults=(NOBODY, 0, 0))):
+    """A named zone: ``size`` bytes at ``address`` in segment ``segment``, made by ``owner``."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        name: str
+        address: int
+        size: int
+        iova: int
+        align: int
+        segment: int
+        owner: Owner
+        created_ns: int
+        flags: int
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    def pack(self, crc32: object) -> bytes:
+        """The record's bytes, ending in the crc32 (``zlib.crc32``) of the rest."""
+        raw = self.name.encode()
+        if not 0 < len(raw) <= NAME_MAX:  # struct would truncate silently, maybe mid-character
+            raise ValueError(f"zone name of {len(raw)} bytes does not fit in {NAME_MAX}")
+        slot, epoch, pid, start = self.owner
+        body = ZONE.pack(self.address, self.size, self.iova, self.align, self.segment, self.flags,
+                         slot, epoch, pid, 0, start, self.created_ns, len(raw), raw, 0)[:ZONE_BODY]
+        return body + struct.pack("<I4x", crc32(body))  # type: ignore[operator]
+
+    @classmethod
+    def unpack(cls, fields: tuple[Any, ...]) -> ZoneRecord:
+        addr, size, iova, align, seg, flags, slot, epoch, pid, _, start, created, n, raw, _ = fields
+        return cls(raw[:n].decode(), addr, size, iova, align, seg, Owner(slot, epoch, pid, start), created, flags)

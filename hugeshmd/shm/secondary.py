@@ -1,0 +1,352 @@
+"""The worker side: attach to an instance, then reserve, look up and free zones.
+
+Everything here works on the shared table (:mod:`hugeshmd.table`) and never
+talks to the primary on the fast path: ``lookup`` is a read of the generation
+word plus a dict lookup, ``reserve`` and ``free`` are a change committed under
+the table's flock. ZeroMQ is imported only to wait for a primary that is not
+ready yet (:func:`attach`'s slow path).
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import time
+from collections.abc import Sequence
+
+from .. import _fork
+from ..errors import AccessDenied, HandleClosed, NotFound, PrimaryStopped, PrimaryUnavailable
+from . import zones
+from .identity import own_start_time, process_alive
+from .layout import NOBODY, STATE_READY, STATE_STOPPING, Owner, SegmentRecord, ZoneRecord
+from .paths import RuntimePaths
+from .registry import Registry
+from .snapshot import Snapshot
+from .table import Table
+from .window import Window
+from .zones import ReadOnlyZone, Zone, check_align, check_name, check_size, make_zone
+
+__all__ = ["attach", "Secondary", "Segment"]
+
+Segment = SegmentRecord
+
+
+def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str | None = None,
+           read_only: bool = False) -> Secondary:
+    """Attach this process to the instance ``prefix``: every segment at the primary's address.
+
+    Looks for the instance where :func:`hugeshmd.shm.paths.worker_runtime_roots`
+    says: ``runtime_root`` or ``$HUGESHMD_RUNTIME_ROOT`` if given, else this
+    user's own runtime root and then the system's (``/run/hugeshmd``), and
+    waits up to ``timeout`` seconds for a primary to be ready in one of them.
+    With ``read_only`` every segment and the table are mapped ``PROT_READ``:
+    zones are ReadOnlyZone, and reserve and free raise AccessDenied.
+
+    Raises PrimaryUnavailable when no primary is ready (its ``path`` names
+    every place looked), AccessDenied when this process may not open the
+    instance's files (it is outside the instance's group), AddressUnavailable
+    when part of the instance's address window is already mapped in this
+    process (nothing is overwritten), TableCorrupt when the shared table fails
+    its checks, InvalidArgument for a malformed prefix, TableFull when the
+    instance's worker table is full of live workers.
+    """
+    candidates = RuntimePaths.candidates(prefix, runtime_root)
+    paths, table = _open_ready_table(candidates, timeout, not read_only)
+    try:
+        return Secondary(paths, table, read_only)
+    except BaseException:
+        table.close()
+        raise
+
+
+def _first_ready(candidates: list[RuntimePaths], writable: bool) -> tuple[RuntimePaths, Table] | None:
+    for paths in candidates:
+        table = _try_open(paths, writable)
+        if table is not None:
+            return paths, table
+    return None
+
+
+def _open_ready_table(candidates: list[RuntimePaths], timeout: float,
+                      writable: bool) -> tuple[RuntimePaths, Table]:
+    deadline = time.monotonic() + timeout
+    found = _first_ready(candidates, writable)
+    if found is not None:
+        return found
+    from ..wire.client import Control  # the slow path: wait for a primary to answer
+
+    # Wait on the place where the instance's runtime dir is (the first that has one),
+    # re-checking the others between the short slices of the wait.
+    waited = next((p for p in candidates if os.path.isdir(p.dir)), candidates[0])
+    with Control(waited) as control:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                where = "; ".join(p.control for p in candidates)
+                raise PrimaryUnavailable(
+                    f"no primary is running for prefix {waited.prefix!r} (waited {timeout:g} s; looked in {where})",
+                    prefix=waited.prefix, path="; ".join(p.dir for p in candidates),
+                )
+            try:
+                # Short slices: a hello that reached a primary as it stopped is
+                # lost, and must not cost the whole timeout when a successor is up.
+                control.request("hello", timeout=min(left, 0.5))
+            except PrimaryUnavailable:
+                pass
+            found = _first_ready(candidates, writable)
+            if found is not None:
+                return found
+            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))  # answered but not yet ready
+
+
+def _try_open(paths: RuntimePaths, writable: bool) -> Table | None:
+    """The table if a live primary has made it ready, else None.
+
+    Liveness is the primary's pid and start time as recorded in the table, not
+    a probe of its lock: a probe would hold the lock for an instant, and a
+    primary starting in that instant would take it for a rival's.
+    """
+    try:
+        table = Table.open(paths.table, writable)
+    except FileNotFoundError:
+        return None
+    except PermissionError as err:
+        raise paths.access_denied(paths.table, err) from err
+    if table.state()[0] != STATE_READY or not process_alive(*table.owner()):
+        table.close()
+        return None
+    return table
+
+
+class Secondary:
+    """This process's attachment to one instance. Made by :func:`attach`.
+
+    Usable as a context manager; :meth:`close` detaches. Zones already handed
+    out keep their memory mapped until they (and their views) are gone.
+    """
+
+    def __init__(self, paths: RuntimePaths, table: Table, read_only: bool = False) -> None:
+        self.prefix = paths.prefix
+        self.read_only = read_only
+        self._paths = paths
+        self._table = table
+        # Thread safety: _lock guards the bookkeeping (refresh, making a Zone,
+        # the update after a commit). The lookup fast path takes no lock: it
+        # reads one dict, which a refresh replaces whole, and _seen, which is
+        # assigned last.
+        self._lock = _thread.RLock()
+        _fork.register(self)
+        self._window: Window | None = None
+        self._generation: Sequence[int] = (-2,)
+        self._segments_generation = -1
+        self._records: dict[str, ZoneRecord] = {}  # every zone at generation _seen
+        self._by_name: dict[str, Zone | ReadOnlyZone] = {}  # the Zone objects made so far, made on first lookup
+        self._seen = -1
+        self.owner: Owner = NOBODY  # this worker's registration: every zone it reserves carries it
+        self._registry = Registry(table)
+        try:
+            layout = table.layout
+            self._window = Window.shared(layout.base, layout.window, layout.instance_id, not read_only)
+            self._generation = table.generation_word()
+            self._refresh()
+            # A read-only worker cannot write the worker table: it is not counted.
+            self.owner = NOBODY if read_only else self._registry.register(os.getpid(), own_start_time(), process_alive)
+        except BaseException:
+            # Drop what holds the table's buffer and the window, or closing the
+            # table would raise BufferError over the real error.
+            self._generation = (-2,)
+            self._window = None  # unmapped now, unless another Secondary of this process shares it
+            raise
+
+    # -- reading -----------------------------------------------------------
+
+    def lookup(self, name: str) -> Zone | ReadOnlyZone:
+        """The zone called ``name``. A local read: no round trip to the primary.
+
+        Raises NotFound if there is none, PrimaryStopped once the primary
+        has stopped for good, HandleClosed if this Secondary is closed.
+        """
+        if self._generation[0] != self._seen:
+            self._refresh()
+        try:
+            return self._by_name[name]
+        except KeyError:
+            return self._zone(name)
+
+    def _after_fork(self) -> None:
+        self._lock = _thread.RLock()  # another parent thread may have held it at fork
+
+    def _zone(self, name: str) -> Zone | ReadOnlyZone:
+        with self._lock:
+            self._check_open()
+            zone = self._by_name.get(name)
+            if zone is None:
+                record = self._records.get(name)
+                if record is None:
+                    raise NotFound(f"no zone named {name!r}", name=name)
+                zone = self._by_name[name] = (ReadOnlyZone(record, self._window) if self.read_only
+                                              else make_zone(record, self._window))
+            return zone
+
+    @property
+    def zones(self) -> list[Zone | ReadOnlyZone]:
+        """Every zone of the instance, by address. Raises as :meth:`lookup` does."""
+        if self._generation[0] != self._seen:
+            self._refresh()
+        with self._lock:
+            records = sorted(self._records.values(), key=lambda r: r.address)
+            return [self._zone(r.name) for r in records]
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segments mapped in this process (applying any published change first).
+
+        Raises PrimaryStopped once the primary has stopped.
+        """
+        if self._generation[0] != self._seen:
+            self._refresh()
+        return list(self._table.snapshot().segments)
+
+    @property
+    def base(self) -> int:
+        return self._table.layout.base
+
+    @property
+    def page_size(self) -> int:
+        return self._table.layout.page_size
+
+    # -- writing -----------------------------------------------------------
+
+    def reserve(self, name: str, size: int, align: int | None = None) -> Zone:
+        """Reserve a new zone of ``size`` bytes, aligned to ``align`` (default 64).
+
+        Raises AlreadyExists if the name is taken, OutOfMemory if no segment has
+        room, InvalidArgument for a bad name (1-63 bytes of UTF-8), size or
+        alignment (a power of two), PrimaryStopped once the primary stopped,
+        TableFull when the zone table is full, HandleClosed if this Secondary is closed.
+        """
+        name, size, align = check_name(name), check_size(size), check_align(align)
+        self._check_writable("reserve")
+        self._check_primary()
+        base, new, record = zones.reserve(self._table, name, size, align, owner=self.owner)
+        with self._lock:
+            self._check_open()
+            if base.generation != self._seen:
+                self._refresh()
+                if self._records.get(name) == record:
+                    zone = self._zone(name)
+                    assert isinstance(zone, Zone)  # not read-only: _check_writable passed
+                    return zone
+                # freed by another process since (the name may even be someone else's
+                # zone by now): still, the zone we committed is what we return
+                return make_zone(record, self._window)
+            self._records[name] = record
+            zone = self._by_name[name] = make_zone(record, self._window)
+            self._seen = new.generation
+            return zone
+
+    def free(self, name: str) -> None:
+        """Free the zone called ``name``.
+
+        Raises NotFound if there is none, InvalidArgument for a bad name,
+        PrimaryStopped once the primary stopped. Zone objects of it that are
+        still held stay mapped, but the memory may go to the next ``reserve``.
+        """
+        check_name(name)
+        self._check_writable("free")
+        self._check_primary()
+        base, new, _ = zones.free(self._table, name)
+        with self._lock:
+            self._check_open()
+            if base.generation != self._seen:
+                self._refresh()
+                return
+            self._records.pop(name, None)
+            self._by_name.pop(name, None)
+            self._seen = new.generation
+
+    # -- keeping up with the table ----------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._window is None:
+            raise HandleClosed(f"this Secondary of prefix {self.prefix!r} is closed; attach again",
+                               prefix=self.prefix)
+
+    def _refresh(self) -> None:
+        with self._lock:
+            self._check_open()
+            self._check_primary()
+            snap = self._table.snapshot()
+            if snap.segments_generation != self._segments_generation:
+                self._apply_segments(snap)
+            records = self._table.zones_by_name(snap)
+            old = self._records
+            self._by_name = {n: z for n, z in self._by_name.items() if records.get(n) == old.get(n)}
+            self._records = records
+            self._seen = snap.generation
+
+    def _apply_segments(self, snap: Snapshot) -> None:
+        """Map new segments and unmap removed ones, before any zone in them is seen."""
+        assert self._window is not None
+        wanted = {s.id: s for s in snap.segments}
+        for sid in set(self._window.segments) - set(wanted):
+            self._window.unmap(sid)
+        for sid, s in wanted.items():
+            if sid not in self._window.segments:
+                try:
+                    self._window.map(sid, s.address, s.length, s.path, s.offset)
+                except FileNotFoundError as err:
+                    raise PrimaryStopped(
+                        f"segment {sid} of prefix {self.prefix!r} vanished ({s.path}): "
+                        "its primary stopped or was replaced",
+                        prefix=self.prefix, path=s.path,
+                    ) from err
+        self._segments_generation = snap.segments_generation
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise AccessDenied(f"cannot {what}: this process attached prefix {self.prefix!r} read-only",
+                               prefix=self.prefix)
+
+    def _check_primary(self) -> None:
+        state, pid = self._table.state()
+        if state == STATE_STOPPING:
+            raise PrimaryStopped(
+                f"the primary of prefix {self.prefix!r} (pid {pid}) has stopped; "
+                "zones already held stay readable until released",
+                prefix=self.prefix, path=self._paths.dir,
+            )
+
+    # -- lifetime ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach. Idempotent. The window is unmapped once no Zone or view needs it."""
+        with self._lock:
+            if self._window is None:
+                return
+            try:
+                if self.owner is not NOBODY and self.owner.pid == os.getpid():
+                    self._registry.unregister(self.owner)
+            except (OSError, ValueError):
+                pass
+            self._records, self._by_name = {}, {}
+            self._generation = (-2,)  # every call now takes the slow path and fails
+            self._window = None  # released when the last Zone holding it is gone
+            self._table.close()
+
+    def __enter__(self) -> Secondary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._window is None else f"{len(self._records)} zones"
+        return f"<Secondary prefix={self.prefix!r} base={self._table.layout.base:#x} {state}>"
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+

@@ -1,0 +1,453 @@
+"""The shared table: segments, zones and attached workers of one instance.
+
+One file in the runtime dir (tmpfs), mapped by the primary and by every worker.
+It is both the live metadata and the persisted record a restarted primary can
+adopt, so it is self-describing (magic, format version, record sizes and
+offsets in a checksummed header) and every change is crash-atomic.
+
+Some facts about how it stays consistent without a lock a dead process can keep:
+
+* Writers serialize on ``flock(LOCK_EX)`` on the table file. The kernel releases
+  an flock when the last descriptor of its open file goes away, so a writer
+  killed mid-change blocks no one (flock(2)); DPDK's shared rwlocks are exactly
+  the lock we avoid.
+* There are two *slots*, each a full copy of the segment and zone records plus
+  a *meta* record (generation, counts, checksums). Committed generation ``g`` lives
+  in slot ``g & 1``. A writer builds ``g + 1`` in the other slot, then stores
+  the 8-byte generation word. Killed before that store, it leaves ``g``
+  untouched; the store itself is one aligned 8-byte write, which x86-64 never
+  tears (LMDB's two meta pages, reduced to one word).
+* Readers take no lock. They read the generation, the slot, and the generation
+  again, and retry if it moved (a seqlock): the writer of ``g + 2`` reuses the
+  slot of ``g``. On x86-64 (TSO) stores become visible in program order, which
+  is what this relies on; a weakly ordered CPU would need barriers here.
+* An flock belongs to an open file description, not to a process or thread
+  (flock(2)): two threads using one descriptor would both "hold" it, so a
+  thread lock is taken first. A child made by fork(2) shares its parent's
+  descriptions: were the parent killed while holding the lock, the child's
+  copy would keep it held for everyone. So the lock is taken on a description
+  of its own (the mapping's, which Python's mmap dups, is never locked), which
+  is closed in forked children (see :mod:`hugeshmd._fork`); a child opens a
+  new one when it needs it, through /proc/self/fd so that it is the same file
+  even if unlinked.
+* Readers normally take no lock at all. One that keeps seeing the generation
+  move (a fast writer, a large table) reads once under LOCK_SH between two
+  writers, so it always makes progress; a decode that fails while the
+  generation stood still is corruption, never a race.
+* Checksums cost O(1) per change: each zone record carries the CRC32 of its
+  own bytes, and the meta record the sum of those (mod 2**32) plus a CRC32 of
+  itself and the segment records. Readers verify all of it when they decode a
+  new generation; a writer adjusts the sum for the one record it changed.
+* The worker registry (:mod:`hugeshmd.shm.registry`) is updated in place under
+  the same lock without a generation bump; a torn entry only ever reads as a
+  dead worker.
+
+The bytes themselves (structs, offsets, the format version) are declared in
+:mod:`hugeshmd.shm.layout`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import _thread
+import fcntl
+import logging
+import mmap
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable
+
+from .. import _fork
+from ..errors import TableBusy, TableCorrupt, TableFull
+from .layout import (
+    GEN_AT,
+    HEADER_SIZE,
+    IOVA,
+    META,
+    META_AT,
+    META_HEAD,
+    OWNER_START_AT,
+    SEGMENT,
+    STATE,
+    STATE_AT,
+    STATE_STOPPING,
+    U32,
+    U64,
+    ZONE,
+    ZONE_BODY,
+    Layout,
+    SegmentRecord,
+    ZoneRecord,
+)
+from .paths import TABLE_TEMP
+from .snapshot import Snapshot
+
+__all__ = ["Table"]
+
+log = logging.getLogger("hugeshmd.table")
+
+
+class _WriteLock:
+    """The context of :meth:`Table.locked`: thread lock, then flock; yields the snapshot."""
+
+    __slots__ = ("_table", "_timeout", "_fd", "_epoch")
+
+    def __init__(self, table: Table, timeout: float | None) -> None:
+        self._table = table
+        self._timeout = timeout
+
+    def __enter__(self) -> Snapshot:
+        table = self._table
+        self._epoch = _fork.epoch
+        if self._timeout is None:
+            table._thread_lock.acquire()
+        elif not table._thread_lock.acquire(True, self._timeout):
+            raise TableBusy(f"{table.path}: writer lock busy in this process for {self._timeout:g} s",
+                            path=table.path)
+        try:
+            self._fd = table._lock_descriptor()
+            _flock(self._fd, fcntl.LOCK_EX, self._timeout, table.path)
+            try:
+                return table.snapshot()
+            except BaseException:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                raise
+        except BaseException:
+            table._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self._epoch != _fork.epoch:
+            return  # forked inside the with: this child holds neither lock, its parent does
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._table._thread_lock.release()
+
+
+def _flock(fd: int, operation: int, timeout: float | None, path: str) -> None:
+    """flock(2), blocking, or retried with backoff until ``timeout`` (then TableBusy)."""
+    if timeout is None:
+        fcntl.flock(fd, operation)
+        return
+    deadline, pause = time.monotonic() + timeout, 0.0001
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TableBusy(f"{path}: another process held the writer lock for {timeout:g} s",
+                                path=path) from None
+            time.sleep(pause)  # flock has no timed wait; back off up to 5 ms
+            pause = min(pause * 2, 0.005)
+
+
+class Table:
+    """A mapped table file. Create with :meth:`create` (primary) or :meth:`open`."""
+
+    def __init__(self, path: str, fd: int, mm: mmap.mmap, layout: Layout) -> None:
+        self.path = path
+        self.layout = layout
+        self._fd = fd
+        self._lock_fd = -1  # opened on first use: see "An flock belongs to..." above
+        self.read_timeout: float | None = None  # for a reader that must not wait behind a stuck writer
+        self._thread_lock = _thread.allocate_lock()
+        self._mm = mm
+        self._view = memoryview(mm)
+        self._words = self._view.cast("Q")  # fast generation reads
+        self._cache: Snapshot | None = None
+        self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
+        self._segments_at = layout.slot_at
+        self._zones_at = (layout.zones_at(0), layout.zones_at(1))
+        self._segments_crc: tuple[tuple[SegmentRecord, ...], int] = ((), 0)  # last segments and their CRC
+        _fork.register(self)
+
+    @classmethod
+    def create(cls, path: str, layout: Layout, mode: int = 0o660,
+               own_fd: Callable[[int], None] | None = None) -> Table:
+        """Write a fresh, empty table at ``path`` atomically (temp file + rename).
+
+        ``own_fd`` gives the file its owner group and mode before the rename,
+        so that no one ever opens it with the wrong ones.
+        """
+        tmp = f"{path}{TABLE_TEMP}{os.getpid()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            if own_fd is not None:
+                own_fd(fd)
+            os.ftruncate(fd, layout.file_size)
+            os.pwrite(fd, layout.pack(), 0)
+            empty = META.pack(0, 0, 0, 0, 0, 0)[:META_HEAD]
+            os.pwrite(fd, empty + U32.pack(zlib.crc32(empty, zlib.crc32(b""))), META_AT[0])
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return cls(path, fd, mmap.mmap(fd, layout.file_size), layout)
+
+    @classmethod
+    def open(cls, path: str, writable: bool = True) -> Table:
+        """Map an existing table; TableCorrupt if it fails its checks.
+
+        A table opened with ``writable=False`` is mapped ``PROT_READ``: it can be
+        read and locked, and any change raises TypeError (a read-only buffer).
+        """
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                raise TableCorrupt(f"{path} is truncated ({size} bytes)", path=path)
+            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+            try:
+                layout = Layout.unpack(mm, path)
+                if layout.file_size != size:
+                    raise TableCorrupt(f"{path}: size {size} != recorded {layout.file_size}", path=path)
+            except BaseException:
+                mm.close()
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, mm, layout)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        with self._thread_lock:  # let a write in another thread finish first
+            self._close_lock_descriptor()
+        self._words.release()
+        self._view.release()
+        self._mm.close()
+        os.close(self._fd)
+        self._fd = -1
+
+    @property
+    def memory(self) -> mmap.mmap:
+        """The mapping itself, for the areas other modules own (the worker registry)."""
+        return self._mm
+
+    # -- reading -----------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._words[GEN_AT // 8]  # type: ignore[no-any-return, unused-ignore]
+
+    def generation_word(self) -> memoryview:
+        """A one-element view of the generation word, for the cheapest possible check."""
+        return self._words[GEN_AT // 8 : GEN_AT // 8 + 1]
+
+    def state(self) -> tuple[int, int]:
+        """(state, primary pid)."""
+        return STATE.unpack_from(self._mm, STATE_AT)  # type: ignore[return-value, unused-ignore]
+
+    def set_state(self, state: int, pid: int, start: int = 0) -> None:
+        """Record the primary's state and identity (pid and start time)."""
+        U64.pack_into(self._mm, OWNER_START_AT, start)
+        STATE.pack_into(self._mm, STATE_AT, state, pid)
+
+    def owner(self) -> tuple[int, int]:
+        """(pid, start time) of the primary that last set the state."""
+        return STATE.unpack_from(self._mm, STATE_AT)[1], U64.unpack_from(self._mm, OWNER_START_AT)[0]
+
+    def snapshot(self) -> Snapshot:
+        """The committed version; decoded once per generation, then cached.
+
+        Raises TableCorrupt if the committed version fails its checks.
+        """
+        cached = self._cache
+        if cached is not None and cached.generation == self.generation:
+            return cached
+        for _ in range(8):
+            generation = self.generation
+            snap = self._decode(generation)
+            if self.generation == generation:
+                return self._accept(snap, generation)
+        return self._snapshot_between_writers()
+
+    def _snapshot_between_writers(self) -> Snapshot:
+        with self._thread_lock:
+            fd = self._lock_descriptor()
+            _flock(fd, fcntl.LOCK_SH, self.read_timeout, self.path)
+            try:
+                generation = self.generation
+                return self._accept(self._decode(generation), generation)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def zones_by_name(self, snap: Snapshot) -> dict[str, ZoneRecord]:
+        """A copy of ``snap``'s zones by name, taken while no commit of this process can
+        move that index on to the next snapshot (see :mod:`hugeshmd.records`)."""
+        with self._thread_lock:
+            return dict(snap.by_name)
+
+    def _accept(self, snap: Snapshot | None, generation: int) -> Snapshot:
+        if snap is None:
+            raise TableCorrupt(f"{self.path}: generation {generation} fails its checks", path=self.path)
+        self._cache = snap
+        return snap
+
+    def _decode(self, generation: int) -> Snapshot | None:
+        meta_at = META_AT[generation & 1]
+        gen, seg_gen, nseg, nzone, zone_sum, crc = META.unpack_from(self._mm, meta_at)
+        if gen != generation or nseg > self.layout.max_segments or nzone > self.layout.max_zones:
+            return None
+        seg_at, zone_at = self._segments_at[generation & 1], self._zones_at[generation & 1]
+        segs = self._mm[seg_at : seg_at + nseg * SEGMENT.size]
+        if zlib.crc32(self._mm[meta_at : meta_at + META_HEAD], zlib.crc32(segs)) != crc:
+            return None
+        zones = self._decode_zones(self._mm[zone_at : zone_at + nzone * ZONE.size], zone_sum)
+        if zones is None:
+            return None
+        return Snapshot(gen, seg_gen, tuple(SegmentRecord.unpack(f) for f in SEGMENT.iter_unpack(segs)), zones)
+
+    def _decode_zones(self, raw: bytes, zone_sum: int) -> tuple[ZoneRecord, ...] | None:
+        """Zone records, each checked against its CRC and all against their sum; None if any fails.
+
+        A change touches one record, so the records of the last decode are
+        reused when their bytes are identical (identical bytes pass the same
+        check): a worker catching up after another's reserve decodes one record.
+        """
+        verified, fresh, records, total, view, end = self._verified, {}, [], 0, memoryview(raw), 0
+        for at in range(0, len(raw), ZONE.size):
+            chunk = raw[at : at + ZONE.size]
+            crc = U32.unpack_from(chunk, ZONE_BODY)[0]
+            record = verified.get(chunk)
+            if record is None:
+                if zlib.crc32(view[at : at + ZONE_BODY]) != crc:
+                    return None
+                record = ZoneRecord.unpack(ZONE.unpack(chunk))
+            if record.address < end:  # out of order or overlapping: the sum of CRCs cannot see that
+                return None
+            end = record.address + record.size
+            fresh[chunk] = record
+            records.append(record)
+            total += crc
+        if total & 0xFFFFFFFF != zone_sum:
+            return None
+        self._verified = fresh
+        return tuple(records)
+
+    def iova_of(self, segment: SegmentRecord, address: int) -> int:
+        """The I/O address of ``address`` in ``segment`` (the VA when iovas are unknown)."""
+        if segment.iova_count == 0:
+            return address
+        offset = address - segment.address
+        (page,) = IOVA.unpack_from(
+            self._mm, self.layout.iova_at + (segment.iova_index + offset // segment.page_size) * IOVA.size
+        )
+        return page + offset % segment.page_size  # type: ignore[no-any-return]
+
+    # -- writing -----------------------------------------------------------
+
+    def locked(self, timeout: float | None = None) -> _WriteLock:
+        """``with table.locked() as snapshot:`` holds the writer lock; the committed snapshot.
+
+        Waits for the lock, at most ``timeout`` seconds if given (then TableBusy).
+        """
+        return _WriteLock(self, timeout)
+
+    def _lock_descriptor(self) -> int:
+        if self._lock_fd >= 0:
+            return self._lock_fd
+        with _fork.guard:  # a fork must not copy a descriptor we have not recorded yet
+            if self._lock_fd < 0:
+                self._lock_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+            return self._lock_fd
+
+    def _close_lock_descriptor(self) -> None:
+        with _fork.guard:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def _after_fork(self) -> None:
+        # In a forked child: the parent's lock description and thread-lock state are not ours.
+        self._thread_lock = _thread.allocate_lock()
+        self._close_lock_descriptor()
+
+    def commit(self, base: Snapshot, *, insert: ZoneRecord | None = None, remove: ZoneRecord | None = None,
+               segments: tuple[SegmentRecord, ...] | None = None) -> Snapshot:
+        """Publish the version after ``base``: a zone removed, one inserted, and/or a new
+        segment list. Call only inside :meth:`locked`, with the snapshot it gave."""
+        if base.generation != self.generation:
+            raise RuntimeError(f"commit on generation {base.generation}, but {self.generation} is committed")
+        if segments is not None and len(segments) > self.layout.max_segments:
+            raise TableFull(f"the segment table is full ({self.layout.max_segments} segments)",
+                            table="segments", capacity=self.layout.max_segments)
+        if insert is not None and len(base.zones) - (remove is not None) >= self.layout.max_zones:
+            raise TableFull(f"the zone table is full ({self.layout.max_zones} zones); "
+                            "start the primary with a larger max_zones", table="zones", capacity=self.layout.max_zones)
+        record = insert.pack(zlib.crc32) if insert is not None else b""
+        removed_at = base.index_of(remove) if remove is not None else None
+        base_sum = META.unpack_from(self._mm, META_AT[base.generation & 1])[4]
+        new = base.successor(segments, insert, remove)
+        zone_sum = self._write_zones(base_sum, base, new, removed_at, insert, record)
+        head = META.pack(new.generation, new.segments_generation, len(new.segments), len(new.zones),
+                          zone_sum, 0)[:META_HEAD]
+        crc = zlib.crc32(head, self._write_segments(base, new))  # over segments, then the head
+        meta_at = META_AT[new.generation & 1]
+        self._mm[meta_at : meta_at + META.size] = head + U32.pack(crc)
+        self._words[GEN_AT // 8] = new.generation  # the commit point
+        self._cache = new
+        return new
+
+    def _write_segments(self, base: Snapshot, new: Snapshot) -> int:
+        """Fill the slot's segment records (a memmove when unchanged); their CRC32.
+
+        Always written, even when the slot may hold them from two generations
+        ago: a writer killed mid-change may have left anything there. Only the
+        CRC is remembered, for the segment tuple it was computed over.
+        """
+        dst = self._segments_at[new.generation & 1]
+        size = len(new.segments) * SEGMENT.size
+        if new.segments is base.segments:
+            self._mm.move(dst, self._segments_at[base.generation & 1], size)
+        else:
+            self._mm[dst : dst + size] = b"".join(s.pack() for s in new.segments)
+        known, crc = self._segments_crc
+        if known is not new.segments:
+            crc = zlib.crc32(self._view[dst : dst + size])
+            self._segments_crc = new.segments, crc
+        return crc
+
+    def _write_zones(self, zone_sum: int, base: Snapshot, new: Snapshot, removed_at: int | None,
+                     insert: ZoneRecord | None, record: bytes) -> int:
+        """Fill the new slot's zone records with at most three memmoves; the new sum of their CRCs."""
+        size = ZONE.size
+        src = self._zones_at[base.generation & 1]
+        dst = self._zones_at[new.generation & 1]
+        count = len(base.zones)
+        if removed_at is None:
+            self._mm.move(dst, src, count * size)
+        else:
+            zone_sum -= U32.unpack_from(self._mm, src + removed_at * size + ZONE_BODY)[0]
+            self._mm.move(dst, src, removed_at * size)
+            self._mm.move(dst + removed_at * size, src + (removed_at + 1) * size, (count - removed_at - 1) * size)
+            count -= 1
+        if insert is not None:
+            i = new.index_of(insert)
+            self._mm.move(dst + (i + 1) * size, dst + i * size, (count - i) * size)
+            self._mm[dst + i * size : dst + (i + 1) * size] = record
+            zone_sum += U32.unpack_from(record, ZONE_BODY)[0]
+        return zone_sum & 0xFFFFFFFF
+
+    def write_iovas(self, index: int, iovas: list[int]) -> None:
+        if index + len(iovas) > self.layout.max_iovas:
+            raise OverflowError("iova table full")
+        struct.pack_into(f"<{len(iovas)}Q", self._mm, self.layout.iova_at + index * IOVA.size, *iovas)
+
+    def mark_stopped(self, wait: float) -> bool:
+        """Set the state to stopping and, if the writer lock can be had within ``wait``
+        seconds, commit a new generation so every worker's next call sees it; whether it could."""
+        self.set_state(STATE_STOPPING, *self.owner())
+        try:
+            with self.locked(timeout=wait) as base:
+                self.commit(base)
+        except TableBusy:
+            log.warning("%s: the writer lock stayed taken for %g s; workers will see the stop "
+                        "at their next reserve or free", self.path, wait)
+            return False
+        return True
