@@ -105,7 +105,9 @@ def _mark_stopped(path: str) -> None:
         return
     try:
         if stale.state()[0] != STATE_STOPPING:
-            stale.mark_stopped(wait=MARK_WAIT_S)
+            if not stale.mark_stopped(wait=MARK_WAIT_S):
+                log.warning("stale table %s: its writer lock stayed taken for %g s; its workers see the "
+                            "stop at their next reserve or free", path, MARK_WAIT_S)
     except HugeshmdError as err:  # a corrupt stale table must not keep its files from going
         log.warning("stale table %s: %s; its workers are not told, removing it anyway", path, err.message)
     finally:

@@ -367,7 +367,9 @@ class Primary:
         table = self.table_or_none
         if table is None or table.state()[0] == STATE_STOPPING:
             return
-        table.mark_stopped(STOP_WAIT_S)
+        if not table.mark_stopped(STOP_WAIT_S):
+            log.warning("the table's writer lock stayed taken for %g s; workers will see the stop "
+                        "at their next reserve or free", STOP_WAIT_S)
         self.publisher.publish({"op": "stopping"})
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import _thread
 import fcntl
-import logging
 import mmap
 import os
 import struct
@@ -84,8 +83,6 @@ from .paths import TABLE_TEMP
 from .snapshot import Snapshot
 
 __all__ = ["Table"]
-
-log = logging.getLogger("hugeshmd.table")
 
 
 class _WriteLock:
@@ -441,13 +438,12 @@ class Table:
 
     def mark_stopped(self, wait: float) -> bool:
         """Set the state to stopping and, if the writer lock can be had within ``wait``
-        seconds, commit a new generation so every worker's next call sees it; whether it could."""
+        seconds, commit a new generation so every worker's next call sees it; whether it could
+        (if not, workers see the stop at their next reserve or free)."""
         self.set_state(STATE_STOPPING, *self.owner())
         try:
             with self.locked(timeout=wait) as base:
                 self.commit(base)
         except TableBusy:
-            log.warning("%s: the writer lock stayed taken for %g s; workers will see the stop "
-                        "at their next reserve or free", self.path, wait)
             return False
         return True
