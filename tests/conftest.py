@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_host import elsewhere, one_node, proc, two_nodes  # noqa: F401 - fixtures of a faked host
+from fake_host import elsewhere, fake_proc, one_node, two_nodes  # noqa: F401 - fixtures of a faked host
 
 from hugeshmd.daemon import hugepages
 

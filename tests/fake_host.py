@@ -93,8 +93,8 @@ def elsewhere(tmp_path: Path) -> dict[str, str]:
     return {"runtime_root": str(tmp_path / "run"), "shm": str(tmp_path / "shm"), "proc": str(tmp_path / "proc")}
 
 
-@pytest.fixture
-def proc(tmp_path: Path) -> tuple[str, str]:
+@pytest.fixture(name="proc")
+def fake_proc(tmp_path: Path) -> tuple[str, str]:
     """Fake /proc/mounts and /proc/meminfo; returns their paths."""
     (tmp_path / "mounts").write_text(MOUNTS)
     (tmp_path / "meminfo").write_text(MEMINFO)
