@@ -17,6 +17,7 @@ worker pays for what it uses. The floors above it, :mod:`hugeshmd.wire`,
 from .errors import (
     AccessDenied,
     AddressUnavailable,
+    AdoptionRefused,
     AlreadyExists,
     HandleClosed,
     HugepagesUnavailable,
@@ -61,4 +62,5 @@ __all__ = [
     "AccessDenied",
     "KernelRefused",
     "HandleClosed",
+    "AdoptionRefused",
 ]

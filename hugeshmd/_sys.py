@@ -48,6 +48,9 @@ __all__ = [
     "physical_addresses",
     "mount",
     "umount2",
+    "fstatfs_type",
+    "HUGETLBFS_MAGIC",
+    "TMPFS_MAGIC",
 ]
 
 PROT_NONE = 0x0
@@ -87,6 +90,11 @@ _libc.mount.restype = ctypes.c_int
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.restype = ctypes.c_int
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.fstatfs.restype = ctypes.c_int
+_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+HUGETLBFS_MAGIC = 0x958458F6  # statfs(2) f_type of a hugetlbfs
+TMPFS_MAGIC = 0x01021994  # ... of a tmpfs (/dev/shm)
 
 
 def _raise_errno(call: str, detail: str) -> None:
@@ -125,6 +133,18 @@ def umount2(target: str, flags: int = 0) -> None:
     """umount2(2). Raises OSError on failure (EBUSY while a file in it is open or mapped)."""
     if _libc.umount2(os.fsencode(target), flags) != 0:
         _raise_errno("umount2", f"{target!r}, {flags:#x}")
+
+
+def fstatfs_type(fd: int) -> int:
+    """The filesystem type (statfs(2) ``f_type``, e.g. :data:`HUGETLBFS_MAGIC`) of ``fd``'s file.
+
+    ``os.statvfs`` has no f_type. On x86-64 and arm64 ``struct statfs`` starts
+    with it, a ``long``; 120 bytes hold the whole struct.
+    """
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        _raise_errno("fstatfs", f"fd={fd}")
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def reserve(address: int, length: int) -> None:

@@ -207,9 +207,23 @@ def _format_status(s: dict[str, Any]) -> str:
         ("page size", format_size(s["page_size"])), ("window", f"{s['base']:#x} + {format_size(s['window'])}"),
         ("memory", format_size(s["memory"])), ("used", format_size(s["used"])), ("free", format_size(s["free"])),
         ("segments", s["segments"]), ("zones", s["zones"]), ("workers", s["workers"]),
+        ("created", _when(s.get("created"))), ("started", _when(s.get("started"))),
+        ("adoptions", s.get("adoptions", 0)),
         ("requests", s["requests"]), ("errors", sum(s["errors"].values())),
     ]
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
+
+
+def _when(epoch: float | None) -> str:
+    """A wall-clock time in UTC, and how long ago."""
+    import time
+
+    if not epoch:
+        return "unknown"
+    ago = max(0, int(time.time() - epoch))
+    hours, rest = divmod(ago, 3600)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    return f"{stamp} ({hours}h{rest // 60:02d}m{rest % 60:02d}s ago)"
 
 
 _HUGEPAGES_SHORT = 3  # exit status: the kernel granted fewer pages than asked

@@ -37,6 +37,7 @@ __all__ = [
     "AccessDenied",
     "KernelRefused",
     "HandleClosed",
+    "AdoptionRefused",
     "error_for_code",
     "ERRORS",
 ]
@@ -204,17 +205,22 @@ class ProtocolError(HugeshmdError):
 
 
 class TableBusy(HugeshmdError, BlockingIOError):
-    """The shared table's writer lock (``path``) stayed taken for the whole wait; try again.
+    """The shared table's writer lock (``path``) stayed taken for the whole wait (``waited``
+    seconds) by ``pid``, which ``stopped`` says is frozen (SIGSTOP, a debugger); try again.
 
-    The primary waits at most 1 s on a client's behalf; a worker's own reserve
-    and free wait until the holder commits, releases or dies (the kernel
-    releases a dead holder's lock).
+    Every wait for the lock is bounded: a worker's reserve, free and attach by
+    ``attach(lock_timeout=)`` (5 s by default), the primary's by 1 s. The next
+    call after the holder resumes or dies succeeds (the kernel releases a dead
+    holder's lock).
     """
 
     code = 12
-    FIELDS = ("path",)
+    FIELDS = ("path", "pid", "stopped", "waited")
     if TYPE_CHECKING:
         path: str | None
+        pid: int | None
+        stopped: bool | None
+        waited: float | None
 
 
 class AccessDenied(HugeshmdError, PermissionError):
@@ -241,6 +247,18 @@ class KernelRefused(HugeshmdError, OSError):
         path: str | None
 
 
+class AdoptionRefused(HugeshmdError):
+    """A primary with ``adopt = "require"`` found its dead predecessor's instance but could not
+    adopt it (``reason``); its files are kept for inspection. Remove them with ``hugeshmd hugepages
+    cleanup --prefix P`` (or set ``adopt = "auto"``) to start afresh."""
+
+    code = 18
+    FIELDS = ("prefix", "reason")
+    if TYPE_CHECKING:
+        prefix: str | None
+        reason: str | None
+
+
 class HandleClosed(HugeshmdError):
     """This handle (a Secondary) was closed by its own process: attach again to go on."""
 
@@ -253,7 +271,7 @@ class HandleClosed(HugeshmdError):
 ERRORS: tuple[type[HugeshmdError], ...] = (
     HugeshmdError, InvalidArgument, AlreadyExists, NotFound, OutOfMemory, AddressUnavailable,
     PrimaryUnavailable, InstanceLocked, HugepagesUnavailable, TableCorrupt, ProtocolError, TableBusy,
-    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed,
+    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused,
 )
 _BY_CODE = {cls.code: cls for cls in ERRORS}
 

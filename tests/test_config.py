@@ -132,7 +132,7 @@ def test_base_address_must_be_a_multiple_of_the_page_size() -> None:
 @pytest.mark.parametrize(
     ("text", "key", "detail"),
     [
-        ('colour = "red"\n', "colour", "unknown option 'colour'; known: base_address, "),
+        ('colour = "red"\n', "colour", "unknown option 'colour'; known: adopt, base_address, "),
         ("[section]\nx = 1\n", "section", "unknown option 'section'"),
         ('memory = "12Q"\n', "memory", "invalid memory: not a size: '12Q'"),
         ("memory = -1\n", "memory", "invalid memory: size must not be negative"),

@@ -78,7 +78,7 @@ def test_kill_9_leaves_stale_files_that_the_next_primary_removes(start_primary, 
     stale = leftovers(prefix, root)
     assert any(p.endswith(f"hugeshmd.{prefix}.seg0") for p in stale)
     assert hugepages_free() == before - 4  # DPDK's leak, until someone cleans up
-    successor = start_primary("--memory", "8M", "--huge-pages", "on")
+    successor = start_primary("--memory", "8M", "--huge-pages", "on", "--adopt", "never")
     assert "removed stale" in successor.text and f"hugeshmd.{prefix}.seg0" in successor.text
     assert successor.stop() == 0
     assert hugepages_free() == before and leftovers(prefix, root) == []
@@ -93,7 +93,7 @@ def test_stale_files_in_a_configured_hugepage_dir_are_removed_too(start_primary,
         crashed = start_primary(*args)
         assert crashed.stop(signal.SIGKILL) == -signal.SIGKILL
         assert os.listdir(directory) == [f"hugeshmd.{prefix}.seg0"]
-        successor = start_primary(*args)
+        successor = start_primary(*args, "--adopt", "never")
         assert f"removed stale {directory}/hugeshmd.{prefix}.seg0" in successor.text
         assert successor.stop() == 0
         assert os.listdir(directory) == []
@@ -243,13 +243,14 @@ print(done)
         writer.stdout.close()
 
 
-def test_workers_of_a_crashed_primary_are_stopped_by_its_successor(start_primary, prefix, root, workers):
+def test_workers_of_a_crashed_primary_are_stopped_by_a_successor_that_does_not_adopt(
+        start_primary, prefix, root, workers):
     crashed = start_primary("--memory", "4M", "--huge-pages", "off")
     old = workers()
     old.ok("attach", prefix=prefix)
     old.ok("reserve", name="before", size=64)
     crashed.stop(signal.SIGKILL)
-    start_primary("--memory", "4M", "--huge-pages", "off")
+    start_primary("--memory", "4M", "--huge-pages", "off", "--adopt", "never")
     refused = old.call("reserve", name="x", size=64)
     assert refused["error"] == "PrimaryStopped"  # not a zone in an orphaned table no one else sees
     assert old.call("lookup", name="before")["error"] == "PrimaryStopped"

@@ -71,9 +71,12 @@ def path(tmp_path) -> str:
     return str(tmp_path / "table")
 
 
+SEGS = (segment(),)  # the segment every zone of these tests lies in: BASE + 8 MiB
+
+
 @pytest.fixture
 def table(path: str) -> Iterator[Table]:
-    t = Table.create(path, make_layout())
+    t = Table.create(path, make_layout(), segments=SEGS)
     yield t
     t.close()
 
@@ -106,12 +109,12 @@ def commit_zones(t: Table, *records: ZoneRecord) -> Snapshot:
 
 def test_fresh_table_is_generation_zero_and_empty(table: Table, reopen) -> None:
     assert table.generation == 0
-    assert table.snapshot() == Snapshot(0, 0, (), ())
+    assert table.snapshot() == Snapshot(0, 0, SEGS, ())
     assert Registry(table).workers() == []
     assert table.state() == (0, 0)
     other = reopen()
     assert other.generation == 0
-    assert other.snapshot() == Snapshot(0, 0, (), ())
+    assert other.snapshot() == Snapshot(0, 0, SEGS, ())
 
 
 def test_create_leaves_only_the_table_file(tmp_path, path: str) -> None:
@@ -200,7 +203,7 @@ def test_commit_without_change_still_bumps_generation(table: Table, reopen) -> N
     commit_zones(table, zone("a", BASE))
     with table.locked() as base:
         table.commit(base)
-    assert reopen().snapshot() == Snapshot(2, 0, (), (zone("a", BASE),))
+    assert reopen().snapshot() == Snapshot(2, 0, SEGS, (zone("a", BASE),))
 
 
 def test_zones_stay_sorted_through_inserts_and_removes(table: Table, reopen) -> None:
@@ -243,7 +246,8 @@ def test_records_round_trip_every_field(table: Table, reopen) -> None:
     name = "é" * 31 + "x"  # 63 bytes of UTF-8, the maximum
     owner = Owner(1023, 2**32 - 1, 99999, 2**64 - 1)
     z = ZoneRecord(name, BASE + 0x200000, 3 * MiB, 0xABC_DEF0_0000, 2 * MiB, 7, owner, 1_700_000_000_123_456_789, 5)
-    seg = SegmentRecord(7, BASE, 8 * MiB, PAGE, 4 * MiB, 1, 0xABC_DEF0_0000, 3, 4, "/p/" + "x" * 188, 9)
+    path = "/" + "p" * 170 + "/hugeshmd.t.seg7"  # 191 bytes, the longest a record holds
+    seg = SegmentRecord(7, BASE, 8 * MiB, PAGE, 4 * MiB, 1, 0xABC_DEF0_0000, 3, 4, path, 9)
     with table.locked() as base:
         table.commit(base, segments=(seg,), insert=z)
     snap = reopen().snapshot()
@@ -257,7 +261,7 @@ def test_segment_path_too_long_is_refused_before_anything_is_written(table: Tabl
     with table.locked() as base, pytest.raises(ValueError, match="backing path too long"):
         table.commit(base, segments=(segment(path="/" + "x" * 191),))
     assert table.generation == 1
-    assert reopen().snapshot() == Snapshot(1, 0, (), (zone("a", BASE),))
+    assert reopen().snapshot() == Snapshot(1, 0, SEGS, (zone("a", BASE),))
 
 
 @pytest.mark.parametrize("name", ["x" * 64, "é" * 32], ids=["64 ascii bytes", "32 two-byte chars"])
@@ -265,11 +269,11 @@ def test_zone_name_too_long_is_refused_before_anything_is_written(table: Table, 
     with table.locked() as base, pytest.raises(ValueError):
         table.commit(base, insert=zone(name, BASE))
     assert table.generation == 0
-    assert reopen().snapshot() == Snapshot(0, 0, (), ())
+    assert reopen().snapshot() == Snapshot(0, 0, SEGS, ())
 
 
 def test_zone_table_full_raises_table_full_and_changes_nothing(path: str, reopen) -> None:
-    t = Table.create(path, make_layout(max_zones=3))
+    t = Table.create(path, make_layout(max_zones=3), segments=SEGS)
     try:
         full = commit_zones(t, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
         message = r"the zone table is full \(3 zones\); start the primary with a larger max_zones"
@@ -317,7 +321,7 @@ def test_reader_retries_when_a_commit_lands_during_its_read(table: Table, reopen
     reader._decode = racing_decode  # type: ignore[method-assign]
     snap = reader.snapshot()
     assert calls == [1, 2]
-    assert snap == Snapshot(2, 0, (), (zone("a", BASE), zone("b", BASE + 4096)))
+    assert snap == Snapshot(2, 0, SEGS, (zone("a", BASE), zone("b", BASE + 4096)))
 
 
 # -- corruption and crashes ----------------------------------------------------
@@ -355,7 +359,7 @@ def test_garbage_in_the_inactive_slot_is_harmless(table: Table, path: str, reope
 
     with reader.locked() as base:
         reader.commit(base, remove=base.zones[1])
-    assert reopen().snapshot() == Snapshot(4, 0, (), (zone("a", BASE), zone("c", BASE + 8192)))
+    assert reopen().snapshot() == Snapshot(4, 0, SEGS, (zone("a", BASE), zone("c", BASE + 8192)))
 
 
 def test_garbage_in_the_inactive_segment_records_is_overwritten_by_the_next_commit(
@@ -385,7 +389,7 @@ def test_a_change_killed_before_its_commit_point_is_invisible(table: Table, path
     with reader.locked() as base:
         assert base == committed
         reader.commit(base, insert=zone("real", BASE + 8192))
-    assert reopen().snapshot() == Snapshot(2, 0, (), (zone("a", BASE), zone("real", BASE + 8192)))
+    assert reopen().snapshot() == Snapshot(2, 0, SEGS, (zone("a", BASE), zone("real", BASE + 8192)))
 
 
 def test_bad_magic_is_refused(table: Table, path: str) -> None:
@@ -473,7 +477,7 @@ def test_locked_yields_the_latest_commit_of_another_mapping(table: Table, reopen
     table.snapshot()  # cache generation 0 in this mapping
     commit_zones(reopen(), zone("a", BASE))
     with table.locked() as base:
-        assert base == Snapshot(1, 0, (), (zone("a", BASE),))
+        assert base == Snapshot(1, 0, SEGS, (zone("a", BASE),))
 
 
 def test_locked_excludes_other_threads_using_the_same_table(table: Table) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,14 +43,37 @@ def test_second_reservation_is_refused_naming_the_first(window):
     assert "--base-address" in str(info.value) and f"{BASE:x}-{BASE + SIZE:x}" in str(info.value)
 
 
-def test_segment_maps_inside_and_drops_back_to_reserved(window, tmp_path):
-    path = tmp_path / "seg"
+@pytest.fixture
+def shm_file() -> Iterator[Path]:
+    """A file on /dev/shm (a tmpfs, as a segment's must be), removed after the test."""
+    path = Path(f"/dev/shm/hsdtest-{uuid.uuid4().hex[:10]}")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_segment_maps_inside_and_drops_back_to_reserved(window, shm_file):
+    path = shm_file
     path.write_bytes(b"x" * (2 << 20))
     window.map(7, BASE + (4 << 20), 2 << 20, str(path), 0)
     assert (_sys.byte_array_type(1).from_address(BASE + (4 << 20)))[0].value == ord("x")
     assert any(line.endswith(str(path)) for line in mapped(BASE, SIZE))
     window.unmap(7)
     assert not any(str(path) in line for line in mapped(BASE, SIZE))
+    assert window.segments == {}
+
+
+def test_a_file_on_another_filesystem_is_never_mapped(window, tmp_path):
+    path = tmp_path / "seg"  # pytest's tmp_path: not a hugetlbfs or a tmpfs, as a forged table might name
+    path.write_bytes(b"x" * 4096)
+    with pytest.raises(ValueError, match="on neither a hugetlbfs nor a tmpfs"):
+        window.map(1, BASE, 4096, str(path), 0)
+    assert window.segments == {}
+
+
+def test_a_file_shorter_than_its_segment_is_never_mapped(window, shm_file):
+    shm_file.write_bytes(b"x" * 4096)  # a page past the end would be a SIGBUS at the first touch
+    with pytest.raises(ValueError, match="holds 4096 bytes, 8192 are mapped: truncated"):
+        window.map(1, BASE, 8192, str(shm_file), 0)
     assert window.segments == {}
 
 

@@ -36,7 +36,7 @@ PAGE = 2 * MiB
 
 def segment(sid: int, address: int, length: int, *, iova_index: int = 0, iova_count: int = 0) -> SegmentRecord:
     return segment_record(id=sid, address=address, length=length, iova_index=iova_index, iova_count=iova_count,
-                          path=f"/hp/seg{sid}")
+                          path=f"/hp/hugeshmd.t.seg{sid}")
 
 
 def snapshot(segments: tuple[SegmentRecord, ...], *placed: tuple[str, int, int]) -> Snapshot:

@@ -20,7 +20,8 @@ def run(cmd: dict) -> dict:
     op = cmd["op"]
     shm = state.get("shm")
     if op == "attach":
-        state["shm"] = shm = hugeshmd.attach(cmd["prefix"], timeout=cmd.get("timeout", 5.0))
+        state["shm"] = shm = hugeshmd.attach(cmd["prefix"], timeout=cmd.get("timeout", 5.0),
+                                             lock_timeout=cmd.get("lock_timeout", 5.0))
         return {"base": shm.base, "segments": [[s.address, s.length, s.path] for s in shm.segments]}
     if op == "reserve":
         return zone_dict(shm.reserve(cmd["name"], cmd["size"], cmd.get("align")))
@@ -52,6 +53,12 @@ def run(cmd: dict) -> dict:
         with open("/proc/self/maps") as maps:
             return {"lines": [line.strip() for line in maps if int(line.split("-")[0], 16) >= base
                               and int(line.split("-")[0], 16) < base + cmd["size"]]}
+    if op == "primary":
+        return shm.primary._asdict()
+    if op == "checksums":  # every zone's name and the CRC-32 of its bytes
+        import zlib
+
+        return {"zones": {z.name: zlib.crc32(memoryview(z)) for z in shm.zones}}
     if op == "close":
         shm.close()
         return {}
@@ -63,7 +70,8 @@ def main() -> None:
         try:
             reply = run(json.loads(line))
         except Exception as err:  # reported to the test, which asserts on it
-            reply = {"error": type(err).__name__, "message": str(err)}
+            reply = {"error": type(err).__name__, "message": str(err),
+                     "fields": {k: v for k, v in getattr(err, "fields", {}).items() if isinstance(v, (int, str, bool))}}
         print(json.dumps(reply), flush=True)
 
 

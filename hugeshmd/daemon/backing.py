@@ -29,14 +29,14 @@ import posix_ipc
 
 from .. import _sys
 from ..errors import HugepagesUnavailable, OutOfMemory
-from ..shm.layout import MODE_HUGETLBFS, MODE_SHM
+from ..shm.layout import MODE_HUGETLBFS, MODE_SHM, Layout
 from ..shm.paths import RuntimePaths
 from ..shm.window import Window
 from ..sizes import format_size
 from . import hugepages
 from .config import DEFAULT_FALLBACK_MEMORY, Config
 
-__all__ = ["Mapped", "HugetlbfsBacking", "ShmBacking", "Backing", "Choice", "choose", "fall_back"]
+__all__ = ["Mapped", "HugetlbfsBacking", "ShmBacking", "Backing", "Choice", "adopted", "choose", "fall_back"]
 
 log = logging.getLogger("hugeshmd.backing")
 
@@ -215,6 +215,13 @@ def fall_back(config: Config, paths: RuntimePaths, own_fd: OwnFd | None, err: Hu
     log.warning("huge_pages=try: falling back to 4 KiB pages in /dev/shm: %s", err.message)
     shm = ShmBacking(paths, own_fd)
     return Choice(shm, _round_up(config.memory or DEFAULT_FALLBACK_MEMORY, shm.page_size), err.message)
+
+
+def adopted(layout: Layout, first_path: str, paths: RuntimePaths, own_fd: OwnFd | None) -> Backing:
+    """The backing of an instance a primary adopts: its mode and page size, its files' directory."""
+    if layout.mode == MODE_HUGETLBFS:
+        return HugetlbfsBacking(os.path.dirname(first_path), layout.page_size, paths, own_fd)
+    return ShmBacking(paths, own_fd)
 
 
 def _hugetlbfs(config: Config, paths: RuntimePaths, own_fd: OwnFd | None) -> HugetlbfsBacking:

@@ -99,6 +99,12 @@ OPTIONS = (
     Option("group", None, _optional_str,
            "group that owns the instance's files (runtime dir 0750, files 0660) and whose members (with root and "
            "the primary's own user) the sockets admit: they may attach; default the primary's own group"),
+    Option("adopt", "auto", _choice("auto", "never", "require"),
+           "a dead predecessor's instance: auto: adopt it if it verifies, else start afresh; never: always start "
+           "afresh; require: adopt it or refuse to start, keeping its files"),
+    Option("on_stop", "release", _choice("release", "keep"),
+           "on SIGTERM/SIGINT: release the instance (pages go once workers detach); keep: leave it for the next "
+           "primary to adopt (the units' restart; SIGUSR2 keeps it whatever this says)"),
 )
 RELOADABLE = frozenset({"log_level"})
 
@@ -117,6 +123,8 @@ class Config:
     max_workers: int
     log_level: str
     group: str | None = None
+    adopt: str = "auto"
+    on_stop: str = "release"
     path: str | None = None  # the file it was read from, if any: what SIGHUP reads again
 
     def window_for(self, memory: int) -> int:

@@ -16,17 +16,19 @@ fills stay None until their step has run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import zmq
 
-from ..errors import HugepagesUnavailable, HugeshmdError, InvalidArgument
+from ..errors import AdoptionRefused, HugepagesUnavailable, HugeshmdError, InvalidArgument, TableCorrupt
 from ..shm.identity import own_start_time
 from ..shm.layout import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord
 from ..shm.lock import PrimaryLock
@@ -36,7 +38,7 @@ from ..shm.table import Table
 from ..shm.window import Window
 from ..sizes import format_size
 from ..wire import protocol
-from . import backing, hugepages, predecessor
+from . import adoption, backing, hugepages, predecessor
 from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, ZapHandler, remove_ipc_risk
 from .backing import Backing, Mapped
 from .config import RELOADABLE, Config, instance_path, load
@@ -73,6 +75,10 @@ class Primary:
         self.table_or_none: Table | None = None
         self.zap: zmq.Socket[bytes] | None = None
         self.router: zmq.Socket[bytes] | None = None
+        self._files: list[Callable[[], None]] = []  # removers of the instance's files, in the order made
+        self._keep_files = False  # whether the instance's files must outlive this process
+        self._stop_keeps = False  # set by stop(keep=True): the stop leaves the instance for the next primary
+        self._started_at = time.time()
         self._reload_pending = False
         self._progress_sent = 0.0  # when the last STATUS= of the mapping went out
         self._status_sent = ""  # the last STATUS= summary, sent again when it changes
@@ -109,34 +115,106 @@ class Primary:
         self._undo.callback(lock.release)
         self.policy.own(self.paths.dir, DIR_MODE)  # ours now: a rival would have been refused the lock
         self.policy.own(self.paths.lock, 0o600)  # a member that could read it could flock it, and block a restart
-        self._clear_predecessor()
+        self._undo.callback(self._remove_files)  # after the sockets and the table are closed
+        found = predecessor.find(self.paths, self._segment_dirs())
+        candidate = self._adoptable(found)
+        if candidate is None:
+            for path in found.remove():
+                log.warning("removed stale %s left by a previous primary of prefix %r", path, self.config.prefix)
+            self._start_fresh()
+        else:
+            self._adopt(candidate, found)
+        assert self.backing is not None
+        risk = remove_ipc_risk(os.geteuid()) if self.backing.mode != MODE_HUGETLBFS else None
+        if risk:
+            log.warning("%s", risk)
+        self._bind()
+        self.table.set_state(STATE_READY, os.getpid(), own_start_time())
+        self._keep_files = False  # serving: what happens to the files is shutdown's to say
+        summary = self.summary()
+        self.notifier.send(ready=1, status=summary)
+        log.info("ready: %s", summary)
+
+    def _segment_dirs(self) -> list[str]:
+        return hugepages.segment_dirs() + ([self.config.hugepage_dir] if self.config.hugepage_dir else [])
+
+    def _start_fresh(self) -> None:
         choice = backing.choose(self.config, self.paths, self.policy.own_fd)
         self.fallback_reason = choice.fallback_reason
         window = Window.reserve(self.config.base_address, self.config.window_for(choice.memory))
         self._undo.callback(window.release)
         self.window = window
         mapped = self._map_first_segment(choice)
-        assert self.backing is not None
-        risk = remove_ipc_risk(os.geteuid()) if self.backing.mode != MODE_HUGETLBFS else None
-        if risk:
-            log.warning("%s", risk)
         self.table_or_none = self._create_table(mapped)
-        self._bind()
-        self.table.set_state(STATE_READY, os.getpid(), own_start_time())
-        summary = self.summary()
-        self.notifier.send(ready=1, status=summary)
-        log.info("ready: %s", summary)
+
+    def _adoptable(self, found: predecessor.Predecessor) -> adoption.Candidate | None:
+        """The dead predecessor's instance if this primary may and can adopt it, else None (start
+        afresh). With ``adopt = "require"``, AdoptionRefused (keeping its files) if it cannot."""
+        if found.table is None or self.config.adopt == "never":
+            if found.table is not None:
+                log.info("adopt = never: starting afresh, removing the instance a dead primary left")
+            return None
+        try:
+            return adoption.verify(found, self.config)
+        except AdoptionRefused as err:
+            if self.config.adopt == "require":
+                self._keep_files = True
+                log.error("%s; its files are kept (adopt = require): inspect them, then remove them with "
+                          "`hugeshmd hugepages cleanup --prefix %s` to start afresh", err.message, self.config.prefix)
+                raise
+            log.warning("%s; starting afresh (adopt = auto)", err.message)
+            return None
+
+    def _adopt(self, candidate: adoption.Candidate, found: predecessor.Predecessor) -> None:
+        """Take over a verified instance: its window, its segments re-mapped where they were
+        (not populated: their pages are there), its table as it is, generation and all."""
+        self._keep_files = True  # from here a failure leaves the instance for the next start
+        table, snap, layout = candidate.table, candidate.snapshot, candidate.layout
+        self._undo.callback(table.close)
+        window = Window.reserve(layout.base, layout.window)
+        self._undo.callback(window.release)
+        self.window = window
+        for segment in snap.segments:
+            window.map(segment.id, segment.address, segment.length, segment.path, segment.offset)
+        self.backing = backing.adopted(layout, snap.segments[0].path, self.paths, self.policy.own_fd)
+        if self.backing.mode != MODE_HUGETLBFS and self.config.huge_pages != "off":
+            self.fallback_reason = "adopted an instance in /dev/shm"
+        table.lock_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
+        self.table_or_none = table
+        self._files += [functools.partial(self.backing.remove, s.id) for s in snap.segments]
+        self._files.append(functools.partial(_unlink_quietly, self.paths.table))
+        for path in found.others:  # sockets, half-written tables: bind and create make them anew
+            _unlink_quietly(path)
+        count = table.count_adoption()
+        used = sum(z.size for z in snap.zones)
+        memory = sum(s.length for s in snap.segments)
+        log.info("adopted prefix %s (adoption %d): %d segments, %d zones, %s used of %s, generation %d",
+                 self.config.prefix, count, len(snap.segments), len(snap.zones), format_size(used),
+                 format_size(memory), snap.generation)
+        self._warn_unchanged(layout, memory)
+        self.publisher.publish({"op": "segments", "segments": [s._asdict() for s in snap.segments]})
+
+    def _warn_unchanged(self, layout: Layout, memory: int) -> None:
+        c = self.config
+        kept = [f"{key} {mine} (configured {theirs})" for key, mine, theirs in (
+            ("memory", memory, c.memory), ("max_zones", layout.max_zones, c.max_zones),
+            ("max_workers", layout.max_workers, c.max_workers)) if theirs is not None and mine != theirs]
+        if kept:
+            log.warning("the adopted instance keeps %s; a change applies at the next fresh start", ", ".join(kept))
+
+    def _remove_files(self) -> None:
+        """Remove the instance's files, unless they must outlive this process (an adoption that
+        failed, a refusal, or a stop that keeps the instance for the next primary)."""
+        if self._keep_files:
+            return
+        for remove in reversed(self._files):
+            remove()
 
     def _make_runtime_dir(self) -> None:
         os.makedirs(self.paths.dir, mode=DIR_MODE, exist_ok=True)
         if os.path.islink(self.paths.dir):  # chown and chmod below would follow it
             raise InvalidArgument(f"invalid runtime_root: {self.paths.dir} is a symbolic link", name="runtime_root")
         self._undo.callback(_rmdir_quietly, self.paths.dir)  # last undo: fails if another primary uses it
-
-    def _clear_predecessor(self) -> None:
-        dirs = hugepages.segment_dirs() + ([self.config.hugepage_dir] if self.config.hugepage_dir else [])
-        for path in predecessor.clear(self.paths, dirs):
-            log.warning("removed stale %s left by a previous primary of prefix %r", path, self.config.prefix)
 
     def _check_socket_paths(self) -> None:
         """An ipc:// path must fit in sun_path (unix(7): 108 bytes with the NUL), checked
@@ -158,7 +236,7 @@ class Primary:
             self.fallback_reason = choice.fallback_reason
             mapped = choice.backing.create(self.window, 0, self.window.base, choice.memory, self._progress)
         self.backing = choice.backing
-        self._undo.callback(choice.backing.remove, 0)
+        self._files.append(functools.partial(choice.backing.remove, 0))
         return mapped
 
     def _progress(self, done: int, total: int) -> None:
@@ -173,17 +251,15 @@ class Primary:
         assert self.window is not None and self.backing is not None
         layout = Layout.plan(base=self.window.base, window=self.window.size, page_size=self.backing.page_size,
                              mode=self.backing.mode, prefix=c.prefix, max_zones=c.max_zones, max_workers=c.max_workers)
-        table = Table.create(self.paths.table, layout, own_fd=self.policy.own_fd)
-        table.read_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
-        self._undo.callback(os.unlink, self.paths.table)
-        self._undo.callback(table.close)
-        if mapped.iovas is not None:
-            table.write_iovas(0, mapped.iovas)
         segment = SegmentRecord(0, mapped.address, mapped.length, self.backing.page_size, 0, mapped.numa_node,
                                 mapped.iovas[0] if mapped.iovas else mapped.address, 0,
                                 len(mapped.iovas or ()), mapped.path)
-        with table.locked() as base:
-            table.commit(base, segments=(segment,))
+        table = Table.create(self.paths.table, layout, own_fd=self.policy.own_fd, segments=(segment,))
+        self._files.append(functools.partial(_unlink_quietly, self.paths.table))
+        self._undo.callback(table.close)
+        table.lock_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
+        if mapped.iovas is not None:
+            table.write_iovas(0, mapped.iovas)
         self.publisher.publish({"op": "segments", "segments": [segment._asdict()]})
         return table
 
@@ -246,8 +322,10 @@ class Primary:
         """The reply frames for one request's frames (:meth:`RequestServer.handle`)."""
         return self.server.handle(frames)
 
-    def stop(self) -> None:
-        """Ask :meth:`serve` to return. Safe from a signal handler."""
+    def stop(self, keep: bool = False) -> None:
+        """Ask :meth:`serve` to return. Safe from a signal handler. With ``keep`` (or ``on_stop =
+        "keep"``) the shutdown leaves the instance for the next primary to adopt."""
+        self._stop_keeps = self._stop_keeps or keep
         self._stopping = True
         self._wake()
 
@@ -273,7 +351,7 @@ class Primary:
             pass
 
     def _heartbeat(self) -> None:
-        self.publisher.heartbeat()
+        self.publisher.heartbeat(os.getpid())
         if self.notifier.watchdog:
             self.notifier.send(watchdog=1)
         if self.notifier.enabled:
@@ -319,7 +397,13 @@ class Primary:
     # -- figures ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """The instance's figures; TableCorrupt, naming the damage, if its table is damaged."""
         assert self.backing is not None and self.window is not None
+        damage = self.table.damage()
+        if damage is not None:
+            raise TableCorrupt(f"the table of prefix {self.config.prefix!r} is damaged: {damage}; its workers see "
+                               "TableCorrupt. Stop the instance (pages go once workers detach) and start it afresh",
+                               path=self.paths.table)
         snap = self.table.snapshot()
         memory = sum(s.length for s in snap.segments)
         used = sum(z.size for z in snap.zones)
@@ -334,10 +418,16 @@ class Primary:
             "generation": snap.generation, "requests": server.requests, "errors": dict(server.errors),
             "requests_by_op": dict(server.requests_by_op), "refused": self.zap_handler.refused,
             "uptime": round(time.monotonic() - self._started, 3),
+            "created": self.table.layout.created_ns / 1e9, "started": self._started_at,
+            "adoptions": self.table.adoptions(),
         }
 
     def summary(self) -> str:
-        s = self.status()
+        """One line for systemd's STATUS= and the log; never raises (a damaged table is said)."""
+        try:
+            s = self.status()
+        except HugeshmdError as err:
+            return f"prefix {self.config.prefix}: {err.message}"
         mode = s["mode"] if s["mode"] == "hugepages" else f"fallback ({s['fallback_reason'] or 'huge_pages=off'})"
         return (f"prefix {s['prefix']}: {format_size(s['memory'])} of {format_size(s['page_size'])} pages, "
                 f"{mode}, window {s['base']:#x}+{format_size(s['window'])}, {s['zones']} zones, "
@@ -346,22 +436,31 @@ class Primary:
     # -- shutdown ------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Tell workers, unmap, remove every file this primary made. Idempotent.
+        """Release the instance (tell workers, unmap, remove every file), or, for a stop that
+        keeps it (:meth:`stop`, ``on_stop``), close this process's hold on it and leave it,
+        zones, files and all, for the next primary to adopt. Idempotent.
 
         The removal runs whatever happens while telling workers: a table that
         fails its checks or a lock that cannot be had must not pin hugepages.
         """
-        self.notifier.send(stopping=1, status="stopping: telling workers, removing files")
+        keep = self._stop_keeps or self.config.on_stop == "keep"
+        self.notifier.send(stopping=1, status="stopping: " + ("keeping the instance for the next primary" if keep
+                                                              else "telling workers, removing files"))
         try:
-            self._tell_workers()
+            if not keep:
+                self._tell_workers()
         except Exception:  # noqa: BLE001 - log it, and still remove everything
             log.exception("could not mark the table stopped; removing the instance anyway")
         finally:
+            self._keep_files = self._keep_files or keep
             self._undo.close()
             self._wake_r.close()
             self._wake_w.close()
             self.notifier.close()
-        log.info("stopped: prefix %s, all hugepage files and runtime files removed", self.config.prefix)
+        if keep:
+            log.info("stopped: prefix %s kept for the next primary to adopt (its files stay)", self.config.prefix)
+        else:
+            log.info("stopped: prefix %s, all hugepage files and runtime files removed", self.config.prefix)
 
     def _tell_workers(self) -> None:
         table = self.table_or_none
@@ -403,6 +502,7 @@ def run(config: Config, overrides: dict[str, Any] | None = None, instance: str |
         raise
     previous = signal.set_wakeup_fd(primary.wakeup_fd(), warn_on_full_buffer=False)
     handlers = {sig: signal.signal(sig, lambda *_: primary.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda *_: primary.stop(keep=True))
     hup = signal.signal(signal.SIGHUP, lambda *_: primary.request_reload())
     try:
         try:

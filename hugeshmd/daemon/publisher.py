@@ -35,6 +35,8 @@ class Publisher:
         if self._socket is not None:
             self._socket.send(protocol.encode({"v": protocol.VERSION, "seq": self.seq, **change}))
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, pid: int) -> None:
+        """The last ``seq``, and the primary's ``pid``: a subscriber that sees another pid than its
+        snapshot's knows a new primary (which counts from 1 again) took over, and fetches anew."""
         if self._socket is not None:
-            self._socket.send(protocol.encode({"v": protocol.VERSION, "seq": self.seq, "op": "heartbeat"}))
+            self._socket.send(protocol.encode({"v": protocol.VERSION, "seq": self.seq, "op": "heartbeat", "pid": pid}))

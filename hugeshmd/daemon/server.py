@@ -94,7 +94,8 @@ class RequestServer:
         table = self.primary.table
         snap = table.snapshot()
         layout = table.layout
-        return {"seq": self.primary.publisher.seq, "generation": snap.generation, "base": layout.base,
+        return {"seq": self.primary.publisher.seq, "pid": os.getpid(), "generation": snap.generation,
+                "adoptions": table.adoptions(), "base": layout.base,
                 "window": layout.window, "page_size": layout.page_size,
                 "segments": [s._asdict() for s in snap.segments]}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["process_start_time", "own_start_time", "process_alive"]
+__all__ = ["process_start_time", "own_start_time", "process_alive", "process_state", "describe_holder"]
 
 
 def process_start_time(pid: int) -> int | None:
@@ -44,3 +44,24 @@ def own_start_time() -> int:
 def process_alive(pid: int, start: int) -> bool:
     """True while the process that had ``pid`` and ``start`` still exists."""
     return process_start_time(pid) == start
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (proc(5) stat field 3: ``R``, ``S``, ``T`` stopped, ``t``
+    stopped by a tracer, ``D``, ``Z``...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rindex(b")") + 2 :].split()[0].decode()
+
+
+def describe_holder(pid: int) -> str:
+    """``pid 42``, ``pid 42 (stopped)`` or ``pid 42 (gone)``: a lock holder, for an error message."""
+    if pid <= 0:
+        return "an unknown process"
+    state = process_state(pid)
+    if state is None:
+        return f"pid {pid} (gone)"
+    return f"pid {pid} (stopped)" if state in ("T", "t") else f"pid {pid}"

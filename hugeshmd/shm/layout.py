@@ -17,7 +17,9 @@ The file, in order (every area page-aligned, every offset in the header)::
 
 The dynamic words of the header (each naturally aligned, none covered by the
 header CRC): the committed generation at 512, the primary's state and pid at
-520, its start time at 528, and the two *meta* records (generation, segments
+520, its start time at 528, the pid of the writer holding the lock at 536 (0
+when none: a dead holder's stays, but its lock does not), how many primaries
+adopted the instance at 540, and the two *meta* records (generation, segments
 generation, counts, sum of zone CRCs, CRC of the meta and segment records) at
 576 and 640, one per slot. Readers trust nothing here that the checks in
 :meth:`Layout.unpack` and the table's decode have not verified.
@@ -46,8 +48,9 @@ if TYPE_CHECKING:
 __all__ = [
     "MAGIC", "FORMAT", "HEADER_SIZE", "MODE_HUGETLBFS", "MODE_SHM", "STATE_STARTING", "STATE_READY",
     "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "META", "META_HEAD",
-    "META_AT", "WORKER", "IOVA", "U32", "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT", "NO_SLOT",
-    "NOBODY", "Layout", "Owner", "SegmentRecord", "ZoneRecord",
+    "META_AT", "WORKER", "IOVA", "U32", "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT", "HOLDER_AT",
+    "ADOPTIONS_AT", "NO_SLOT",
+    "NOBODY", "Layout", "Owner", "SegmentRecord", "ZoneRecord", "check_segments",
 ]  # fmt: skip
 
 MAGIC = b"HUGESHMD"
@@ -69,6 +72,8 @@ GEN_AT = 512  # u64 committed generation
 STATE_AT = 520  # u32 state, u32 primary pid
 STATE = struct.Struct("<II")
 OWNER_START_AT = 528  # u64 primary's start time (with its pid, identifies it across pid reuse)
+HOLDER_AT = 536  # u32 pid of the writer that holds the lock, 0 when released (advisory: for TableBusy)
+ADOPTIONS_AT = 540  # u32 how many primaries adopted this instance after the one that made it
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")
 # generation, segments generation, segment count, zone count, sum of zone CRCs, CRC of the rest + segments
@@ -250,3 +255,26 @@ class ZoneRecord(namedtuple("ZoneRecord", "name address size iova align segment 
     def unpack(cls, fields: tuple[Any, ...]) -> ZoneRecord:
         addr, size, iova, align, seg, flags, slot, epoch, pid, _, start, created, n, raw, _ = fields
         return cls(raw[:n].decode(), addr, size, iova, align, seg, Owner(slot, epoch, pid, start), created, flags)
+
+
+def check_segments(layout: Layout, segments: tuple[SegmentRecord, ...]) -> str | None:
+    """What is wrong with ``segments`` as records of the table ``layout`` heads, or None.
+
+    A forged record with valid checksums must not make a worker map something
+    else, or somewhere else: each segment lies inside the window, whole pages of
+    the instance's page size, none overlapping, each backed by this instance's
+    own segment file of its id (``hugeshmd.<prefix>.seg<id>``, an absolute path).
+    """
+    from .paths import parse_segment_name  # here: paths is the only other module that spells names
+
+    end = layout.base
+    for s in sorted(segments, key=lambda s: s.address):
+        where = f"segment {s.id} [{s.address:#x}, +{s.length:#x})"
+        if s.address < end or s.end > layout.base + layout.window or s.length <= 0:
+            return f"{where} lies outside the window or overlaps another"
+        if s.page_size != layout.page_size or s.address % s.page_size or s.length % s.page_size:
+            return f"{where} is not whole pages of {layout.page_size} bytes"
+        if not s.path.startswith("/") or parse_segment_name(s.path.rpartition("/")[2]) != (layout.prefix, s.id):
+            return f"{where} names {s.path!r}, not a segment file of prefix {layout.prefix!r}"
+        end = s.end
+    return None

@@ -12,27 +12,50 @@ from __future__ import annotations
 import _thread
 import os
 import time
+from collections import namedtuple
 from collections.abc import Sequence
 
 from .. import _fork
-from ..errors import AccessDenied, HandleClosed, NotFound, PrimaryStopped, PrimaryUnavailable
+from ..errors import (
+    AccessDenied,
+    HandleClosed,
+    InvalidArgument,
+    NotFound,
+    PrimaryStopped,
+    PrimaryUnavailable,
+    TableCorrupt,
+)
 from . import zones
 from .identity import own_start_time, process_alive
-from .layout import NOBODY, STATE_READY, STATE_STOPPING, Owner, SegmentRecord, ZoneRecord
+from .layout import NOBODY, STATE_NAMES, STATE_READY, STATE_STOPPING, Owner, SegmentRecord, ZoneRecord
 from .paths import RuntimePaths
 from .registry import Registry
 from .snapshot import Snapshot
-from .table import Table
+from .table import DEFAULT_LOCK_TIMEOUT, Table
 from .window import Window
 from .zones import ReadOnlyZone, Zone, check_align, check_name, check_size, make_zone
 
-__all__ = ["attach", "Secondary", "Segment"]
+TYPE_CHECKING = False
+
+__all__ = ["attach", "Secondary", "Segment", "PrimaryInfo"]
 
 Segment = SegmentRecord
 
 
+class PrimaryInfo(namedtuple("PrimaryInfo", "pid state alive adoptions")):
+    """What a worker knows of its instance's primary: ``pid``, ``state`` (starting, ready,
+    stopping), whether that process is ``alive``, and how many ``adoptions`` the instance had."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        pid: int
+        state: str
+        alive: bool
+        adoptions: int
+
+
 def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str | None = None,
-           read_only: bool = False) -> Secondary:
+           read_only: bool = False, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Secondary:
     """Attach this process to the instance ``prefix``: every segment at the primary's address.
 
     Looks for the instance where :func:`hugeshmd.shm.paths.worker_runtime_roots`
@@ -42,6 +65,11 @@ def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str |
     With ``read_only`` every segment and the table are mapped ``PROT_READ``:
     zones are ReadOnlyZone, and reserve and free raise AccessDenied.
 
+    Every later wait of this attachment for the table's writer lock (its
+    registration here, reserve, free) lasts at most ``lock_timeout`` seconds,
+    then raises TableBusy naming the holder: a frozen worker holding the lock
+    blocks no one for longer. Lookups never wait for it.
+
     Raises PrimaryUnavailable when no primary is ready (its ``path`` names
     every place looked), AccessDenied when this process may not open the
     instance's files (it is outside the instance's group), AddressUnavailable
@@ -50,8 +78,12 @@ def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str |
     its checks, InvalidArgument for a malformed prefix, TableFull when the
     instance's worker table is full of live workers.
     """
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not 0 < lock_timeout < 1e6:
+        raise InvalidArgument(f"lock_timeout must be a number of seconds in (0, 1e6), not {lock_timeout!r}",
+                              name="lock_timeout")
     candidates = RuntimePaths.candidates(prefix, runtime_root)
     paths, table = _open_ready_table(candidates, timeout, not read_only)
+    table.lock_timeout = float(lock_timeout)
     try:
         return Secondary(paths, table, read_only)
     except BaseException:
@@ -208,6 +240,15 @@ class Secondary:
         return list(self._table.snapshot().segments)
 
     @property
+    def primary(self) -> PrimaryInfo:
+        """The instance's primary as the table says now: pid, state and whether that process
+        lives. A local read (and one of /proc); a restarted primary shows here once ready."""
+        state, pid = self._table.state()
+        start = self._table.owner()[1]
+        return PrimaryInfo(pid, STATE_NAMES.get(state, "unknown"), pid > 0 and process_alive(pid, start),
+                           self._table.adoptions())
+
+    @property
     def base(self) -> int:
         return self._table.layout.base
 
@@ -301,6 +342,9 @@ class Secondary:
                         "its primary stopped or was replaced",
                         prefix=self.prefix, path=s.path,
                     ) from err
+                except (ValueError, OSError) as err:  # not ours to map: see Window.map
+                    raise TableCorrupt(f"segment {sid} of prefix {self.prefix!r} cannot be mapped: {err}",
+                                       path=self._table.path) from err
         self._segments_generation = snap.segments_generation
 
     def _check_writable(self, what: str) -> None:

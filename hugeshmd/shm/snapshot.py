@@ -28,14 +28,20 @@ _AFTER = 1 << 64  # sorts after any end or segment id
 class Snapshot:
     """One committed version of the table: its generation, segments and zones (by address)."""
 
-    __slots__ = ("generation", "segments_generation", "segments", "zones", "_by_name", "_starts", "_gaps")
+    __slots__ = ("generation", "segments_generation", "segments", "zones", "zone_bytes", "zone_sum", "_by_name",
+                 "_starts", "_gaps")
 
     def __init__(self, generation: int, segments_generation: int, segments: tuple[SegmentRecord, ...],
-                 zones: tuple[ZoneRecord, ...]) -> None:
+                 zones: tuple[ZoneRecord, ...], zone_bytes: bytes | bytearray | None = None,
+                 zone_sum: int = 0) -> None:
         self.generation = generation
         self.segments_generation = segments_generation
         self.segments = segments
         self.zones = zones
+        # The checked bytes the zones were decoded from and the sum of their CRCs, for the
+        # table's next commit (which moves them on, as it moves the indexes); None: pack anew.
+        self.zone_bytes = zone_bytes
+        self.zone_sum = zone_sum
         self._by_name: dict[str, ZoneRecord] | None = None
         self._starts: list[int] | None = None
         self._gaps: list[Gap] | None = None

@@ -59,9 +59,12 @@ from collections.abc import Callable
 
 from .. import _fork
 from ..errors import TableBusy, TableCorrupt, TableFull
+from .identity import describe_holder, process_state
 from .layout import (
+    ADOPTIONS_AT,
     GEN_AT,
     HEADER_SIZE,
+    HOLDER_AT,
     IOVA,
     META,
     META_AT,
@@ -78,11 +81,15 @@ from .layout import (
     Layout,
     SegmentRecord,
     ZoneRecord,
+    check_segments,
 )
 from .paths import TABLE_TEMP
 from .snapshot import Snapshot
 
-__all__ = ["Table"]
+__all__ = ["Table", "DEFAULT_LOCK_TIMEOUT"]
+
+
+DEFAULT_LOCK_TIMEOUT = 5.0  # seconds a writer waits for the lock unless told otherwise
 
 
 class _WriteLock:
@@ -96,18 +103,19 @@ class _WriteLock:
 
     def __enter__(self) -> Snapshot:
         table = self._table
+        timeout = table.lock_timeout if self._timeout is None else self._timeout
         self._epoch = _fork.epoch
-        if self._timeout is None:
-            table._thread_lock.acquire()
-        elif not table._thread_lock.acquire(True, self._timeout):
-            raise TableBusy(f"{table.path}: writer lock busy in this process for {self._timeout:g} s",
-                            path=table.path)
+        if not table._thread_lock.acquire(True, timeout):
+            raise TableBusy(f"{table.path}: another thread of this process held the writer lock for {timeout:g} s",
+                            path=table.path, pid=os.getpid(), stopped=False, waited=timeout)
         try:
             self._fd = table._lock_descriptor()
-            _flock(self._fd, fcntl.LOCK_EX, self._timeout, table.path)
+            _flock(self._fd, fcntl.LOCK_EX, timeout, table)
             try:
+                table._hold()
                 return table.snapshot()
             except BaseException:
+                table._release_hold()
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 raise
         except BaseException:
@@ -118,16 +126,18 @@ class _WriteLock:
         if self._epoch != _fork.epoch:
             return  # forked inside the with: this child holds neither lock, its parent does
         try:
+            self._table._release_hold()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._table._thread_lock.release()
 
 
-def _flock(fd: int, operation: int, timeout: float | None, path: str) -> None:
-    """flock(2), blocking, or retried with backoff until ``timeout`` (then TableBusy)."""
-    if timeout is None:
-        fcntl.flock(fd, operation)
-        return
+def _flock(fd: int, operation: int, timeout: float, table: Table) -> None:
+    """flock(2), retried with backoff until ``timeout`` (then TableBusy naming the holder).
+
+    flock has no timed wait; the back-off grows to 5 ms, so a waiter notices a
+    released lock within 5 ms and costs a few hundred wake-ups a second.
+    """
     deadline, pause = time.monotonic() + timeout, 0.0001
     while True:
         try:
@@ -135,9 +145,8 @@ def _flock(fd: int, operation: int, timeout: float | None, path: str) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise TableBusy(f"{path}: another process held the writer lock for {timeout:g} s",
-                                path=path) from None
-            time.sleep(pause)  # flock has no timed wait; back off up to 5 ms
+                raise table.busy(timeout) from None
+            time.sleep(pause)
             pause = min(pause * 2, 0.005)
 
 
@@ -150,25 +159,35 @@ class Table:
         self._fd = fd
         self._lock_fd = -1  # opened on first use: see "An flock belongs to..." above
         self.read_timeout: float | None = None  # for a reader that must not wait behind a stuck writer
+        self.lock_timeout = DEFAULT_LOCK_TIMEOUT  # the most any writer of this process waits for the lock
+        self.damaged: str | None = None  # why this mapping can no longer be trusted (see hugeshmd.shm.guard)
         self._thread_lock = _thread.allocate_lock()
         self._mm = mm
         self._view = memoryview(mm)
         self._words = self._view.cast("Q")  # fast generation reads
         self._cache: Snapshot | None = None
         self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
+        self._verified_for = -1  # the segments generation they were checked against
         self._segments_at = layout.slot_at
         self._zones_at = (layout.zones_at(0), layout.zones_at(1))
-        self._segments_crc: tuple[tuple[SegmentRecord, ...], int] = ((), 0)  # last segments and their CRC
+        # the last segments written, packed, and their CRC
+        self._segments_packed: tuple[tuple[SegmentRecord, ...], bytes, int] = ((), b"", 0)
         _fork.register(self)
 
     @classmethod
     def create(cls, path: str, layout: Layout, mode: int = 0o660,
-               own_fd: Callable[[int], None] | None = None) -> Table:
-        """Write a fresh, empty table at ``path`` atomically (temp file + rename).
+               own_fd: Callable[[int], None] | None = None, segments: tuple[SegmentRecord, ...] = ()) -> Table:
+        """Write a fresh table at ``path`` atomically (temp file + rename): generation 0, holding
+        ``segments`` and no zone.
 
         ``own_fd`` gives the file its owner group and mode before the rename,
-        so that no one ever opens it with the wrong ones.
+        so that no one ever opens it with the wrong ones. A table appears with
+        its first segment or not at all: no one sees a table without memory.
         """
+        if len(segments) > layout.max_segments:
+            raise TableFull(f"the segment table is full ({layout.max_segments} segments)",
+                            table="segments", capacity=layout.max_segments)
+        packed = b"".join(s.pack() for s in segments)
         tmp = f"{path}{TABLE_TEMP}{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
@@ -176,8 +195,9 @@ class Table:
                 own_fd(fd)
             os.ftruncate(fd, layout.file_size)
             os.pwrite(fd, layout.pack(), 0)
-            empty = META.pack(0, 0, 0, 0, 0, 0)[:META_HEAD]
-            os.pwrite(fd, empty + U32.pack(zlib.crc32(empty, zlib.crc32(b""))), META_AT[0])
+            head = META.pack(0, 0, len(segments), 0, 0, 0)[:META_HEAD]
+            os.pwrite(fd, packed, layout.slot_at[0])
+            os.pwrite(fd, head + U32.pack(zlib.crc32(head, zlib.crc32(packed))), META_AT[0])
             os.rename(tmp, path)
         except BaseException:
             os.close(fd)
@@ -249,13 +269,42 @@ class Table:
         """(pid, start time) of the primary that last set the state."""
         return STATE.unpack_from(self._mm, STATE_AT)[1], U64.unpack_from(self._mm, OWNER_START_AT)[0]
 
+    def damage(self) -> str | None:
+        """What is wrong with the file as it is now, or None: its size, its header, its committed
+        version. Reads the header with pread, not through the mapping, and never raises."""
+        if self.damaged is not None:
+            return self.damaged
+        try:
+            size = os.fstat(self._fd).st_size
+            if size != self.layout.file_size:
+                return f"the file is {size} bytes, its header says {self.layout.file_size}"
+            if os.pread(self._fd, HEADER_SIZE, 0)[: len(self.layout.pack())] != self.layout.pack():
+                return "its header changed since it was written (the instance's shape, or its checksum)"
+            self.snapshot()
+        except TableCorrupt as err:
+            return err.message
+        except OSError as err:
+            return f"it cannot be read: {err.strerror}"
+        return None
+
+    def adoptions(self) -> int:
+        """How many primaries adopted this instance after the one that made it."""
+        return U32.unpack_from(self._mm, ADOPTIONS_AT)[0]  # type: ignore[no-any-return]
+
+    def count_adoption(self) -> int:
+        """One more adoption (by the primary now starting); the new count."""
+        count = self.adoptions() + 1
+        U32.pack_into(self._mm, ADOPTIONS_AT, count)
+        return count
+
     def snapshot(self) -> Snapshot:
         """The committed version; decoded once per generation, then cached.
 
-        Raises TableCorrupt if the committed version fails its checks.
+        Raises TableCorrupt, saying what failed, if the committed version fails
+        its checks or this mapping was damaged (:mod:`hugeshmd.shm.guard`).
         """
         cached = self._cache
-        if cached is not None and cached.generation == self.generation:
+        if cached is not None and cached.generation == self.generation and self.damaged is None:
             return cached
         for _ in range(8):
             generation = self.generation
@@ -265,65 +314,89 @@ class Table:
         return self._snapshot_between_writers()
 
     def _snapshot_between_writers(self) -> Snapshot:
-        with self._thread_lock:
+        timeout = self.lock_timeout if self.read_timeout is None else self.read_timeout
+        if not self._thread_lock.acquire(True, timeout):
+            raise TableBusy(f"{self.path}: another thread of this process held the writer lock for {timeout:g} s",
+                            path=self.path, pid=os.getpid(), stopped=False, waited=timeout)
+        try:
             fd = self._lock_descriptor()
-            _flock(fd, fcntl.LOCK_SH, self.read_timeout, self.path)
+            _flock(fd, fcntl.LOCK_SH, timeout, self)
             try:
                 generation = self.generation
                 return self._accept(self._decode(generation), generation)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
     def zones_by_name(self, snap: Snapshot) -> dict[str, ZoneRecord]:
         """A copy of ``snap``'s zones by name, taken while no commit of this process can
-        move that index on to the next snapshot (see :mod:`hugeshmd.records`)."""
+        move that index on to the next snapshot (see :mod:`hugeshmd.shm.snapshot`)."""
         with self._thread_lock:
             return dict(snap.by_name)
 
-    def _accept(self, snap: Snapshot | None, generation: int) -> Snapshot:
-        if snap is None:
-            raise TableCorrupt(f"{self.path}: generation {generation} fails its checks", path=self.path)
+    def _accept(self, snap: Snapshot | str, generation: int) -> Snapshot:
+        if self.damaged is not None:
+            raise TableCorrupt(f"{self.path}: {self.damaged}", path=self.path)
+        if isinstance(snap, str):
+            raise TableCorrupt(f"{self.path}: generation {generation} fails its checks: {snap}", path=self.path)
         self._cache = snap
         return snap
 
-    def _decode(self, generation: int) -> Snapshot | None:
+    def _decode(self, generation: int) -> Snapshot | str:
+        """The committed version ``generation``, every record checked; else what failed."""
         meta_at = META_AT[generation & 1]
         gen, seg_gen, nseg, nzone, zone_sum, crc = META.unpack_from(self._mm, meta_at)
-        if gen != generation or nseg > self.layout.max_segments or nzone > self.layout.max_zones:
-            return None
+        if gen != generation:
+            return f"its meta record is of generation {gen}"
+        if nseg > self.layout.max_segments or nzone > self.layout.max_zones:
+            return f"{nseg} segments and {nzone} zones exceed the table's capacity"
         seg_at, zone_at = self._segments_at[generation & 1], self._zones_at[generation & 1]
         segs = self._mm[seg_at : seg_at + nseg * SEGMENT.size]
         if zlib.crc32(self._mm[meta_at : meta_at + META_HEAD], zlib.crc32(segs)) != crc:
-            return None
-        zones = self._decode_zones(self._mm[zone_at : zone_at + nzone * ZONE.size], zone_sum)
-        if zones is None:
-            return None
-        return Snapshot(gen, seg_gen, tuple(SegmentRecord.unpack(f) for f in SEGMENT.iter_unpack(segs)), zones)
+            return "the checksum of its meta and segment records"
+        segments = tuple(SegmentRecord.unpack(f) for f in SEGMENT.iter_unpack(segs))
+        wrong = check_segments(self.layout, segments)
+        if wrong is not None:
+            return wrong
+        if seg_gen != self._verified_for:  # records checked against other segments: check again
+            self._verified, self._verified_for = {}, seg_gen
+        raw = self._mm[zone_at : zone_at + nzone * ZONE.size]
+        zones = self._decode_zones(raw, zone_sum, segments)
+        if isinstance(zones, str):
+            return zones
+        return Snapshot(gen, seg_gen, segments, zones, raw, zone_sum)
 
-    def _decode_zones(self, raw: bytes, zone_sum: int) -> tuple[ZoneRecord, ...] | None:
-        """Zone records, each checked against its CRC and all against their sum; None if any fails.
+    def _decode_zones(self, raw: bytes, zone_sum: int,
+                      segments: tuple[SegmentRecord, ...]) -> tuple[ZoneRecord, ...] | str:
+        """Zone records, each checked against its CRC, its segment, and all against their sum;
+        else what failed.
 
         A change touches one record, so the records of the last decode are
         reused when their bytes are identical (identical bytes pass the same
-        check): a worker catching up after another's reserve decodes one record.
+        checks): a worker catching up after another's reserve decodes one record.
         """
         verified, fresh, records, total, view, end = self._verified, {}, [], 0, memoryview(raw), 0
+        ranges = {s.id: (s.address, s.end) for s in segments}
         for at in range(0, len(raw), ZONE.size):
             chunk = raw[at : at + ZONE.size]
             crc = U32.unpack_from(chunk, ZONE_BODY)[0]
             record = verified.get(chunk)
             if record is None:
                 if zlib.crc32(view[at : at + ZONE_BODY]) != crc:
-                    return None
+                    return f"the checksum of zone record {at // ZONE.size}"
                 record = ZoneRecord.unpack(ZONE.unpack(chunk))
+                start, stop = ranges.get(record.segment, (0, 0))
+                if not (start <= record.address and record.end <= stop and record.size > 0):
+                    return f"zone {record.name!r} [{record.address:#x}, +{record.size:#x}) lies outside its segment"
             if record.address < end:  # out of order or overlapping: the sum of CRCs cannot see that
-                return None
+                return f"zone {record.name!r} overlaps the one before it"
             end = record.address + record.size
             fresh[chunk] = record
             records.append(record)
             total += crc
         if total & 0xFFFFFFFF != zone_sum:
-            return None
+            return "the sum of the zone records' checksums"
         self._verified = fresh
         return tuple(records)
 
@@ -338,6 +411,25 @@ class Table:
         return page + offset % segment.page_size  # type: ignore[no-any-return]
 
     # -- writing -----------------------------------------------------------
+
+    def _hold(self) -> None:
+        """Say who holds the writer lock (for a waiter's TableBusy); call holding it."""
+        U32.pack_into(self._mm, HOLDER_AT, os.getpid())
+
+    def _release_hold(self) -> None:
+        U32.pack_into(self._mm, HOLDER_AT, 0)
+
+    def holder(self) -> int:
+        """The pid that last said it holds the writer lock (0: none said so)."""
+        return U32.unpack_from(self._mm, HOLDER_AT)[0]  # type: ignore[no-any-return]
+
+    def busy(self, waited: float) -> TableBusy:
+        """The TableBusy for a wait of ``waited`` seconds: names the holder, and whether it is frozen."""
+        pid = self.holder()
+        state = process_state(pid) if pid else None
+        return TableBusy(f"{self.path}: the writer lock stayed taken for {waited:g} s by {describe_holder(pid)}; "
+                         "lookups go on, reserve and free wait for it", path=self.path, pid=pid or None,
+                         stopped=state in ("T", "t"), waited=waited)
 
     def locked(self, timeout: float | None = None) -> _WriteLock:
         """``with table.locked() as snapshot:`` holds the writer lock; the committed snapshot.
@@ -379,57 +471,63 @@ class Table:
                             "start the primary with a larger max_zones", table="zones", capacity=self.layout.max_zones)
         record = insert.pack(zlib.crc32) if insert is not None else b""
         removed_at = base.index_of(remove) if remove is not None else None
-        base_sum = META.unpack_from(self._mm, META_AT[base.generation & 1])[4]
+        zones, zone_sum = self._carried(base)
+        if removed_at is not None:
+            at = removed_at * ZONE.size
+            zone_sum -= U32.unpack_from(zones, at + ZONE_BODY)[0]
+            del zones[at : at + ZONE.size]
         new = base.successor(segments, insert, remove)
-        zone_sum = self._write_zones(base_sum, base, new, removed_at, insert, record)
+        if insert is not None:
+            at = new.index_of(insert) * ZONE.size
+            zones[at:at] = record
+            zone_sum += U32.unpack_from(record, ZONE_BODY)[0]
+        zone_sum &= 0xFFFFFFFF
+        dst = self._zones_at[new.generation & 1]
+        self._mm[dst : dst + len(zones)] = zones
+        new.zone_bytes, new.zone_sum = zones, zone_sum
         head = META.pack(new.generation, new.segments_generation, len(new.segments), len(new.zones),
-                          zone_sum, 0)[:META_HEAD]
-        crc = zlib.crc32(head, self._write_segments(base, new))  # over segments, then the head
+                         zone_sum, 0)[:META_HEAD]
+        crc = zlib.crc32(head, self._write_segments(new))  # over segments, then the head
         meta_at = META_AT[new.generation & 1]
         self._mm[meta_at : meta_at + META.size] = head + U32.pack(crc)
         self._words[GEN_AT // 8] = new.generation  # the commit point
         self._cache = new
         return new
 
-    def _write_segments(self, base: Snapshot, new: Snapshot) -> int:
-        """Fill the slot's segment records (a memmove when unchanged); their CRC32.
+    @staticmethod
+    def _carried(base: Snapshot) -> tuple[bytearray, int]:
+        """The zone records of ``base`` to build the next version from, and the sum of their CRCs.
+
+        Never the bytes in the file's slot: they may have changed since they were
+        checked (a flipped bit, a forged record), and a writer must not carry a bad
+        record into a version it commits. These are the bytes ``base`` was decoded
+        from (moved along from commit to commit, as the indexes are), or the
+        records packed anew.
+        """
+        taken = base.zone_bytes
+        base.zone_bytes = None
+        if isinstance(taken, bytearray):
+            return taken, base.zone_sum
+        if taken is not None:
+            return bytearray(taken), base.zone_sum
+        packed = [z.pack(zlib.crc32) for z in base.zones]
+        return bytearray(b"".join(packed)), sum(U32.unpack_from(p, ZONE_BODY)[0] for p in packed)
+
+    def _write_segments(self, new: Snapshot) -> int:
+        """Fill the slot's segment records, packed from the checked records; their CRC32.
 
         Always written, even when the slot may hold them from two generations
-        ago: a writer killed mid-change may have left anything there. Only the
-        CRC is remembered, for the segment tuple it was computed over.
+        ago: a writer killed mid-change may have left anything there, and the
+        other slot's bytes may have changed since they were checked.
         """
         dst = self._segments_at[new.generation & 1]
-        size = len(new.segments) * SEGMENT.size
-        if new.segments is base.segments:
-            self._mm.move(dst, self._segments_at[base.generation & 1], size)
-        else:
-            self._mm[dst : dst + size] = b"".join(s.pack() for s in new.segments)
-        known, crc = self._segments_crc
+        known, packed, crc = self._segments_packed
         if known is not new.segments:
-            crc = zlib.crc32(self._view[dst : dst + size])
-            self._segments_crc = new.segments, crc
+            packed = b"".join(s.pack() for s in new.segments)
+            crc = zlib.crc32(packed)
+            self._segments_packed = new.segments, packed, crc
+        self._mm[dst : dst + len(packed)] = packed
         return crc
-
-    def _write_zones(self, zone_sum: int, base: Snapshot, new: Snapshot, removed_at: int | None,
-                     insert: ZoneRecord | None, record: bytes) -> int:
-        """Fill the new slot's zone records with at most three memmoves; the new sum of their CRCs."""
-        size = ZONE.size
-        src = self._zones_at[base.generation & 1]
-        dst = self._zones_at[new.generation & 1]
-        count = len(base.zones)
-        if removed_at is None:
-            self._mm.move(dst, src, count * size)
-        else:
-            zone_sum -= U32.unpack_from(self._mm, src + removed_at * size + ZONE_BODY)[0]
-            self._mm.move(dst, src, removed_at * size)
-            self._mm.move(dst + removed_at * size, src + (removed_at + 1) * size, (count - removed_at - 1) * size)
-            count -= 1
-        if insert is not None:
-            i = new.index_of(insert)
-            self._mm.move(dst + (i + 1) * size, dst + i * size, (count - i) * size)
-            self._mm[dst + i * size : dst + (i + 1) * size] = record
-            zone_sum += U32.unpack_from(record, ZONE_BODY)[0]
-        return zone_sum & 0xFFFFFFFF
 
     def write_iovas(self, index: int, iovas: list[int]) -> None:
         if index + len(iovas) > self.layout.max_iovas:

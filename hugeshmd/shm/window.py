@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import weakref
 
 from .. import _fork, _sys
@@ -32,6 +33,16 @@ def conflicts(base: int, size: int, maps: str = "/proc/self/maps") -> list[str]:
             if int(start, 16) < base + size and int(end, 16) > base:
                 found.append(line.rstrip("\n"))
     return found
+
+
+def _check_backing(fd: int, path: str, needed: int) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if _sys.fstatfs_type(fd) not in (_sys.HUGETLBFS_MAGIC, _sys.TMPFS_MAGIC):
+        raise ValueError(f"{path} is on neither a hugetlbfs nor a tmpfs")
+    if st.st_size < needed:
+        raise ValueError(f"{path} holds {st.st_size} bytes, {needed} are mapped: truncated")
 
 
 class Window:
@@ -85,9 +96,16 @@ class Window:
         return cls(base, size, writable)
 
     def map(self, segment_id: int, address: int, length: int, path: str, offset: int) -> None:
-        """Map ``length`` bytes of the file at ``path`` at ``address`` inside the window."""
-        fd = os.open(path, (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC)
+        """Map ``length`` bytes of the file at ``path`` at ``address`` inside the window.
+
+        Raises ValueError, naming what is wrong, unless the file is a regular file
+        on a hugetlbfs or tmpfs that holds the whole range: a page beyond its end
+        would be a SIGBUS at the first touch, and a forged path must not make this
+        process map some other file.
+        """
+        fd = os.open(path, (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
+            _check_backing(fd, path, offset + length)
             self.map_fd(segment_id, address, length, fd, offset)
         finally:
             os.close(fd)

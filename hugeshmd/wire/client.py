@@ -118,7 +118,9 @@ class Subscription:
     ``seq`` is newer. A gap in ``seq``, seen in a change or in the primary's
     heartbeat, means something was missed (a slow joiner or a dropped
     message), and the snapshot is fetched again: nothing is missed or applied
-    twice.
+    twice. A heartbeat from another primary (its pid) means a restart or an
+    adoption: the snapshot is fetched from the new primary, within a heartbeat
+    (1 s) of it being ready. ZeroMQ reconnects the sockets by itself.
     """
 
     def __init__(self, paths: RuntimePaths, timeout: float = 5.0) -> None:
@@ -157,7 +159,9 @@ class Subscription:
         if not isinstance(seq, int):
             raise ProtocolError(f"change without a seq: {change!r}")
         if change.get("op") == "heartbeat":
-            if seq > self.seq:
+            # A gap (seq ahead), or another primary: one that adopted the instance counts
+            # from 1 again, so its seq may be behind, and its pid is not the snapshot's.
+            if seq > self.seq or change.get("pid", self.snapshot.get("pid")) != self.snapshot.get("pid"):
                 self.resync()
             return
         if seq <= self.seq:
