@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 __all__ = [
     "PAGE_SIZE",
@@ -49,6 +50,8 @@ __all__ = [
     "mount",
     "umount2",
     "fstatfs_type",
+    "buffer_address",
+    "install_sigbus_handler",
     "HUGETLBFS_MAGIC",
     "TMPFS_MAGIC",
 ]
@@ -253,3 +256,93 @@ def _read_pfns(fd: int, address: int, count: int, page_size: int) -> list[int] |
             return None
         result.append(pfn * PAGE_SIZE)
     return result
+
+
+# -- SIGBUS on a file that shrank under its mapping ------------------------------------------
+#
+# Some facts about SIGBUS that the table's guard relies on:
+#
+# * A MAP_SHARED mapping of a file stays as long as it was made, whatever the file
+#   does: when another process truncates the file, every touch of a page past its
+#   new end raises SIGBUS (mmap(2), "Use of a mapped region can result in these
+#   signals: SIGBUS ... that does not correspond to the file"). Its default action
+#   kills the process, and Python cannot catch it: its own handler only sets a
+#   flag and returns, so the faulting instruction runs again, forever.
+# * A handler installed with SA_SIGINFO receives the faulting address (si_addr, at
+#   offset 16 of siginfo_t on Linux). If it maps something readable at that page
+#   (MAP_FIXED, anonymous: a page of zeros) and returns, the instruction runs again
+#   and succeeds. The table's checks then see zeros and report TableCorrupt.
+# * The fault is synchronous: the faulting thread is the one touching the mapping,
+#   and for the table that is always Python code holding the GIL (mmap and
+#   memoryview reads and writes hold it), so the handler can run Python (a ctypes
+#   callback re-enters the interpreter on that thread as a C callback would).
+# * A fault outside any guarded range is none of ours: the handler puts the
+#   previous action back and returns, the fault repeats, and that action (a
+#   faulthandler dump, the default) takes it.
+
+SIGBUS = 7
+SA_SIGINFO = 0x4
+MAP_ANONYMOUS_PRIVATE_FIXED = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED
+
+
+class _SigAction(ctypes.Structure):
+    # glibc's struct sigaction on x86-64 and arm64: handler, a 1024-bit sigset_t, flags, restorer
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
+                ("restorer", ctypes.c_void_p)]
+
+
+_libc.sigaction.restype = ctypes.c_int
+_libc.sigaction.argtypes = (ctypes.c_int, ctypes.POINTER(_SigAction), ctypes.POINTER(_SigAction))
+_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_previous = _SigAction()
+_installed: list[object] = []  # the handler's callback object, kept alive while installed
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+ctypes.pythonapi.PyObject_GetBuffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+ctypes.pythonapi.PyObject_GetBuffer.restype = ctypes.c_int
+ctypes.pythonapi.PyBuffer_Release.argtypes = (ctypes.POINTER(_PyBuffer),)
+ctypes.pythonapi.PyBuffer_Release.restype = None
+
+
+def buffer_address(buffer: object) -> int:
+    """The address of the first byte of a buffer (an mmap, read-only or not), not kept exported."""
+    view = _PyBuffer()
+    if ctypes.pythonapi.PyObject_GetBuffer(buffer, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE
+        raise BufferError("no buffer")
+    try:
+        return int(view.buf or 0)
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+
+
+def install_sigbus_handler(claim: Callable[[int], bool]) -> None:
+    """Handle SIGBUS: ``claim(address)`` says whether a faulting address is one to repair; if it
+    is, a page of zeros is mapped over the faulting page and the access goes on. Idempotent."""
+    if _installed:
+        return
+
+    def handler(signum: int, info: int | None, context: int | None) -> None:
+        address = ctypes.c_void_p.from_address(info + 16).value if info else None
+        page = (address or 0) & ~(PAGE_SIZE - 1)
+        try:
+            claimed = address is not None and claim(address)
+        except BaseException:  # noqa: BLE001 - nothing may escape a signal handler
+            claimed = False
+        if claimed and _libc.mmap(page, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_ANONYMOUS_PRIVATE_FIXED, -1, 0) == page:
+            return
+        _libc.sigaction(SIGBUS, ctypes.byref(_previous), None)  # not ours: the fault repeats, as before
+
+    callback = _HANDLER(handler)
+    action = _SigAction()
+    action.handler = ctypes.cast(callback, ctypes.c_void_p)
+    action.flags = SA_SIGINFO
+    if _libc.sigaction(SIGBUS, ctypes.byref(action), ctypes.byref(_previous)) != 0:
+        _raise_errno("sigaction", "SIGBUS")
+    _installed.append(callback)

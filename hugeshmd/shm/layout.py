@@ -17,9 +17,8 @@ The file, in order (every area page-aligned, every offset in the header)::
 
 The dynamic words of the header (each naturally aligned, none covered by the
 header CRC): the committed generation at 512, the primary's state and pid at
-520, its start time at 528, the pid of the writer holding the lock at 536 (0
-when none: a dead holder's stays, but its lock does not), how many primaries
-adopted the instance at 540, and the two *meta* records (generation, segments
+520, its start time at 528, how many primaries adopted the instance at 540,
+and the two *meta* records (generation, segments
 generation, counts, sum of zone CRCs, CRC of the meta and segment records) at
 576 and 640, one per slot. Readers trust nothing here that the checks in
 :meth:`Layout.unpack` and the table's decode have not verified.
@@ -48,7 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAGIC", "FORMAT", "HEADER_SIZE", "MODE_HUGETLBFS", "MODE_SHM", "STATE_STARTING", "STATE_READY",
     "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "META", "META_HEAD",
-    "META_AT", "WORKER", "IOVA", "U32", "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT", "HOLDER_AT",
+    "META_AT", "WORKER", "IOVA", "U32", "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT",
     "ADOPTIONS_AT", "NO_SLOT",
     "NOBODY", "Layout", "Owner", "SegmentRecord", "ZoneRecord", "check_segments",
 ]  # fmt: skip
@@ -72,7 +71,6 @@ GEN_AT = 512  # u64 committed generation
 STATE_AT = 520  # u32 state, u32 primary pid
 STATE = struct.Struct("<II")
 OWNER_START_AT = 528  # u64 primary's start time (with its pid, identifies it across pid reuse)
-HOLDER_AT = 536  # u32 pid of the writer that holds the lock, 0 when released (advisory: for TableBusy)
 ADOPTIONS_AT = 540  # u32 how many primaries adopted this instance after the one that made it
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

@@ -57,14 +57,14 @@ import time
 import zlib
 from collections.abc import Callable
 
-from .. import _fork
+from .. import _fork, _sys
 from ..errors import TableBusy, TableCorrupt, TableFull
+from . import guard
 from .identity import describe_holder, process_state
 from .layout import (
     ADOPTIONS_AT,
     GEN_AT,
     HEADER_SIZE,
-    HOLDER_AT,
     IOVA,
     META,
     META_AT,
@@ -112,10 +112,8 @@ class _WriteLock:
             self._fd = table._lock_descriptor()
             _flock(self._fd, fcntl.LOCK_EX, timeout, table)
             try:
-                table._hold()
                 return table.snapshot()
             except BaseException:
-                table._release_hold()
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 raise
         except BaseException:
@@ -126,7 +124,6 @@ class _WriteLock:
         if self._epoch != _fork.epoch:
             return  # forked inside the with: this child holds neither lock, its parent does
         try:
-            self._table._release_hold()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._table._thread_lock.release()
@@ -168,6 +165,8 @@ class Table:
         self._cache: Snapshot | None = None
         self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
         self._verified_for = -1  # the segments generation they were checked against
+        self._address = _sys.buffer_address(mm)
+        guard.watch(self, self._address, layout.file_size)  # a truncation under us is TableCorrupt, not SIGBUS
         self._segments_at = layout.slot_at
         self._zones_at = (layout.zones_at(0), layout.zones_at(1))
         # the last segments written, packed, and their CRC
@@ -235,6 +234,7 @@ class Table:
             return
         with self._thread_lock:  # let a write in another thread finish first
             self._close_lock_descriptor()
+        guard.forget(self._address)
         self._words.release()
         self._view.release()
         self._mm.close()
@@ -412,16 +412,20 @@ class Table:
 
     # -- writing -----------------------------------------------------------
 
-    def _hold(self) -> None:
-        """Say who holds the writer lock (for a waiter's TableBusy); call holding it."""
-        U32.pack_into(self._mm, HOLDER_AT, os.getpid())
-
-    def _release_hold(self) -> None:
-        U32.pack_into(self._mm, HOLDER_AT, 0)
-
-    def holder(self) -> int:
-        """The pid that last said it holds the writer lock (0: none said so)."""
-        return U32.unpack_from(self._mm, HOLDER_AT)[0]  # type: ignore[no-any-return]
+    def holder(self, locks: str = "/proc/locks") -> int:
+        """The pid holding the writer lock, as the kernel lists it (proc(5), /proc/locks: for an
+        flock, the process that took it), or 0 if none is listed. Read only to name a holder."""
+        st = os.fstat(self._fd)
+        key = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+        try:
+            with open(locks) as lines:
+                for line in lines:
+                    fields = line.split()
+                    if key in line and "FLOCK" in fields and "WRITE" in fields and "->" not in fields:
+                        return int(fields[fields.index("WRITE") + 1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
 
     def busy(self, waited: float) -> TableBusy:
         """The TableBusy for a wait of ``waited`` seconds: names the holder, and whether it is frozen."""
