@@ -31,6 +31,7 @@ BENCHMARKS = {
     "control_plane": "benchmarks.bench_control",
     "handoff": "benchmarks.bench_handoff",
     "hugepages": "benchmarks.bench_hugepages",
+    "adoption": "benchmarks.bench_adoption",
 }
 RESULTS = common.REPO / "benchmarks" / "results"
 

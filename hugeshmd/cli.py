@@ -63,9 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_source(conf)
     conf.set_defaults(command=_config)
     unit = commands.add_parser("systemd", help="install the systemd units for this installation")
-    unit.add_argument("action", choices=("install", "show", "prestart"),
-                      help="install: write the units; show: print them; prestart: what a unit runs as root first")
-    unit.add_argument("--instance", default="default", help="prestart: the instance (its config file is read)")
+    unit.add_argument("action", choices=("install", "show", "prestart", "stop-post"),
+                      help="install: write the units; show: print them; prestart and stop-post: what a unit runs "
+                           "as root before its primary starts and after it ends")
+    unit.add_argument("--instance", default="default",
+                      help="prestart, stop-post: the instance (its config file is read)")
+    unit.add_argument("--unit", default=None, help="stop-post: the unit, for its queued job (default: the instance's)")
     unit.add_argument("--dir", default=None, help="where units go (default /etc/systemd/system)")
     unit.add_argument("--sysusers-dir", default=None, help="where the sysusers.d entry goes (default /etc/sysusers.d)")
     unit.add_argument("--no-sysusers", action="store_true", help="do not write the sysusers.d entry or make the user")
@@ -160,6 +163,9 @@ def _prestart(instance: str, user: str) -> int:
     from .host import install, pool
 
     conf, _ = _load_config(argparse.Namespace(config=None, instance=instance))
+    if install.adoptable(conf):  # its pages are allocated already: growing the pool would take as many again
+        print("an instance waits to be adopted: the pool stays as it is")
+        return 0
     outcome = pool.reserve_for(conf)
     print(outcome.message, file=sys.stderr if outcome.message.startswith("warning") else sys.stdout)
     if conf.huge_pages != "off" and conf.hugepage_dir is None:
@@ -175,6 +181,11 @@ def _systemd(args: argparse.Namespace) -> int:
     user = args.user or install.SERVICE_USER
     if args.action == "prestart":
         return _prestart(args.instance, user)
+    if args.action == "stop-post":
+        conf, _ = _load_config(argparse.Namespace(config=None, instance=args.instance))
+        unit = args.unit or ("hugeshmd.service" if args.instance == "default" else f"hugeshmd@{args.instance}.service")
+        print("\n".join(install.stop_post(conf, unit, os.environ.get("SERVICE_RESULT", ""))))
+        return 0
     if args.action == "show":
         for name, text in install.units(install.this_command(), user).items():
             print(f"### {name}\n{text}")

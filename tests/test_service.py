@@ -59,6 +59,10 @@ class Service:
         done = self.systemd.run("systemctl", "start", *flags, unit, check=False)
         assert done.returncode == 0, done.stderr + self.journal(unit)
 
+    def attached(self, user: str, prefix: str) -> HeldWorker:
+        """A worker of ``user`` that stays attached (outside any unit) until :meth:`HeldWorker.done`."""
+        return HeldWorker(self, user, prefix)
+
     def journal(self, unit: str) -> str:
         return self.systemd.run("journalctl", "-u", unit, "--no-pager", check=False).stdout
 
@@ -70,6 +74,57 @@ class Service:
                     found += [os.path.join(directory, n) for n in os.listdir(directory) if f".{prefix}." in n]
         runtime = self.systemd.run("ls", f"/run/hugeshmd/{prefix}", check=False)
         return found + ([f"/run/hugeshmd/{prefix}"] if runtime.returncode == 0 else [])
+
+
+HOLD = """
+    import json, sys, zlib, hugeshmd
+    shm = hugeshmd.attach(sys.argv[1], timeout=10)
+    zone = shm.reserve("held", 1 << 20)
+    zone[:] = bytes(range(256)) * 4096
+    print(json.dumps({"pid": shm.primary.pid}), flush=True)
+    for line in sys.stdin:  # one check per line: every byte, a reserve, the primary it sees now
+        try:
+            held = zlib.crc32(memoryview(shm.lookup("held"))) == zlib.crc32(bytes(range(256)) * 4096)
+            shm.reserve(line.strip(), 64)
+            print(json.dumps({"held": held, "pid": shm.primary.pid, "adoptions": shm.primary.adoptions,
+                              "zones": sorted(z.name for z in shm.zones)}), flush=True)
+        except hugeshmd.HugeshmdError as err:
+            print(json.dumps({"error": type(err).__name__}), flush=True)
+"""
+
+
+class HeldWorker:
+    """A worker process inside the namespace that keeps its attachment across the primary's restarts."""
+
+    def __init__(self, service: Service, user: str, prefix: str) -> None:
+        self.proc = subprocess.Popen(["nsenter", "-t", str(service.systemd.pid), "-m", "-p", *as_user(user),
+                                      service.python, "-c", textwrap.dedent(HOLD), prefix],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={"PATH": "/usr/bin:/bin", "HUGESHMD_RUNTIME_ROOT": "/run/hugeshmd"})
+        self.first = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"the held worker died (exit {self.proc.wait()})"
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def check(self, name: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def done(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -189,22 +244,52 @@ def test_active_only_after_ready(service: Service, instance: str) -> None:
     assert not any(s["ActiveState"] == "active" and not s["StatusText"].startswith("prefix") for s in seen)
 
 
-def test_kill_9_is_restarted_and_keeps_the_runtime_dir(service: Service, instance: str) -> None:
+def test_kill_9_is_restarted_and_adopts_every_zone(service: Service, instance: str) -> None:
     needs_pages(8)
     service.configure(instance, 'memory = "8M"\nhuge_pages = "on"\n')
     unit = f"hugeshmd@{instance}.service"
     service.start(unit)
     before = service.systemd.show(unit, "MainPID", "NRestarts")
     inode = service.systemd.run("stat", "-c", "%i", f"/run/hugeshmd/{instance}").stdout
-    service.systemd.run("kill", "-9", before["MainPID"])
-    after = service.systemd.wait_until(unit, lambda s: s["MainPID"] not in ("0", before["MainPID"])
-                                       and s["ActiveState"] == "active")
-    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
-    assert service.systemd.run("stat", "-c", "%i", f"/run/hugeshmd/{instance}").stdout == inode  # preserved
+    held = service.attached(service.member, instance)
+    try:
+        service.systemd.run("kill", "-9", before["MainPID"])
+        after = service.systemd.wait_until(unit, lambda s: s["MainPID"] not in ("0", before["MainPID"])
+                                           and s["ActiveState"] == "active")
+        assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+        assert service.systemd.run("stat", "-c", "%i", f"/run/hugeshmd/{instance}").stdout == inode  # preserved
+        seen = held.check("after-kill")
+        assert seen == {"held": True, "pid": int(after["MainPID"]), "adoptions": 1, "zones": ["after-kill", "held"]}
+        assert "kept for the next primary" in service.journal(unit)  # the stop-post saw a failure, kept it
+    finally:
+        held.done()
     assert service.worker(service.member, WRITE, instance)["address"] > 0  # the new primary serves
 
 
-def test_a_frozen_primary_is_killed_by_the_watchdog_and_restarted(service: Service, instance: str) -> None:
+def test_restart_keeps_every_zone_and_stop_releases_the_pages(service: Service, instance: str) -> None:
+    needs_pages(8)
+    service.configure(instance, 'memory = "8M"\nhuge_pages = "on"\n')
+    unit = f"hugeshmd@{instance}.service"
+    free_before = free_hugepages()
+    service.start(unit)
+    held = service.attached(service.member, instance)
+    try:
+        first = held.first["pid"]
+        service.systemd.run("systemctl", "restart", unit)
+        seen = held.check("after-restart")  # the worker was never interrupted: same process, same attachment
+        assert seen["held"] and seen["adoptions"] == 1 and seen["pid"] not in (0, first)
+        assert seen["zones"] == ["after-restart", "held"]
+        assert "a restart of" in service.journal(unit)
+        service.systemd.run("systemctl", "stop", unit)
+        assert held.check("after-stop") == {"error": "PrimaryStopped"}  # told: stopped for good
+    finally:
+        held.done()
+    assert "stopped for good: released the instance" in service.journal(unit)
+    assert service.files_of(instance) == []
+    assert free_hugepages() >= free_before
+
+
+def test_a_frozen_primary_is_killed_by_the_watchdog_and_the_next_adopts(service: Service, instance: str) -> None:
     service.configure(instance, 'memory = "8M"\nhuge_pages = "off"\n')
     unit = f"hugeshmd@{instance}.service"
     service.systemd.run("mkdir", "-p", f"/run/systemd/system/{unit}.d")
@@ -212,6 +297,7 @@ def test_a_frozen_primary_is_killed_by_the_watchdog_and_restarted(service: Servi
                                     f"> /run/systemd/system/{unit}.d/watchdog.conf")
     service.systemd.run("systemctl", "daemon-reload")
     service.start(unit)
+    written = service.worker(service.member, WRITE, instance)
     before = service.systemd.show(unit, "MainPID", "NRestarts", "WatchdogUSec")
     assert before["WatchdogUSec"] == "2s"
     time.sleep(3)  # longer than WatchdogSec: an unfrozen primary must not be killed (no readiness signal for "not")
@@ -222,6 +308,8 @@ def test_a_frozen_primary_is_killed_by_the_watchdog_and_restarted(service: Servi
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
     journal = service.systemd.run("journalctl", "-u", unit, "--no-pager").stdout
     assert "Watchdog timeout" in journal
+    read = service.worker(service.member, READ, instance, "rw")  # adopted: the zone and its bytes are there
+    assert (read["address"], read["data"]) == (written["address"], "hello")
 
 
 def test_reload_follows_the_protocol(service: Service, instance: str) -> None:

@@ -180,6 +180,9 @@ class Primary:
         if self.backing.mode != MODE_HUGETLBFS and self.config.huge_pages != "off":
             self.fallback_reason = "adopted an instance in /dev/shm"
         table.lock_timeout = LOCK_WAIT_S  # the request loop must not wait behind a stuck writer
+        # systemd hands a preserved RuntimeDirectory= back owned by the service's user and group,
+        # all of it (path_chown_recursive): give the table back to the instance's group.
+        self.policy.own(self.paths.table)
         self.table_or_none = table
         self._files += [functools.partial(self.backing.remove, s.id) for s in snap.segments]
         self._files.append(functools.partial(_unlink_quietly, self.paths.table))

@@ -30,15 +30,19 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from ..daemon import hugepages, predecessor
 from ..daemon.access import group_id
 from ..daemon.config import Config
 from ..daemon.hugepages import SERVICE_SUBDIR
-from ..errors import InvalidArgument
+from ..errors import InstanceLocked, InvalidArgument
+from ..shm.lock import PrimaryLock
+from ..shm.paths import RuntimePaths
 from .files import write_file
 
-__all__ = ["render", "units", "sysusers", "check_reachable", "install", "prestart", "UNIT_DIR", "SERVICE_USER"]
+__all__ = ["render", "units", "sysusers", "check_reachable", "install", "prestart", "stop_post", "queued_job",
+           "UNIT_DIR", "SERVICE_USER"]
 
 UNIT_DIR = "/etc/systemd/system"
 SYSUSERS_DIR = "/etc/sysusers.d"
@@ -61,7 +65,10 @@ NotifyAccess=main
 # As root ("+"), before the sandbox: grow the hugepage pool to what /etc/hugeshmd/{instance}.toml asks,
 # and make the mount's hugeshmd/ directory for {user}'s files.
 ExecStartPre=+{command} systemd prestart --instance {instance} --user {user}
-ExecStart={command} primary --instance {instance} --runtime-root {runtime_root}
+# The primary leaves the instance on any exit (--on-stop keep); the stop-post, as root,
+# releases it unless the primary failed or a restart is queued: then the next primary adopts it.
+ExecStart={command} primary --instance {instance} --runtime-root {runtime_root} --on-stop keep
+ExecStopPost=+{command} systemd stop-post --instance {instance} --unit %n
 # SIGHUP reloads log_level (RELOADING=1 ... READY=1).
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
@@ -248,3 +255,52 @@ def prestart(config: Config, user: str, mounts: Sequence[str]) -> list[str]:
 def _write(directory: str, name: str, text: str) -> str:
     os.makedirs(directory, exist_ok=True)
     return write_file(os.path.join(directory, name), text)
+
+
+def queued_job(unit: str) -> str | None:
+    """The type of the job systemd has queued or runs for ``unit`` (``restart``, ``stop``...), or
+    None if none, as ``systemctl list-jobs`` lists it (JOB UNIT TYPE STATE)."""
+    done = subprocess.run(["systemctl", "list-jobs", "--no-legend", "--no-pager", "--plain", unit],
+                          capture_output=True, text=True, timeout=30)
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] == unit:
+            return fields[2]
+    return None
+
+
+RESTARTS = frozenset({"restart", "try-restart", "reload-or-restart", "start"})
+
+
+def stop_post(config: Config, unit: str, result: str, job: Callable[[str], str | None] = queued_job) -> list[str]:
+    """What the unit does as root once its primary is gone (ExecStopPost=): release the instance
+    for a stop for good, or keep it for the next primary to adopt; lines saying which.
+
+    Kept when the primary failed (``result``: systemd's $SERVICE_RESULT, anything but
+    ``success``: a crash, a watchdog kill, a refused adoption; Restart= brings the next one)
+    or when a restart is queued (``systemctl restart``). Released otherwise: the lock is
+    taken (a primary starting meanwhile waits), the table is marked stopped (workers get
+    PrimaryStopped) and every file goes; pages return once the last worker detaches.
+    """
+    if result != "success":
+        return [f"the primary ended with {result or 'no result'}: its instance is kept for the next primary"]
+    queued = job(unit)
+    if queued in RESTARTS:
+        return [f"a {queued} of {unit} is queued: the instance is kept for the next primary to adopt"]
+    paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root or RUNTIME_ROOT)
+    dirs = hugepages.segment_dirs() + ([config.hugepage_dir] if config.hugepage_dir else [])
+    try:
+        lock = PrimaryLock.acquire(paths.lock)
+    except InstanceLocked as err:
+        return [f"not released: {err.message}"]
+    try:
+        removed = predecessor.clear(paths, dirs)
+    finally:
+        lock.release()
+    return [f"stopped for good: released the instance of prefix {config.prefix!r}"] + [f"removed {p}" for p in removed]
+
+
+def adoptable(config: Config) -> bool:
+    """Whether a table is waiting in the instance's runtime dir for the next primary to adopt."""
+    paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root or RUNTIME_ROOT)
+    return config.adopt != "never" and os.path.exists(paths.table)
