@@ -7,16 +7,18 @@ instance in the configuration; and kill -9 at random points of a start-up.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import struct
+import subprocess
 import time
 import zlib
 from typing import Any
 
 import pytest
-from conftest import leftovers, needs_hugepages
+from conftest import PYTHON, leftovers, needs_hugepages
 
 from hugeshmd.shm.layout import Layout
 from hugeshmd.shm.paths import RuntimePaths
@@ -52,7 +54,7 @@ def wait_for_pid(worker: Any, pid: int, within: float) -> float:
     raise AssertionError(f"the worker still sees {worker.ok('primary')} after {within} s, not pid {pid}")
 
 
-def test_a_primary_killed_with_9_is_adopted_with_every_zone_and_byte(start_primary, prefix, workers):
+def test_a_primary_killed_with_9_is_adopted_with_every_zone_and_byte(start_primary, prefix, root, workers):
     first = start_primary(*HUGE)
     old = workers()
     base = old.ok("attach", prefix=prefix)
@@ -72,6 +74,10 @@ def test_a_primary_killed_with_9_is_adopted_with_every_zone_and_byte(start_prima
             assert content(worker, name) == zone_bytes(name, 4096)
     assert old.ok("lookup", name="a")["address"] == new.ok("lookup", name="a")["address"]
     assert old.ok("primary")["adoptions"] == 1
+    shown = json.loads(subprocess.run([PYTHON, "-m", "hugeshmd", "status", "--prefix", prefix, "--runtime-root", root,
+                                       "--json"], capture_output=True, text=True, check=True).stdout)
+    assert shown["adoptions"] == 1 and shown["pid"] == second.proc.pid and shown["zones"] == 3
+    assert shown["created"] < shown["started"] <= time.time()  # the instance is older than its primary
     fill(new, "after")  # and the adopted instance goes on as any other
     assert content(old, "after") == zone_bytes("after", 4096)
 

@@ -9,6 +9,7 @@ posix_ipc; nothing under :mod:`hugeshmd.host` or the CLI.
 * :mod:`.access`: the instance's group, file modes, the ZAP check.
 * :mod:`.backing`: hugetlbfs or /dev/shm, and the choice between them.
 * :mod:`.predecessor`: what a dead primary left, found and cleared (the one path).
+* :mod:`.adoption`: verifying a dead primary's instance for a new primary to take over.
 * :mod:`.hugepages`: the host's pools and mounts, as the primary reads them.
 * :mod:`.config`: options from defaults, a TOML file and flags.
 * :mod:`.systemd`: sd_notify and journal-aware logs.

@@ -63,6 +63,10 @@ def render(prefix: str, status: dict[str, Any] | None) -> str:
         lines.append(f"hugeshmd_errors_total{_labels(prefix=prefix, kind=kind)} {count}")
     _family(lines, "refused_connections_total", "counter", "Connections refused by the access check.")
     lines.append(f"hugeshmd_refused_connections_total{own} {status.get('refused', 0)}")
+    _family(lines, "adoptions_total", "counter", "Primaries that adopted the instance after the one that made it.")
+    lines.append(f"hugeshmd_adoptions_total{own} {status.get('adoptions', 0)}")
+    _family(lines, "created_seconds", "gauge", "When the instance was made (Unix time; adoption keeps it).")
+    lines.append(f"hugeshmd_created_seconds{own} {status.get('created', 0)}")
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ a primary that is not up yet.
 * :mod:`.snapshot`: one committed version and its indexes.
 * :mod:`.table`: the mapped table: lock-free reads, crash-atomic commits.
 * :mod:`.registry`: the worker entries and owner tokens.
+* :mod:`.guard`: a table truncated under this process is TableCorrupt, not a SIGBUS.
 * :mod:`.window`: the reserved address range, segments mapped inside.
 * :mod:`.zones`: named zones, placement, the Zone objects.
 * :mod:`.secondary`: ``attach`` and the worker's handle.
