@@ -18,7 +18,7 @@ import zlib
 from typing import Any
 
 import pytest
-from conftest import PYTHON, leftovers, needs_hugepages
+from conftest import PYTHON, free_hugepages, leftovers, needs_hugepages
 
 from hugeshmd.shm.layout import Layout
 from hugeshmd.shm.paths import RuntimePaths
@@ -84,6 +84,7 @@ def test_a_primary_killed_with_9_is_adopted_with_every_zone_and_byte(start_prima
 
 def test_twenty_kill_9_restarts_lose_no_zone_and_change_no_byte(start_primary, prefix, workers):
     """Two workers write checksummed zones while the primary is killed and restarted 20 times."""
+    free_before = free_hugepages()
     primary = start_primary(*HUGE)
     pair = [workers(), workers()]
     for worker in pair:
@@ -103,6 +104,64 @@ def test_twenty_kill_9_restarts_lose_no_zone_and_change_no_byte(start_primary, p
     for worker in pair:
         assert worker.ok("checksums")["zones"] == expected  # every zone, every byte, no re-attach
         assert worker.ok("primary")["adoptions"] == 20
+        worker.stop()
+    assert primary.stop() == 0
+    assert free_hugepages() >= free_before  # every page back (the fixture checks the files)
+
+
+def test_a_subscription_follows_the_adopting_primary_within_a_heartbeat(start_primary, prefix, root):
+    from hugeshmd.wire.client import Subscription
+
+    first = start_primary(*HUGE)
+    subscription = Subscription(RuntimePaths(prefix, root))
+    try:
+        assert subscription.snapshot["pid"] == first.proc.pid
+        first.stop(signal.SIGKILL)
+        second = start_primary(*HUGE)
+        ready = time.monotonic()
+        while subscription.snapshot["pid"] != second.proc.pid:
+            subscription.poll(0.1)
+            assert time.monotonic() - ready < 2.0, "no resync within two heartbeats"
+        assert subscription.snapshot["adoptions"] == 1
+    finally:
+        subscription.close()
+
+
+CHURN = """
+import hugeshmd, itertools, sys, zlib
+shm = hugeshmd.attach(sys.argv[1])
+print("ready", flush=True)
+for i in itertools.count():
+    zone = shm.reserve(f"c{i}", 4096)
+    zone[:4] = zlib.crc32(zone.name.encode()).to_bytes(4, "little")
+    if i % 2:
+        shm.free(f"c{i - 1}")
+"""
+
+
+def test_workers_killed_mid_change_then_the_primary_leave_the_last_committed_version(
+        start_primary, prefix, root, workers):
+    """kill -9 of writers at random points of their changes, then of the primary: the next
+    primary adopts (adopt = require: it must verify) what was last committed, and nothing else."""
+    from conftest import kill_session, spawn_worker
+
+    primary = start_primary(*HUGE)
+    rng = random.Random(3)
+    for _ in range(5):
+        churner = spawn_worker(["-c", CHURN, prefix], root, stdout=subprocess.PIPE)
+        assert churner.stdout is not None and churner.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.01, 0.1))  # a random point of a reserve or a free
+        kill_session(churner)
+        churner.stdout.close()
+    primary.stop(signal.SIGKILL)
+    start_primary(*HUGE, "--adopt", "require")
+    reader = workers()
+    reader.ok("attach", prefix=prefix)
+    zones = reader.ok("zones")["zones"]  # decoded and verified: the last committed version, whole
+    spans = sorted((z["address"], z["address"] + z["size"]) for z in zones)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert len({z["name"] for z in zones}) == len(zones) > 0
+    fill(reader, "after")  # and it takes changes
 
 
 def test_sigusr2_and_on_stop_keep_leave_the_instance_for_the_next_primary(start_primary, prefix, root, workers):
