@@ -252,7 +252,17 @@ class ZoneRecord(namedtuple("ZoneRecord", "name address size iova align segment 
     @classmethod
     def unpack(cls, fields: tuple[Any, ...]) -> ZoneRecord:
         addr, size, iova, align, seg, flags, slot, epoch, pid, _, start, created, n, raw, _ = fields
-        return cls(raw[:n].decode(), addr, size, iova, align, seg, Owner(slot, epoch, pid, start), created, flags)
+        key = (slot, epoch, pid, start)
+        owner = _owners.get(key)
+        if owner is None:  # a few workers own every zone: one Owner each, not one per record
+            if len(_owners) > 4096:
+                _owners.clear()
+            owner = _owners[key] = Owner(*key)
+        return _tuple_new(cls, (raw[:n].decode(), addr, size, iova, align, seg, owner, created, flags))
+
+
+_tuple_new = tuple.__new__
+_owners: dict[tuple[int, int, int, int], Owner] = {}
 
 
 def check_segments(layout: Layout, segments: tuple[SegmentRecord, ...]) -> str | None:
@@ -263,16 +273,22 @@ def check_segments(layout: Layout, segments: tuple[SegmentRecord, ...]) -> str |
     the instance's page size, none overlapping, each backed by this instance's
     own segment file of its id (``hugeshmd.<prefix>.seg<id>``, an absolute path).
     """
-    from .paths import parse_segment_name  # here: paths is the only other module that spells names
+    from .paths import SEGMENT_HEAD  # here: paths is the only other module that spells names
 
-    end = layout.base
-    for s in sorted(segments, key=lambda s: s.address):
-        where = f"segment {s.id} [{s.address:#x}, +{s.length:#x})"
-        if s.address < end or s.end > layout.base + layout.window or s.length <= 0:
-            return f"{where} lies outside the window or overlaps another"
-        if s.page_size != layout.page_size or s.address % s.page_size or s.length % s.page_size:
-            return f"{where} is not whole pages of {layout.page_size} bytes"
-        if not s.path.startswith("/") or parse_segment_name(s.path.rpartition("/")[2]) != (layout.prefix, s.id):
-            return f"{where} names {s.path!r}, not a segment file of prefix {layout.prefix!r}"
-        end = s.end
+    end, stem = layout.base, f"/{SEGMENT_HEAD}{layout.prefix}.seg"
+    for s in sorted(segments, key=_address) if len(segments) > 1 else segments:
+        wrong = None
+        if s.address < end or s.address + s.length > layout.base + layout.window or s.length <= 0:
+            wrong = "lies outside the window or overlaps another"
+        elif s.page_size != layout.page_size or s.address % s.page_size or s.length % s.page_size:
+            wrong = f"is not whole pages of {layout.page_size} bytes"
+        elif not s.path.endswith(f"{stem}{s.id}") or not s.path.startswith("/"):
+            wrong = f"names {s.path!r}, not a segment file of prefix {layout.prefix!r}"
+        if wrong is not None:
+            return f"segment {s.id} [{s.address:#x}, +{s.length:#x}) {wrong}"
+        end = s.address + s.length
     return None
+
+
+def _address(segment: SegmentRecord) -> int:
+    return segment.address

@@ -387,7 +387,7 @@ class Table:
                     return f"the checksum of zone record {at // ZONE.size}"
                 record = ZoneRecord.unpack(ZONE.unpack(chunk))
                 start, stop = ranges.get(record.segment, (0, 0))
-                if not (start <= record.address and record.end <= stop and record.size > 0):
+                if not (start <= record.address and record.address + record.size <= stop and record.size > 0):
                     return f"zone {record.name!r} [{record.address:#x}, +{record.size:#x}) lies outside its segment"
             if record.address < end:  # out of order or overlapping: the sum of CRCs cannot see that
                 return f"zone {record.name!r} overlaps the one before it"

@@ -35,11 +35,18 @@ def conflicts(base: int, size: int, maps: str = "/proc/self/maps") -> list[str]:
     return found
 
 
+_BACKING_KINDS = (_sys.HUGETLBFS_MAGIC, _sys.TMPFS_MAGIC)
+_kinds: dict[int, int] = {}  # st_dev -> filesystem type: a device's filesystem never changes while mounted
+
+
 def _check_backing(fd: int, path: str, needed: int) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path} is not a regular file")
-    if _sys.fstatfs_type(fd) not in (_sys.HUGETLBFS_MAGIC, _sys.TMPFS_MAGIC):
+    kind = _kinds.get(st.st_dev)
+    if kind is None:
+        kind = _kinds[st.st_dev] = _sys.fstatfs_type(fd)
+    if kind not in _BACKING_KINDS:
         raise ValueError(f"{path} is on neither a hugetlbfs nor a tmpfs")
     if st.st_size < needed:
         raise ValueError(f"{path} holds {st.st_size} bytes, {needed} are mapped: truncated")
