@@ -278,7 +278,8 @@ def _read_pfns(fd: int, address: int, count: int, page_size: int) -> list[int] |
 #   callback re-enters the interpreter on that thread as a C callback would).
 # * A fault outside any guarded range is none of ours: the handler puts the
 #   previous action back and returns, the fault repeats, and that action (a
-#   faulthandler dump, the default) takes it.
+#   faulthandler dump, the default) takes it. siginfo's si_code (offset 8) tells
+#   a fault (> 0) from a SIGBUS sent by kill(2) (<= 0), which is raised again.
 
 SIGBUS = 7
 SA_SIGINFO = 0x4
@@ -291,11 +292,20 @@ class _SigAction(ctypes.Structure):
                 ("restorer", ctypes.c_void_p)]
 
 
-_libc.sigaction.restype = ctypes.c_int
-_libc.sigaction.argtypes = (ctypes.c_int, ctypes.POINTER(_SigAction), ctypes.POINTER(_SigAction))
+# The handler's own calls go through PyDLL, which keeps the GIL: with CDLL another thread could
+# run meanwhile (unmap the table, map something else at its address) under the faulting access.
+_libc_gil = ctypes.PyDLL(None)
+_libc_gil.mmap.restype = ctypes.c_void_p
+_libc_gil.mmap.argtypes = _libc.mmap.argtypes
+_libc_gil.sigaction.restype = ctypes.c_int
+_libc_gil.sigaction.argtypes = (ctypes.c_int, ctypes.POINTER(_SigAction), ctypes.POINTER(_SigAction))
+_raise = getattr(_libc_gil, "raise")
+_raise.restype = ctypes.c_int
+_raise.argtypes = (ctypes.c_int,)
 _HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _previous = _SigAction()
-_installed: list[object] = []  # the handler's callback object, kept alive while installed
+_installed: list[object] = []  # the installed handler's callback object
+_callbacks: list[object] = []  # every callback ever installed, kept alive for good
 
 
 class _PyBuffer(ctypes.Structure):
@@ -324,25 +334,35 @@ def buffer_address(buffer: object) -> int:
 
 def install_sigbus_handler(claim: Callable[[int], bool]) -> None:
     """Handle SIGBUS: ``claim(address)`` says whether a faulting address is one to repair; if it
-    is, a page of zeros is mapped over the faulting page and the access goes on. Idempotent."""
+    is, a page of zeros is mapped over the faulting page and the access goes on. Idempotent.
+
+    Anything else goes back to the action that was there before: a fault repeats and meets
+    it; a SIGBUS another process sent (si_code <= 0: kill(2), sigqueue(3)) is raised again.
+    """
     if _installed:
         return
 
     def handler(signum: int, info: int | None, context: int | None) -> None:
-        address = ctypes.c_void_p.from_address(info + 16).value if info else None
-        page = (address or 0) & ~(PAGE_SIZE - 1)
+        code = ctypes.c_int.from_address(info + 8).value if info else 0
+        address = ctypes.c_void_p.from_address(info + 16).value if info and code > 0 else None
         try:
             claimed = address is not None and claim(address)
         except BaseException:  # noqa: BLE001 - nothing may escape a signal handler
             claimed = False
-        if claimed and _libc.mmap(page, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_ANONYMOUS_PRIVATE_FIXED, -1, 0) == page:
-            return
-        _libc.sigaction(SIGBUS, ctypes.byref(_previous), None)  # not ours: the fault repeats, as before
+        if claimed:
+            page = (address or 0) & ~(PAGE_SIZE - 1)
+            if _libc_gil.mmap(page, PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_ANONYMOUS_PRIVATE_FIXED, -1, 0) == page:
+                return
+        _libc_gil.sigaction(SIGBUS, ctypes.byref(_previous), None)
+        _installed.clear()  # a table opened later installs it again
+        if code <= 0:
+            _raise(SIGBUS)  # sent, not a fault: it would not come again by itself
 
     callback = _HANDLER(handler)
     action = _SigAction()
     action.handler = ctypes.cast(callback, ctypes.c_void_p)
     action.flags = SA_SIGINFO
-    if _libc.sigaction(SIGBUS, ctypes.byref(action), ctypes.byref(_previous)) != 0:
+    if _libc_gil.sigaction(SIGBUS, ctypes.byref(action), ctypes.byref(_previous)) != 0:
         _raise_errno("sigaction", "SIGBUS")
     _installed.append(callback)
+    _callbacks.append(callback)  # never freed: a signal may be on its way to it

@@ -139,3 +139,26 @@ def test_prestart_gives_the_mount_directory_to_the_service_user(tmp_path: Path, 
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (pwd.getpwnam(service).pw_uid, grp.getgrnam(group).gr_gid,
                                                             0o750)
     assert done == [f"{tmp_path}/hugeshmd: owner {service}, group {grp.getgrnam(group).gr_gid}, mode 0750"]
+
+
+def test_stop_post_keeps_the_instance_for_a_restart_or_a_failure_and_releases_it_on_a_stop(tmp_path: Path) -> None:
+    from hugeshmd.daemon.config import load
+    from hugeshmd.shm.paths import SYSTEM_RUNTIME_ROOT
+
+    prefix = f"sp{os.getpid()}"
+    conf = load(None, {"prefix": prefix})
+    unit = f"hugeshmd@{prefix}.service"
+    assert "a restart of" in install.stop_post(conf, unit, "success", job=lambda u: "restart")[0]
+    assert "is kept" in install.stop_post(conf, unit, "success", job=lambda u: None)[0]  # systemd not asked
+    assert "ended with signal" in install.stop_post(conf, unit, "signal", job=lambda u: "")[0]  # a crash
+    if os.geteuid() != 0:
+        pytest.skip("releasing takes the instance's lock under /run/hugeshmd: needs root")
+    made_root = not os.path.exists(SYSTEM_RUNTIME_ROOT)
+    try:
+        # a stop job releases, however the primary ended (killed at TimeoutStopSec= included)
+        said = install.stop_post(conf, unit, "timeout", job=lambda u: "stop")
+        assert said[0] == f"stopped for good: released the instance of prefix {prefix!r}"
+        assert not os.path.exists(os.path.join(SYSTEM_RUNTIME_ROOT, prefix))
+    finally:
+        if made_root:
+            os.rmdir(SYSTEM_RUNTIME_ROOT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hugeshmd.errors import InvalidArgument
@@ -104,3 +106,20 @@ def test_segment_names_are_spelled_in_one_place() -> None:
                                   "hugeshmd.a.seg\u0661", "hugeshmd.-a.seg0"])
 def test_parse_segment_name_rejects(name: str) -> None:
     assert parse_segment_name(name) is None
+
+
+def test_a_worker_never_looks_in_a_tmp_root_someone_else_could_have_made(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("HUGESHMD_RUNTIME_ROOT", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(paths_mod.os, "geteuid", lambda: 4242)  # /tmp/hugeshmd-4242: not this user's
+    assert [p.root for p in RuntimePaths.candidates("p")] == ["/run/hugeshmd"]
+    mine = tmp_path / "hugeshmd-mine"
+    mine.mkdir(mode=0o700)
+    uid = os.getuid() or 4242  # a user's, not root's (root looks in /run/hugeshmd only)
+    if os.getuid() == 0:
+        os.chown(mine, uid, -1)
+    monkeypatch.setattr(paths_mod.os, "geteuid", lambda: uid)
+    monkeypatch.setattr(paths_mod, "_user_runtime_root", lambda: str(mine / "hugeshmd"))
+    assert [p.root for p in RuntimePaths.candidates("p")] == [str(mine / "hugeshmd"), "/run/hugeshmd"]
+    mine.chmod(0o777)  # anyone may write it: anyone may have planted a table
+    assert [p.root for p in RuntimePaths.candidates("p")] == ["/run/hugeshmd"]

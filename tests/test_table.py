@@ -646,3 +646,22 @@ def test_swapped_records_are_corrupt_though_every_crc_still_matches(table: Table
         f.write(second + first)  # each record keeps its own CRC, and the sum is the same
     with pytest.raises(TableCorrupt, match="generation 2 fails its checks"):
         reopen().snapshot()
+
+
+def test_a_table_dropped_without_close_is_no_longer_guarded(path: str) -> None:
+    import gc
+
+    from hugeshmd.shm import guard
+
+    t = Table.open(Table.create(path, make_layout(), segments=SEGS).path)
+    start = t._address
+    assert start in guard._ranges
+    del t
+    gc.collect()
+    assert start not in guard._ranges  # its mapping went with it: the address may be anyone's next
+
+
+def test_a_commit_into_a_damaged_mapping_raises_and_publishes_nothing(table: Table) -> None:
+    table.damaged = "the table file shrank under this process"
+    with pytest.raises(TableCorrupt, match="shrank"), table.locked() as base:
+        table.commit(base, insert=zone("a", BASE))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from .. import _sys
 from ..errors import AdoptionRefused, HugeshmdError
-from ..shm.layout import MODE_HUGETLBFS, MODE_SHM, Layout
+from ..shm.layout import MODE_HUGETLBFS, MODE_SHM, STATE_STOPPING, Layout
 from ..shm.snapshot import Snapshot
 from ..shm.table import Table
 from .config import Config
@@ -62,6 +62,8 @@ def verify(found: Predecessor, config: Config) -> Candidate:
     except (OSError, HugeshmdError) as err:
         raise _refused(config, f"its table cannot be read: {getattr(err, 'message', None) or err}") from err
     try:
+        if table.state()[0] == STATE_STOPPING:  # its workers were told it is gone: it stays gone
+            raise _refused(config, "it was stopped for good (its workers were told)")
         snapshot = table.snapshot()
         _check_layout(table.layout, snapshot, config)
         for segment in snapshot.segments:

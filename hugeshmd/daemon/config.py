@@ -104,7 +104,8 @@ OPTIONS = (
            "afresh; require: adopt it or refuse to start, keeping its files"),
     Option("on_stop", "release", _choice("release", "keep"),
            "on SIGTERM/SIGINT: release the instance (pages go once workers detach); keep: leave it for the next "
-           "primary to adopt (the units' restart; SIGUSR2 keeps it whatever this says)"),
+           "primary to adopt (the units pass keep: their stop-post releases on a stop). Run by hand, SIGUSR2 "
+           "keeps it whatever this says"),
 )
 RELOADABLE = frozenset({"log_level"})
 

@@ -186,8 +186,9 @@ class Primary:
         self.table_or_none = table
         self._files += [functools.partial(self.backing.remove, s.id) for s in snap.segments]
         self._files.append(functools.partial(_unlink_quietly, self.paths.table))
-        for path in found.others:  # sockets, half-written tables: bind and create make them anew
-            _unlink_quietly(path)
+        listed = {s.path for s in snap.segments}
+        for path in found.others + [p for p in found.segments if p not in listed]:
+            _unlink_quietly(path)  # sockets, half-written tables, segment files the table does not list
         count = table.count_adoption()
         used = sum(z.size for z in snap.zones)
         memory = sum(s.length for s in snap.segments)

@@ -258,15 +258,20 @@ def _write(directory: str, name: str, text: str) -> str:
 
 
 def queued_job(unit: str) -> str | None:
-    """The type of the job systemd has queued or runs for ``unit`` (``restart``, ``stop``...), or
-    None if none, as ``systemctl list-jobs`` lists it (JOB UNIT TYPE STATE)."""
-    done = subprocess.run(["systemctl", "list-jobs", "--no-legend", "--no-pager", "--plain", unit],
-                          capture_output=True, text=True, timeout=30)
+    """The type of the job systemd has queued or runs for ``unit`` (``restart``, ``stop``...), ``""``
+    if none, as ``systemctl list-jobs`` lists it (JOB UNIT TYPE STATE); None if it cannot tell."""
+    try:
+        done = subprocess.run(["systemctl", "list-jobs", "--no-legend", "--no-pager", "--plain", unit],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
     for line in done.stdout.splitlines():
         fields = line.split()
         if len(fields) >= 3 and fields[1] == unit:
             return fields[2]
-    return None
+    return ""
 
 
 RESTARTS = frozenset({"restart", "try-restart", "reload-or-restart", "start"})
@@ -276,18 +281,25 @@ def stop_post(config: Config, unit: str, result: str, job: Callable[[str], str |
     """What the unit does as root once its primary is gone (ExecStopPost=): release the instance
     for a stop for good, or keep it for the next primary to adopt; lines saying which.
 
-    Kept when the primary failed (``result``: systemd's $SERVICE_RESULT, anything but
-    ``success``: a crash, a watchdog kill, a refused adoption; Restart= brings the next one)
-    or when a restart is queued (``systemctl restart``). Released otherwise: the lock is
-    taken (a primary starting meanwhile waits), the table is marked stopped (workers get
-    PrimaryStopped) and every file goes; pages return once the last worker detaches.
+    A ``stop`` job releases it, however the primary ended (killed at TimeoutStopSec=
+    included: nothing would restart it). A queued restart keeps it (``systemctl
+    restart``), and so does a primary that failed with no job (``result``, systemd's
+    $SERVICE_RESULT, not ``success``: a crash or a watchdog kill, which Restart= follows).
+    When systemd cannot be asked, it is kept and said: a restart must never lose a zone,
+    and ``hugeshmd hugepages cleanup`` releases what a stop left. Otherwise released:
+    the lock is taken (a primary starting meanwhile waits), the table is marked stopped
+    (workers get PrimaryStopped) and every file goes; pages return once the last worker
+    detaches.
     """
-    if result != "success":
-        return [f"the primary ended with {result or 'no result'}: its instance is kept for the next primary"]
     queued = job(unit)
+    if queued is None:
+        return [f"could not ask systemd for {unit}'s job: the instance is kept; release it with "
+                f"`hugeshmd hugepages cleanup --prefix {config.prefix}` if this was a stop"]
     if queued in RESTARTS:
         return [f"a {queued} of {unit} is queued: the instance is kept for the next primary to adopt"]
-    paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root or RUNTIME_ROOT)
+    if queued != "stop" and result != "success":
+        return [f"the primary ended with {result or 'no result'}: its instance is kept for the next primary"]
+    paths = RuntimePaths.for_prefix(config.prefix, RUNTIME_ROOT)  # what ExecStart passes, whatever the file says
     dirs = hugepages.segment_dirs() + ([config.hugepage_dir] if config.hugepage_dir else [])
     try:
         lock = PrimaryLock.acquire(paths.lock)
@@ -297,10 +309,14 @@ def stop_post(config: Config, unit: str, result: str, job: Callable[[str], str |
         removed = predecessor.clear(paths, dirs)
     finally:
         lock.release()
+    try:
+        os.rmdir(paths.dir)  # systemd removes its RuntimeDirectory= too; by hand no one else would
+    except OSError:
+        pass
     return [f"stopped for good: released the instance of prefix {config.prefix!r}"] + [f"removed {p}" for p in removed]
 
 
 def adoptable(config: Config) -> bool:
     """Whether a table is waiting in the instance's runtime dir for the next primary to adopt."""
-    paths = RuntimePaths.for_prefix(config.prefix, config.runtime_root or RUNTIME_ROOT)
+    paths = RuntimePaths.for_prefix(config.prefix, RUNTIME_ROOT)  # what ExecStart passes
     return config.adopt != "never" and os.path.exists(paths.table)

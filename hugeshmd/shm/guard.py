@@ -34,10 +34,12 @@ _ranges: dict[int, tuple[int, weakref.ref[Table]]] = {}  # start -> (end, table)
 
 
 def watch(table: Table, start: int, length: int) -> None:
-    """Guard ``table``'s mapping at ``[start, start + length)``."""
+    """Guard ``table``'s mapping at ``[start, start + length)``, until :func:`forget` or until the
+    table is garbage (its mapping goes with it, and the address may then be anyone's)."""
     _sys.install_sigbus_handler(_claim)
     with _lock:
         _ranges[start] = (start + length, weakref.ref(table))
+    weakref.finalize(table, forget, start)
 
 
 def forget(start: int) -> None:
@@ -51,7 +53,8 @@ def _claim(address: int) -> bool:
     for start, (end, ref) in list(_ranges.items()):
         if start <= address < end:
             table = ref()
-            if table is not None:
-                table.damaged = TRUNCATED
+            if table is None:  # gone: the range may be another mapping's by now, none of ours
+                return False
+            table.damaged = TRUNCATED
             return True
     return False

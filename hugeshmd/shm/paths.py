@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import grp
 import os
+import stat
 
 from ..errors import AccessDenied, InvalidArgument
 
@@ -66,13 +67,31 @@ def default_runtime_root() -> str:
 
 def worker_runtime_roots(root: str | None = None) -> list[str]:
     """Where a worker looks for an instance, in order: ``root`` or ``HUGESHMD_RUNTIME_ROOT``
-    if given (only it); else the user's own root, then ``/run/hugeshmd`` (root: only that)."""
+    if given (only it); else the user's own root, then ``/run/hugeshmd`` (root: only that).
+
+    The user's own root is ``$XDG_RUNTIME_DIR/hugeshmd`` (logind makes that directory the
+    user's alone). Without XDG_RUNTIME_DIR it would be under /tmp, where anyone may make a
+    directory first and plant a table there: it is looked in only if it is this user's and
+    no one else may write it.
+    """
     explicit = root or os.environ.get("HUGESHMD_RUNTIME_ROOT")
     if explicit:
         return [explicit]
     if os.geteuid() == 0:
         return [SYSTEM_RUNTIME_ROOT]
-    return [_user_runtime_root(), SYSTEM_RUNTIME_ROOT]
+    own = _user_runtime_root()
+    if os.environ.get("XDG_RUNTIME_DIR") or _private(os.path.dirname(own)):
+        return [own, SYSTEM_RUNTIME_ROOT]
+    return [SYSTEM_RUNTIME_ROOT]
+
+
+def _private(path: str) -> bool:
+    """Whether ``path`` is a directory of this user's that no one else may write (not a link)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def parse_segment_name(name: str) -> tuple[str, int] | None:

@@ -19,6 +19,7 @@ from .. import _fork
 from ..errors import (
     AccessDenied,
     HandleClosed,
+    HugeshmdError,
     InvalidArgument,
     NotFound,
     PrimaryStopped,
@@ -92,10 +93,19 @@ def attach(prefix: str = "default", timeout: float = 5.0, *, runtime_root: str |
 
 
 def _first_ready(candidates: list[RuntimePaths], writable: bool) -> tuple[RuntimePaths, Table] | None:
+    """The first place with a ready instance. An error in one place (a table this process may
+    not open, a corrupt leftover) is raised only if no other place has a ready instance."""
+    failed: HugeshmdError | None = None
     for paths in candidates:
-        table = _try_open(paths, writable)
+        try:
+            table = _try_open(paths, writable)
+        except (AccessDenied, TableCorrupt) as err:
+            failed = failed or err
+            continue
         if table is not None:
             return paths, table
+    if failed is not None:
+        raise failed
     return None
 
 

@@ -465,6 +465,8 @@ class Table:
                segments: tuple[SegmentRecord, ...] | None = None) -> Snapshot:
         """Publish the version after ``base``: a zone removed, one inserted, and/or a new
         segment list. Call only inside :meth:`locked`, with the snapshot it gave."""
+        if self.damaged is not None:
+            raise TableCorrupt(f"{self.path}: {self.damaged}", path=self.path)
         if base.generation != self.generation:
             raise RuntimeError(f"commit on generation {base.generation}, but {self.generation} is committed")
         if segments is not None and len(segments) > self.layout.max_segments:
@@ -495,6 +497,8 @@ class Table:
         meta_at = META_AT[new.generation & 1]
         self._mm[meta_at : meta_at + META.size] = head + U32.pack(crc)
         self._words[GEN_AT // 8] = new.generation  # the commit point
+        if self.damaged is not None:  # the file shrank under this commit: it went to zero pages
+            raise TableCorrupt(f"{self.path}: {self.damaged}", path=self.path)
         self._cache = new
         return new
 
