@@ -323,6 +323,14 @@ ctypes.pythonapi.PyBuffer_Release.restype = None
 
 def buffer_address(buffer: object) -> int:
     """The address of the first byte of a buffer (an mmap, read-only or not), not kept exported."""
+    try:
+        probe = ctypes.c_char.from_buffer(buffer)  # type: ignore[arg-type]  # writable: the quick way
+    except TypeError:
+        pass
+    else:
+        address = ctypes.addressof(probe)
+        del probe
+        return address
     view = _PyBuffer()
     if ctypes.pythonapi.PyObject_GetBuffer(buffer, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE
         raise BufferError("no buffer")

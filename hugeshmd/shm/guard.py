@@ -38,8 +38,9 @@ def watch(table: Table, start: int, length: int) -> None:
     table is garbage (its mapping goes with it, and the address may then be anyone's)."""
     _sys.install_sigbus_handler(_claim)
     with _lock:
+        for dead in [key for key, (_, ref) in _ranges.items() if ref() is None]:
+            del _ranges[dead]  # tables dropped without close(): their mappings went with them
         _ranges[start] = (start + length, weakref.ref(table))
-    weakref.finalize(table, forget, start)
 
 
 def forget(start: int) -> None:
@@ -53,8 +54,8 @@ def _claim(address: int) -> bool:
     for start, (end, ref) in list(_ranges.items()):
         if start <= address < end:
             table = ref()
-            if table is None:  # gone: the range may be another mapping's by now, none of ours
-                return False
+            if table is None:  # gone: the range may be another mapping's by now
+                continue
             table.damaged = TRUNCATED
             return True
     return False

@@ -39,6 +39,7 @@ import zlib
 from collections import namedtuple
 
 from ..errors import TableCorrupt
+from .paths import SEGMENT_HEAD  # the one module that spells the names of an instance's files
 
 TYPE_CHECKING = False  # typing costs a worker's import ~5 ms; annotations are strings anyway
 if TYPE_CHECKING:
@@ -273,8 +274,6 @@ def check_segments(layout: Layout, segments: tuple[SegmentRecord, ...]) -> str |
     the instance's page size, none overlapping, each backed by this instance's
     own segment file of its id (``hugeshmd.<prefix>.seg<id>``, an absolute path).
     """
-    from .paths import SEGMENT_HEAD  # here: paths is the only other module that spells names
-
     end, stem = layout.base, f"/{SEGMENT_HEAD}{layout.prefix}.seg"
     for s in sorted(segments, key=_address) if len(segments) > 1 else segments:
         wrong = None

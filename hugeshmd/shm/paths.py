@@ -136,7 +136,8 @@ class RuntimePaths:
     @classmethod
     def candidates(cls, prefix: str, root: str | None = None) -> list[RuntimePaths]:
         """The places a worker looks for ``prefix`` (:func:`worker_runtime_roots`)."""
-        return [cls(validate_prefix(prefix), r) for r in worker_runtime_roots(root)]
+        prefix = validate_prefix(prefix)
+        return [cls(prefix, r) for r in worker_runtime_roots(root)]
 
     @property
     def dir(self) -> str:
