@@ -117,6 +117,8 @@ class Primary:
     def __init__(self, prefix: str, root: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.prefix, self.root = prefix, root
         cmd = [PYTHON, "-m", "hugeshmd", "primary", "--prefix", prefix, "--runtime-root", root, *args]
+        # faulthandler: a primary that hangs is sent SIGABRT (wait_exit) and says where it was
+        env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.log: list[str] = []
@@ -150,7 +152,13 @@ class Primary:
         return self
 
     def wait_exit(self, timeout: float = START_TIMEOUT) -> int:
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+            self.proc.wait()
+            self._reader.join(timeout)
+            raise AssertionError(f"the primary did not exit within {timeout} s; its log:\n{self.text}") from None
         self._reader.join(timeout)
         return code
 

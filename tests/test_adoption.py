@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import PYTHON, free_hugepages, leftovers, needs_hugepages
 
+from hugeshmd.daemon.config import default_base_address
 from hugeshmd.shm.layout import Layout
 from hugeshmd.shm.paths import RuntimePaths
 
@@ -236,9 +237,10 @@ def test_a_missing_or_truncated_segment_file_refuses_adoption(start_primary, pre
 def test_another_shape_in_the_configuration_refuses_adoption(start_primary, prefix, root):
     first = start_primary(*HUGE)
     first.stop(signal.SIGKILL)
-    refused = start_primary(*HUGE, "--adopt", "require", "--base-address", "0x300000000000", wait=False)
+    elsewhere = hex(default_base_address(prefix) ^ (1 << 40))  # the slot beside the prefix's own
+    refused = start_primary(*HUGE, "--adopt", "require", "--base-address", elsewhere, wait=False)
     assert refused.wait_exit() == 1
-    assert "base_address is 0x300000000000" in refused.text
+    assert f"base_address is {elsewhere}" in refused.text
     start_primary(*HUGE)
 
 
