@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from hugeshmd.shm import identity
-from hugeshmd.shm.identity import process_alive, process_start_time
+from hugeshmd.shm.identity import process_alive, process_start_time, process_state
 
 # -- process identity ---------------------------------------------------------------------
 
@@ -75,3 +75,17 @@ def test_own_start_time_is_read_once_per_process_and_anew_in_a_child() -> None:
     assert os.read(read, 16) == b"True"
     os.close(read)
     os.close(write)
+
+
+
+@pytest.mark.process
+def test_a_zombie_is_not_alive() -> None:
+    """A dead process whose parent has not collected it yet keeps its /proc entry, start time and
+    all (a primary killed with -9 under a slow parent): it is dead all the same."""
+    child = subprocess.Popen(["true"])
+    start = process_start_time(child.pid)
+    assert isinstance(start, int)
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # until it exits, leaving it unreaped
+    assert process_state(child.pid) == "Z" and process_start_time(child.pid) == start
+    assert not process_alive(child.pid, start)
+    child.wait()

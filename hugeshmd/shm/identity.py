@@ -42,8 +42,15 @@ def own_start_time() -> int:
 
 
 def process_alive(pid: int, start: int) -> bool:
-    """True while the process that had ``pid`` and ``start`` still exists."""
-    return process_start_time(pid) == start
+    """True while the process that had ``pid`` and ``start`` still runs: not gone, not another
+    process that reuses the pid, and not a zombie (dead, its exit status not yet collected)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return fields[0] != b"Z" and int(fields[19]) == start
 
 
 def process_state(pid: int) -> str | None:
