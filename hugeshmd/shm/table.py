@@ -573,9 +573,9 @@ def _check_zone(chunk: bytes, crc: int, index: int, ranges: dict[int, tuple[int,
     is wrong."""
     if zlib.crc32(memoryview(chunk)[:ZONE_BODY]) != crc:
         return f"the checksum of zone record {index}"
-    record = ZoneRecord.unpack(ZONE.unpack(chunk))
-    start, stop = ranges.get(record[5], (0, 0))  # its segment
-    address, size = record[1], record[2]
+    fields = ZONE.unpack(chunk)
+    address, size = fields[0], fields[1]
+    start, stop = ranges.get(fields[4], (0, 0))  # its segment
     if not (start <= address and address + size <= stop and size > 0):
-        return f"zone {record.name!r} [{address:#x}, +{size:#x}) lies outside its segment"
-    return record
+        return f"zone record {index} [{address:#x}, +{size:#x}) lies outside its segment"
+    return ZoneRecord.unpack(fields)
