@@ -667,3 +667,68 @@ def test_a_commit_into_a_damaged_mapping_raises_and_publishes_nothing(table: Tab
     table.damaged = "the table file shrank under this process"
     with pytest.raises(TableCorrupt, match="shrank"), table.locked() as base:
         table.commit(base, insert=zone("a", BASE))
+
+
+# -- readers one commit behind apply its change record ------------------------------------------
+
+
+def test_a_reader_one_commit_behind_applies_the_change_instead_of_decoding(table: Table, reopen, monkeypatch) -> None:
+    follower = reopen()
+    follower.snapshot()
+    decodes: list[int] = []
+    real = Table._decode
+    monkeypatch.setattr(Table, "_decode", lambda self, g, trust=True: decodes.append(g) or real(self, g, trust))
+    commit_zones(table, zone("a", BASE))
+    with table.locked() as base:
+        table.commit(base, remove=base.zones[0], insert=zone("b", BASE + 4096))  # both in one commit
+    commit_zones(table, zone("c", BASE + 8192))
+    with table.locked() as base:
+        table.commit(base, remove=base.zones[1])
+    expected = []
+    assert follower.snapshot() == table.snapshot()  # four commits behind: decoded
+    assert decodes  # (more than one behind is a decode)
+    decodes.clear()
+    for name, at in (("d", BASE + 16384), ("e", BASE + 20480)):
+        commit_zones(table, zone(name, at))
+        assert follower.snapshot() == table.snapshot()
+        expected.append(name)
+    with table.locked() as base:
+        table.commit(base, remove=base.zones[0])
+    assert follower.snapshot() == table.snapshot()
+    assert decodes == []  # each one commit behind: applied, never decoded
+    assert reopen().snapshot() == follower.snapshot()  # and equal to what a fresh decode finds
+
+
+def test_changes_applied_at_random_equal_a_fresh_decode(table: Table, reopen) -> None:
+    """Random inserts and removes, a follower applying each: always what a fresh decode says."""
+    import random
+
+    rng = random.Random(9)
+    follower = reopen()
+    follower.snapshot()
+    live: list[ZoneRecord] = []
+    for step in range(300):
+        with table.locked() as base:
+            if live and (rng.random() < 0.45 or len(live) >= 15):
+                gone = live.pop(rng.randrange(len(live)))
+                table.commit(base, remove=gone)
+            else:
+                free = [g for g in base.gaps if g[1] - g[0] >= 4096]
+                start = free[rng.randrange(len(free))][0]
+                made = zone(f"z{step}", start)
+                live.append(made)
+                table.commit(base, insert=made)
+        got = follower.snapshot()
+        assert got == reopen().snapshot()
+        assert sorted(got.by_name) == sorted(z.name for z in live)
+        assert got.gaps == reopen().snapshot().gaps  # the moved indexes stay right
+
+
+def test_a_forged_change_record_is_not_applied(table: Table, reopen, path: str) -> None:
+    follower = reopen()
+    follower.snapshot()
+    commit_zones(table, zone("a", BASE))
+    at = records.CHANGE_AT[table.generation & 1] + 16 + 8  # the inserted record's size field
+    poke(path, at, struct.pack("<Q", 8 << 20))  # the change now says 8 MiB: it does not match the slot
+    assert follower.snapshot() == reopen().snapshot()  # fell back to decoding the slot, which is right
+    assert follower.snapshot().zones == (zone("a", BASE),)

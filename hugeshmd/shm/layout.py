@@ -18,9 +18,11 @@ The file, in order (every area page-aligned, every offset in the header)::
 The dynamic words of the header (each naturally aligned, none covered by the
 header CRC): the committed generation at 512, the primary's state and pid at
 520, its start time at 528, how many primaries adopted the instance at 540,
-and the two *meta* records (generation, segments
-generation, counts, sum of zone CRCs, CRC of the meta and segment records) at
-576 and 640, one per slot. Readers trust nothing here that the checks in
+the two *meta* records (generation, segments generation, counts, sum of zone
+CRCs, CRC of the meta and segment records) at 576 and 640, one per slot, and
+the two *change* records at 1024 and 1280: what the commit of that slot's
+generation changed (a record inserted, one removed), for readers one
+generation behind. Readers trust nothing here that the checks in
 :meth:`Layout.unpack` and the table's decode have not verified.
 
 FORMAT 2 (this one) differs from 1 in the zone record, which now carries its
@@ -48,7 +50,8 @@ if TYPE_CHECKING:
 __all__ = [
     "MAGIC", "FORMAT", "HEADER_SIZE", "MODE_HUGETLBFS", "MODE_SHM", "STATE_STARTING", "STATE_READY",
     "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "META", "META_HEAD",
-    "META_AT", "WORKER", "IOVA", "U32", "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT",
+    "META_AT", "CHANGE", "CHANGE_AT", "CHANGE_INSERT", "CHANGE_REMOVE", "CHANGE_OTHER", "WORKER", "IOVA", "U32",
+    "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT",
     "ADOPTIONS_AT", "NO_SLOT",
     "NOBODY", "Layout", "Owner", "SegmentRecord", "ZoneRecord", "check_segments",
 ]  # fmt: skip
@@ -79,6 +82,10 @@ U32 = struct.Struct("<I")
 META = struct.Struct("<QQIIII")
 META_HEAD = META.size - 4
 META_AT = (576, 640)
+# What the commit of a generation changed, so a reader one generation behind applies it instead of
+# decoding every record: generation, kind (CHANGE_* bits), index of the removed record in the
+# version before, the inserted record's bytes. One per slot, beside the metas.
+CHANGE_INSERT, CHANGE_REMOVE, CHANGE_OTHER = 1, 2, 4  # OTHER: segments changed: decode it all
 WORKER = struct.Struct("<IIQ")  # pid, epoch (claims of this entry so far), start time (clock ticks since boot)
 IOVA = struct.Struct("<Q")
 # id, flags, address, length, page size, offset, numa node, reserved, iova, iova index, iova count, path
@@ -87,6 +94,8 @@ SEGMENT = struct.Struct("<IIQQQQiIQII192s")
 # owner start time, created, name length, name, crc32 of the rest
 ZONE = struct.Struct("<QQQQIIIIIIQQB63sI4x")
 ZONE_BODY = ZONE.size - 8  # what the record's crc32 covers
+CHANGE = struct.Struct(f"<QII{ZONE.size}s")
+CHANGE_AT = (1024, 1024 + 256)  # two 256-byte slots in the header's dynamic area
 
 
 def _round(size: int, to: int = 4096) -> int:

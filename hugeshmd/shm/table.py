@@ -64,6 +64,11 @@ from . import guard
 from .identity import describe_holder, process_state
 from .layout import (
     ADOPTIONS_AT,
+    CHANGE,
+    CHANGE_AT,
+    CHANGE_INSERT,
+    CHANGE_OTHER,
+    CHANGE_REMOVE,
     GEN_AT,
     HEADER_SIZE,
     IOVA,
@@ -166,6 +171,7 @@ class Table:
         self._cache: Snapshot | None = None
         self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
         self._verified_for = -1  # the segments generation they were checked against
+        self._delta_lock = _thread.allocate_lock()  # one thread applies a change record at a time
         self._segments_seen: tuple[bytes, tuple[SegmentRecord, ...]] = (b"\0", ())  # checked bytes, records
         self._address = _sys.buffer_address(mm)
         guard.watch(self, self._address, layout.file_size)  # a truncation under us is TableCorrupt, not SIGBUS
@@ -309,8 +315,15 @@ class Table:
         its checks or this mapping was damaged (:mod:`hugeshmd.shm.guard`).
         """
         cached = self._cache
-        if cached is not None and cached.generation == self.generation and self.damaged is None:
-            return cached
+        generation = self.generation
+        if cached is not None and self.damaged is None:
+            if cached.generation == generation:
+                return cached
+            if cached.generation + 1 == generation:  # one commit behind: apply what it changed
+                changed = self._apply_change(cached, generation)
+                if changed is not None and self.generation == generation:
+                    self._cache = changed
+                    return changed
         for _ in range(8):
             generation = self.generation
             snap = self._decode(generation)
@@ -347,6 +360,84 @@ class Table:
             raise TableCorrupt(f"{self.path}: generation {generation} fails its checks: {snap}", path=self.path)
         self._cache = snap
         return snap
+
+    def _apply_change(self, base: Snapshot, generation: int) -> Snapshot | None:
+        """The version ``generation`` built from ``base`` (the one before it) and the change record
+        its commit wrote, every part of it checked; None when it cannot be (the caller decodes).
+
+        A reader so re-reads one record, not the table: a lookup after another worker's
+        reserve costs the same with ten zones or a thousand. What is checked: the meta record
+        (its CRC, over the unchanged segments), the change record (its generation), the
+        inserted record (its CRC, its segment, its neighbours), the new count and sum of CRCs,
+        and that the slot holds the inserted record where it belongs.
+        """
+        if not self._delta_lock.acquire(False):  # another thread is at it: decode instead
+            return None
+        try:
+            return self._change_of(base, generation)
+        finally:
+            self._delta_lock.release()
+
+    def _change_of(self, base: Snapshot, generation: int) -> Snapshot | None:
+        meta_at = META_AT[generation & 1]
+        gen, seg_gen, _, nzone, zone_sum, crc = META.unpack_from(self._mm, meta_at)
+        cgen, kind, removed_at, raw = CHANGE.unpack_from(self._mm, CHANGE_AT[generation & 1])
+        segments_crc = self._segments_crc(base.segments)
+        if (gen != generation or cgen != generation or kind & CHANGE_OTHER or seg_gen != base.segments_generation
+                or segments_crc is None
+                or zlib.crc32(self._mm[meta_at : meta_at + META_HEAD], segments_crc) != crc):
+            return None
+        total, count, remove, insert = base.zone_sum, len(base.zones), None, None
+        carried = base.zone_bytes
+        if kind & CHANGE_REMOVE:
+            if removed_at >= count:
+                return None
+            remove, count = base.zones[removed_at], count - 1
+            packed = remove.pack(zlib.crc32) if carried is None else carried[removed_at * ZONE.size :][: ZONE.size]
+            total -= U32.unpack_from(packed, ZONE_BODY)[0]
+        if kind & CHANGE_INSERT:
+            ranges = {s.id: (s.address, s.address + s.length) for s in base.segments}
+            checked = _check_zone(raw, U32.unpack_from(raw, ZONE_BODY)[0], 0, ranges)
+            if isinstance(checked, str):
+                return None
+            insert, count, total = checked, count + 1, total + U32.unpack_from(raw, ZONE_BODY)[0]
+        if count != nzone or total & 0xFFFFFFFF != zone_sum:
+            return None
+        new = base.successor(None, insert, remove)
+        if insert is not None and not self._fits(new, insert, raw, generation):
+            return None
+        base.zone_bytes = None  # moved on, as the indexes were
+        if carried is not None:
+            moved = carried if isinstance(carried, bytearray) else bytearray(carried)
+            if remove is not None:
+                del moved[removed_at * ZONE.size : (removed_at + 1) * ZONE.size]
+            if insert is not None:
+                at = new.index_of(insert) * ZONE.size
+                moved[at:at] = raw
+            new.zone_bytes = moved
+        new.zone_sum = zone_sum
+        return new
+
+    def _fits(self, new: Snapshot, insert: ZoneRecord, raw: bytes, generation: int) -> bool:
+        """Whether ``insert`` sits between its neighbours in ``new``, and the slot holds it there."""
+        i = new.index_of(insert)
+        zones = new.zones
+        if i > 0 and zones[i - 1].address + zones[i - 1].size > insert.address:
+            return False
+        if i + 1 < len(zones) and insert.address + insert.size > zones[i + 1].address:
+            return False
+        at = self._zones_at[generation & 1] + i * ZONE.size
+        return self._mm[at : at + ZONE.size] == raw
+
+    def _segments_crc(self, segments: tuple[SegmentRecord, ...]) -> int | None:
+        """The CRC32 of ``segments``' records as committed, if this table has them at hand."""
+        known, packed, crc = self._segments_packed
+        if known is segments:
+            return crc
+        seen, records = self._segments_seen
+        if records is segments:
+            return zlib.crc32(seen)
+        return None
 
     def _decode(self, generation: int, trust: bool = True) -> Snapshot | str:
         """The committed version ``generation``, every record checked; else what failed.
@@ -499,6 +590,9 @@ class Table:
         zone_sum &= 0xFFFFFFFF
         dst = self._zones_at[new.generation & 1]
         self._mm[dst : dst + len(zones)] = zones
+        kind = ((CHANGE_INSERT if insert is not None else 0) | (CHANGE_REMOVE if remove is not None else 0)
+                | (CHANGE_OTHER if segments is not None else 0))
+        CHANGE.pack_into(self._mm, CHANGE_AT[new.generation & 1], new.generation, kind, removed_at or 0, record)
         new.zone_bytes, new.zone_sum = zones, zone_sum
         head = META.pack(new.generation, new.segments_generation, len(new.segments), len(new.zones),
                          zone_sum, 0)[:META_HEAD]
