@@ -319,8 +319,10 @@ class Table:
         if cached is not None and self.damaged is None:
             if cached.generation == generation:
                 return cached
-            if cached.generation + 1 == generation:  # one commit behind: apply what it changed
-                changed = self._apply_change(cached, generation)
+            if 0 < generation - cached.generation <= 2:  # the change records of both slots are there
+                changed: Snapshot | None = cached
+                for step in range(cached.generation + 1, generation + 1):
+                    changed = self._apply_change(changed, step) if changed is not None else None
                 if changed is not None and self.generation == generation:
                     self._cache = changed
                     return changed
@@ -364,6 +366,8 @@ class Table:
     def _apply_change(self, base: Snapshot, generation: int) -> Snapshot | None:
         """The version ``generation`` built from ``base`` (the one before it) and the change record
         its commit wrote, every part of it checked; None when it cannot be (the caller decodes).
+        Two slots keep the change records of the last two generations, so a reader up to two
+        behind catches up this way (the caller checks afterwards that neither was overwritten).
 
         A reader so re-reads one record, not the table: a lookup after another worker's
         reserve costs the same with ten zones or a thousand. What is checked: the meta record
