@@ -730,11 +730,42 @@ def test_changes_applied_at_random_equal_a_fresh_decode(table: Table, reopen) ->
         assert got.gaps == reopen().snapshot().gaps  # the moved indexes stay right
 
 
-def test_a_forged_change_record_is_not_applied(table: Table, reopen, path: str) -> None:
+def test_a_damaged_change_record_damages_its_generation_for_every_reader(table: Table, reopen, path: str) -> None:
     follower = reopen()
     follower.snapshot()
     commit_zones(table, zone("a", BASE))
     at = records.CHANGE_AT[table.generation & 1] + 16 + 8  # the inserted record's size field
-    poke(path, at, struct.pack("<Q", 8 << 20))  # the change now says 8 MiB: it does not match the slot
-    assert follower.snapshot() == reopen().snapshot()  # fell back to decoding the slot, which is right
-    assert follower.snapshot().zones == (zone("a", BASE),)
+    poke(path, at, struct.pack("<Q", 8 << 20))  # the meta's CRC covers the change record
+    with pytest.raises(TableCorrupt, match="meta, change and segment"):
+        follower.snapshot()  # one behind: the change is not applied, and the decode says why
+    with pytest.raises(TableCorrupt, match="meta, change and segment"):
+        reopen().snapshot()
+    commit_zones(table, zone("b", BASE + 4096))  # the writer commits from what it verified: healed
+    assert follower.snapshot() == reopen().snapshot() == table.snapshot()
+
+
+def test_a_change_that_contradicts_the_version_before_falls_back_to_a_decode(table: Table, reopen) -> None:
+    """A commit whose record overlaps another (only a forger's or a bug's): the follower one behind
+    does not apply it, and says what a fresh decode says."""
+    commit_zones(table, zone("a", BASE, 8192))
+    follower = reopen()
+    follower.snapshot()
+    with table.locked() as base:
+        table.commit(base, insert=zone("inside", BASE + 4096))  # commit() places nothing: it trusts its caller
+    with pytest.raises(TableCorrupt, match="overlap"):
+        follower.snapshot()
+    with pytest.raises(TableCorrupt, match="overlap"):
+        reopen().snapshot()
+
+
+def test_a_reader_applying_a_change_leaves_the_version_before_whole(table: Table, reopen) -> None:
+    """Another thread may still read the cached version's indexes (zones_by_name): a change is
+    applied to copies of them."""
+    commit_zones(table, zone("a", BASE))
+    follower = reopen()
+    before = follower.snapshot()
+    names, gaps = dict(before.by_name), list(before.gaps)
+    commit_zones(table, zone("b", BASE + 4096))
+    after = follower.snapshot()
+    assert after.generation == before.generation + 1 and "b" in after.by_name
+    assert before.by_name == names and before.gaps == gaps  # untouched

@@ -86,11 +86,21 @@ class Snapshot:
     # -- the next version ------------------------------------------------------------
 
     def successor(self, segments: tuple[SegmentRecord, ...] | None, insert: ZoneRecord | None,
-                  remove: ZoneRecord | None) -> Snapshot:
-        """The next version, taking this one's indexes along (updated) when it has them."""
+                  remove: ZoneRecord | None, copy: bool = False) -> Snapshot:
+        """The next version, taking this one's indexes along (updated) when it has them; with
+        ``copy``, copies of them, leaving this version whole (a reader's path: other threads
+        may be reading it)."""
         zones = self.zones
-        moved = (self._by_name, self._starts, self._gaps) if segments is None else (None, None, None)
-        self._by_name = self._starts = self._gaps = None
+        if segments is not None:
+            moved: tuple[Any, Any, Any] = (None, None, None)
+        elif copy:
+            moved = (None if self._by_name is None else dict(self._by_name),
+                     None if self._starts is None else list(self._starts),
+                     None if self._gaps is None else list(self._gaps))
+        else:
+            moved = (self._by_name, self._starts, self._gaps)
+        if not copy:
+            self._by_name = self._starts = self._gaps = None
         by_name, starts, gaps = moved
         if remove is not None:
             i = bisect_left(self.starts if starts is None else starts, remove.address)

@@ -203,8 +203,10 @@ class Table:
             os.ftruncate(fd, layout.file_size)
             os.pwrite(fd, layout.pack(), 0)
             head = META.pack(0, 0, len(segments), 0, 0, 0)[:META_HEAD]
+            change = CHANGE.pack(0, CHANGE_OTHER, 0, b"")
             os.pwrite(fd, packed, layout.slot_at[0])
-            os.pwrite(fd, head + U32.pack(zlib.crc32(head, zlib.crc32(packed))), META_AT[0])
+            os.pwrite(fd, change, CHANGE_AT[0])
+            os.pwrite(fd, head + U32.pack(_meta_crc(head, change, zlib.crc32(packed))), META_AT[0])
             os.rename(tmp, path)
         except BaseException:
             os.close(fd)
@@ -383,13 +385,16 @@ class Table:
             self._delta_lock.release()
 
     def _change_of(self, base: Snapshot, generation: int) -> Snapshot | None:
-        meta_at = META_AT[generation & 1]
+        meta_at, change_at = META_AT[generation & 1], CHANGE_AT[generation & 1]
         gen, seg_gen, _, nzone, zone_sum, crc = META.unpack_from(self._mm, meta_at)
-        cgen, kind, removed_at, raw = CHANGE.unpack_from(self._mm, CHANGE_AT[generation & 1])
+        change = self._mm[change_at : change_at + CHANGE.size]
+        cgen, kind, removed_at, raw = CHANGE.unpack(change)
         segments_crc = self._segments_crc(base.segments)
+        # The meta's CRC covers the change record: one torn by the writer of two generations on
+        # (it reuses this slot) fails here, as does one forged without a matching meta.
         if (gen != generation or cgen != generation or kind & CHANGE_OTHER or seg_gen != base.segments_generation
                 or segments_crc is None
-                or zlib.crc32(self._mm[meta_at : meta_at + META_HEAD], segments_crc) != crc):
+                or _meta_crc(self._mm[meta_at : meta_at + META_HEAD], change, segments_crc) != crc):
             return None
         total, count, remove, insert = base.zone_sum, len(base.zones), None, None
         carried = base.zone_bytes
@@ -397,7 +402,8 @@ class Table:
             if removed_at >= count:
                 return None
             remove, count = base.zones[removed_at], count - 1
-            packed = remove.pack(zlib.crc32) if carried is None else carried[removed_at * ZONE.size :][: ZONE.size]
+            at = removed_at * ZONE.size
+            packed = remove.pack(zlib.crc32) if carried is None else carried[at : at + ZONE.size]
             total -= U32.unpack_from(packed, ZONE_BODY)[0]
         if kind & CHANGE_INSERT:
             ranges = {s.id: (s.address, s.address + s.length) for s in base.segments}
@@ -407,12 +413,16 @@ class Table:
             insert, count, total = checked, count + 1, total + U32.unpack_from(raw, ZONE_BODY)[0]
         if count != nzone or total & 0xFFFFFFFF != zone_sum:
             return None
-        new = base.successor(None, insert, remove)
+        # A copy, not a move: another thread may be reading the base's indexes (zones_by_name),
+        # and a change that turns out not to fit must leave the base whole.
+        try:
+            new = base.successor(None, insert, remove, copy=True)
+        except (IndexError, KeyError, ValueError):  # a change that contradicts the base: decode
+            return None
         if insert is not None and not self._fits(new, insert, raw, generation):
             return None
-        base.zone_bytes = None  # moved on, as the indexes were
         if carried is not None:
-            moved = carried if isinstance(carried, bytearray) else bytearray(carried)
+            moved = bytearray(carried)
             if remove is not None:
                 del moved[removed_at * ZONE.size : (removed_at + 1) * ZONE.size]
             if insert is not None:
@@ -454,8 +464,10 @@ class Table:
             return f"{nseg} segments and {nzone} zones exceed the table's capacity"
         seg_at, zone_at = self._segments_at[generation & 1], self._zones_at[generation & 1]
         segs = self._mm[seg_at : seg_at + nseg * SEGMENT.size]
-        if zlib.crc32(self._mm[meta_at : meta_at + META_HEAD], zlib.crc32(segs)) != crc:
-            return "the checksum of its meta and segment records"
+        change_at = CHANGE_AT[generation & 1]
+        if _meta_crc(self._mm[meta_at : meta_at + META_HEAD], self._mm[change_at : change_at + CHANGE.size],
+                     zlib.crc32(segs)) != crc:
+            return "the checksum of its meta, change and segment records"
         known, segments = self._segments_seen
         if segs != known or not trust:  # segments rarely change: checked once per change
             segments = tuple(SegmentRecord.unpack(f) for f in SEGMENT.iter_unpack(segs))
@@ -563,6 +575,7 @@ class Table:
     def _after_fork(self) -> None:
         # In a forked child: the parent's lock description and thread-lock state are not ours.
         self._thread_lock = _thread.allocate_lock()
+        self._delta_lock = _thread.allocate_lock()
         self._close_lock_descriptor()
 
     def commit(self, base: Snapshot, *, insert: ZoneRecord | None = None, remove: ZoneRecord | None = None,
@@ -596,11 +609,13 @@ class Table:
         self._mm[dst : dst + len(zones)] = zones
         kind = ((CHANGE_INSERT if insert is not None else 0) | (CHANGE_REMOVE if remove is not None else 0)
                 | (CHANGE_OTHER if segments is not None else 0))
-        CHANGE.pack_into(self._mm, CHANGE_AT[new.generation & 1], new.generation, kind, removed_at or 0, record)
+        change = CHANGE.pack(new.generation, kind, removed_at or 0, record)
+        change_at = CHANGE_AT[new.generation & 1]
+        self._mm[change_at : change_at + CHANGE.size] = change
         new.zone_bytes, new.zone_sum = zones, zone_sum
         head = META.pack(new.generation, new.segments_generation, len(new.segments), len(new.zones),
                          zone_sum, 0)[:META_HEAD]
-        crc = zlib.crc32(head, self._write_segments(new))  # over segments, then the head
+        crc = _meta_crc(head, change, self._write_segments(new))
         meta_at = META_AT[new.generation & 1]
         self._mm[meta_at : meta_at + META.size] = head + U32.pack(crc)
         self._words[GEN_AT // 8] = new.generation  # the commit point
@@ -660,6 +675,11 @@ class Table:
         except TableBusy:
             return False
         return True
+
+
+def _meta_crc(head: bytes, change: bytes, segments_crc: int) -> int:
+    """A meta record's CRC32: over the segment records, then the change record, then the head."""
+    return zlib.crc32(head, zlib.crc32(change, segments_crc))
 
 
 _START = operator.itemgetter(1)  # ZoneRecord.address
