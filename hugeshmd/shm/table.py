@@ -498,12 +498,7 @@ class Table:
         size = ZONE.size
         chunks = [raw[at : at + size] for at in range(0, len(raw), size)]
         records: list[ZoneRecord | None] = list(map(self._verified.get, chunks))
-        if len(records) > 16 and records.count(None) == len(records):  # a first decode: in bulk
-            bulk = _decode_all(raw, chunks, segments)
-            if isinstance(bulk, str):
-                return bulk
-            records = bulk  # type: ignore[assignment]
-        elif None in records:
+        if None in records:
             ranges = {s.id: (s.address, s.address + s.length) for s in segments}
             crcs = memoryview(raw).cast("I")[ZONE_BODY // 4 :: size // 4].tolist()
             for i, record in enumerate(records):
@@ -689,35 +684,6 @@ def _meta_crc(head: bytes, change: bytes, segments_crc: int) -> int:
 
 _START = operator.itemgetter(1)  # ZoneRecord.address
 _SIZE = operator.itemgetter(2)  # ZoneRecord.size
-
-
-def _decode_all(raw: bytes, chunks: list[bytes], segments: tuple[SegmentRecord, ...]) -> list[ZoneRecord] | str:
-    """Every record of ``raw`` checked and built, in passes of C where Python would loop: what a
-    worker's first decode (its attach) costs, per record, is the building of the record."""
-    size = ZONE.size
-    stored = memoryview(raw).cast("I")[ZONE_BODY // 4 :: size // 4].tolist()
-    computed = list(map(zlib.crc32, [chunk[:ZONE_BODY] for chunk in chunks]))
-    if computed != stored:
-        bad = next(i for i, (a, b) in enumerate(zip(computed, stored, strict=True)) if a != b)
-        return f"the checksum of zone record {bad}"
-    fields = list(ZONE.iter_unpack(raw))
-    if len(segments) == 1:  # the usual instance: one range for all
-        segment = segments[0]
-        starts, sizes = list(map(_FIELD0, fields)), list(map(_FIELD1, fields))
-        if (set(map(_FIELD4, fields)) == {segment.id} and min(starts) >= segment.address and min(sizes) > 0
-                and max(map(operator.add, starts, sizes)) <= segment.address + segment.length):
-            return list(map(ZoneRecord.unpack, fields))
-    ranges = {s.id: (s.address, s.address + s.length) for s in segments}
-    records = []
-    for i, chunk in enumerate(chunks):  # several segments, or one record out of them: say which
-        checked = _check_zone(chunk, stored[i], i, ranges)
-        if isinstance(checked, str):
-            return checked
-        records.append(checked)
-    return records
-
-
-_FIELD0, _FIELD1, _FIELD4 = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(4)
 
 
 def _check_zone(chunk: bytes, crc: int, index: int, ranges: dict[int, tuple[int, int]]) -> ZoneRecord | str:
