@@ -769,3 +769,31 @@ def test_a_reader_applying_a_change_leaves_the_version_before_whole(table: Table
     after = follower.snapshot()
     assert after.generation == before.generation + 1 and "b" in after.by_name
     assert before.by_name == names and before.gaps == gaps  # untouched
+
+
+@pytest.fixture
+def big(path: str) -> Iterator[Table]:
+    t = Table.create(path, make_layout(max_zones=64), segments=SEGS)
+    yield t
+    t.close()
+
+
+def test_a_first_decode_of_many_records_names_the_one_that_fails(big: Table, reopen, path: str) -> None:
+    """A worker's first decode of many records names exactly the one that fails."""
+    table = big
+    commit_zones(table, *(zone(f"z{i:02d}", BASE + i * 4096) for i in range(20)))
+    assert len(reopen().snapshot().zones) == 20
+    at = zones_at(table.layout, table.generation & 1) + 7 * records.ZONE.size + 40
+    poke(path, at, b"\x01")  # inside record 7's name: its CRC no longer matches
+    with pytest.raises(TableCorrupt, match="the checksum of zone record 7"):
+        reopen().snapshot()
+
+
+def test_a_first_decode_rejects_a_record_outside_its_segment_among_many(big: Table, reopen) -> None:
+    table = big
+    made = [zone(f"z{i:02d}", BASE + i * 4096) for i in range(20)]
+    commit_zones(table, *made)
+    with table.locked() as base:  # commit() trusts its caller: a forger's record, with a valid CRC
+        table.commit(base, insert=zone("outside", BASE + (8 << 20)))
+    with pytest.raises(TableCorrupt, match="zone record 20 .* lies outside its segment"):
+        reopen().snapshot()
