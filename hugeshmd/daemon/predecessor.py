@@ -22,12 +22,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from ..errors import HugeshmdError
+from ..errors import HugeshmdError, InstanceLocked
 from ..shm.layout import STATE_STOPPING
+from ..shm.lock import PrimaryLock
 from ..shm.paths import TABLE_TEMP, RuntimePaths, parse_segment_name
 from ..shm.table import Table
+from . import hugepages
 
-__all__ = ["Predecessor", "find", "clear", "segment_files", "MARK_WAIT_S"]
+__all__ = ["Predecessor", "find", "clear", "release", "directories", "segment_files", "MARK_WAIT_S"]
 
 log = logging.getLogger("hugeshmd.predecessor")
 
@@ -96,6 +98,33 @@ def find(paths: RuntimePaths, directories: list[str]) -> Predecessor:
 def clear(paths: RuntimePaths, directories: list[str]) -> list[str]:
     """Find and remove what a dead predecessor left; what was removed. Holding its lock."""
     return find(paths, directories).remove()
+
+
+def directories(hugepage_dir: str | None = None) -> list[str]:
+    """Where an instance's segment files may be: every hugetlbfs mount (and its service
+    directory), /dev/shm, and a configured ``hugepage_dir``."""
+    return hugepages.segment_dirs() + ([hugepage_dir] if hugepage_dir else [])
+
+
+def release(paths: RuntimePaths, directories: list[str]) -> list[str] | None:
+    """For a tool, not a primary: take the dead instance's lock (a primary starting meanwhile
+    waits for it, then finds nothing), clear what it left, let the lock go and remove the runtime
+    dir; what was removed, or None if a live primary holds the lock."""
+    dead_lock = [paths.lock] if os.path.exists(paths.lock) else []
+    had_dir = os.path.isdir(paths.dir)  # else the lock made it, and it is no news that it goes
+    try:
+        lock = PrimaryLock.acquire(paths.lock)
+    except InstanceLocked:
+        return None
+    try:
+        removed = clear(paths, directories) + dead_lock
+    finally:
+        lock.release()  # and unlinks it
+    try:
+        os.rmdir(paths.dir)
+    except OSError:
+        return removed
+    return removed + [paths.dir] if had_dir else removed
 
 
 def _mark_stopped(path: str) -> None:

@@ -38,7 +38,7 @@ from ..shm.table import Table
 from ..shm.window import Window
 from ..sizes import format_size
 from ..wire import protocol
-from . import adoption, backing, hugepages, predecessor
+from . import adoption, backing, predecessor
 from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, ZapHandler, remove_ipc_risk
 from .backing import Backing, Mapped
 from .config import RELOADABLE, Config, instance_path, load
@@ -116,7 +116,7 @@ class Primary:
         self.policy.own(self.paths.dir, DIR_MODE)  # ours now: a rival would have been refused the lock
         self.policy.own(self.paths.lock, 0o600)  # a member that could read it could flock it, and block a restart
         self._undo.callback(self._remove_files)  # after the sockets and the table are closed
-        found = predecessor.find(self.paths, self._segment_dirs())
+        found = predecessor.find(self.paths, predecessor.directories(self.config.hugepage_dir))
         candidate = self._adoptable(found)
         if candidate is None:
             for path in found.remove():
@@ -134,9 +134,6 @@ class Primary:
         summary = self.summary()
         self.notifier.send(ready=1, status=summary)
         log.info("ready: %s", summary)
-
-    def _segment_dirs(self) -> list[str]:
-        return hugepages.segment_dirs() + ([self.config.hugepage_dir] if self.config.hugepage_dir else [])
 
     def _start_fresh(self) -> None:
         choice = backing.choose(self.config, self.paths, self.policy.own_fd)

@@ -22,8 +22,8 @@ from typing import Any
 
 from ..daemon import hugepages, predecessor
 from ..daemon.hugepages import MOUNT_HINT
-from ..errors import InstanceLocked, InvalidArgument
-from ..shm.lock import PrimaryLock, primary_alive
+from ..errors import InvalidArgument
+from ..shm.lock import primary_alive
 from ..shm.paths import RuntimePaths, validate_prefix
 from ..sizes import GiB, MiB, format_size
 
@@ -224,26 +224,6 @@ def _runtime_files(paths: RuntimePaths) -> list[str]:
         return []
 
 
-def _remove_locked(paths: RuntimePaths, dirs: list[str]) -> list[str]:
-    """Remove a stale instance's files holding its primary lock, so that a primary of that
-    prefix starting meanwhile waits for us (and then finds nothing) rather than loses files."""
-    dead_lock = [paths.lock] if os.path.exists(paths.lock) else []
-    had_dir = os.path.isdir(paths.dir)  # else the lock made it, and it is no news that it goes
-    try:
-        lock = PrimaryLock.acquire(paths.lock)
-    except InstanceLocked:
-        return []
-    try:
-        removed = predecessor.clear(paths, dirs) + dead_lock
-    finally:
-        lock.release()  # and unlinks it
-    try:
-        os.rmdir(paths.dir)
-    except OSError:
-        return removed
-    return removed + [paths.dir] if had_dir else removed
-
-
 def cleanup(runtime_root: str | None = None, prefixes: list[str] | None = None, dry_run: bool = False,
             proc_mounts: str = "/proc/self/mounts", meminfo: str = "/proc/meminfo", shm: str = "/dev/shm",
             proc: str = "/proc") -> list[Cleaned]:
@@ -260,5 +240,5 @@ def cleanup(runtime_root: str | None = None, prefixes: list[str] | None = None, 
         elif dry_run:
             done.append(Cleaned(found, found.files + _runtime_files(paths), dry_run=True))
         else:
-            done.append(Cleaned(found, _remove_locked(paths, dirs)))
+            done.append(Cleaned(found, predecessor.release(paths, dirs) or []))
     return done

@@ -32,12 +32,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from ..daemon import hugepages, predecessor
+from ..daemon import predecessor
 from ..daemon.access import group_id
 from ..daemon.config import Config
 from ..daemon.hugepages import SERVICE_SUBDIR
-from ..errors import InstanceLocked, InvalidArgument
-from ..shm.lock import PrimaryLock
+from ..errors import InvalidArgument
 from ..shm.paths import RuntimePaths
 from .files import write_file
 
@@ -300,19 +299,9 @@ def stop_post(config: Config, unit: str, result: str, job: Callable[[str], str |
     if queued != "stop" and result != "success":
         return [f"the primary ended with {result or 'no result'}: its instance is kept for the next primary"]
     paths = RuntimePaths.for_prefix(config.prefix, RUNTIME_ROOT)  # what ExecStart passes, whatever the file says
-    dirs = hugepages.segment_dirs() + ([config.hugepage_dir] if config.hugepage_dir else [])
-    try:
-        lock = PrimaryLock.acquire(paths.lock)
-    except InstanceLocked as err:
-        return [f"not released: {err.message}"]
-    try:
-        removed = predecessor.clear(paths, dirs)
-    finally:
-        lock.release()
-    try:
-        os.rmdir(paths.dir)  # systemd removes its RuntimeDirectory= too; by hand no one else would
-    except OSError:
-        pass
+    removed = predecessor.release(paths, predecessor.directories(config.hugepage_dir))
+    if removed is None:
+        return [f"not released: a primary of prefix {config.prefix!r} holds {paths.lock}"]
     return [f"stopped for good: released the instance of prefix {config.prefix!r}"] + [f"removed {p}" for p in removed]
 
 

@@ -41,7 +41,7 @@ import zlib
 from collections import namedtuple
 
 from ..errors import TableCorrupt
-from .paths import SEGMENT_HEAD  # the one module that spells the names of an instance's files
+from .paths import segment_name  # the one module that spells the names of an instance's files
 
 TYPE_CHECKING = False  # typing costs a worker's import ~5 ms; annotations are strings anyway
 if TYPE_CHECKING:
@@ -283,14 +283,14 @@ def check_segments(layout: Layout, segments: tuple[SegmentRecord, ...]) -> str |
     the instance's page size, none overlapping, each backed by this instance's
     own segment file of its id (``hugeshmd.<prefix>.seg<id>``, an absolute path).
     """
-    end, stem = layout.base, f"/{SEGMENT_HEAD}{layout.prefix}.seg"
+    end = layout.base
     for s in sorted(segments, key=_address) if len(segments) > 1 else segments:
         wrong = None
         if s.address < end or s.address + s.length > layout.base + layout.window or s.length <= 0:
             wrong = "lies outside the window or overlaps another"
         elif s.page_size != layout.page_size or s.address % s.page_size or s.length % s.page_size:
             wrong = f"is not whole pages of {layout.page_size} bytes"
-        elif not s.path.endswith(f"{stem}{s.id}") or not s.path.startswith("/"):
+        elif not s.path.startswith("/") or s.path.rpartition("/")[2] != segment_name(layout.prefix, s.id):
             wrong = f"names {s.path!r}, not a segment file of prefix {layout.prefix!r}"
         if wrong is not None:
             return f"segment {s.id} [{s.address:#x}, +{s.length:#x}) {wrong}"

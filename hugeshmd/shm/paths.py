@@ -28,8 +28,8 @@ import stat
 from ..errors import AccessDenied, InvalidArgument
 
 __all__ = [
-    "SYSTEM_RUNTIME_ROOT", "SEGMENT_HEAD", "validate_prefix", "default_runtime_root", "worker_runtime_roots",
-    "parse_segment_name", "RuntimePaths",
+    "SYSTEM_RUNTIME_ROOT", "SEGMENT_HEAD", "segment_name", "validate_prefix", "default_runtime_root",
+    "worker_runtime_roots", "parse_segment_name", "RuntimePaths",
 ]  # fmt: skip
 
 SYSTEM_RUNTIME_ROOT = "/run/hugeshmd"
@@ -92,6 +92,11 @@ def _private(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def segment_name(prefix: str, segment_id: int) -> str:
+    """The file name (in a hugetlbfs directory or /dev/shm) of segment ``segment_id`` of ``prefix``."""
+    return f"{SEGMENT_HEAD}{prefix}.seg{segment_id}"
 
 
 def parse_segment_name(name: str) -> tuple[str, int] | None:
@@ -172,7 +177,7 @@ class RuntimePaths:
 
     def segment_name(self, segment_id: int) -> str:
         """The file name (in a hugetlbfs directory) of segment ``segment_id``."""
-        return f"{self.segment_stem()}{segment_id}"
+        return segment_name(self.prefix, segment_id)
 
     def shm_name(self, segment_id: int) -> str:
         """The POSIX shared-memory name (``shm_open``) of segment ``segment_id``."""

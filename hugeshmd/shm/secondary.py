@@ -1,6 +1,6 @@
 """The worker side: attach to an instance, then reserve, look up and free zones.
 
-Everything here works on the shared table (:mod:`hugeshmd.table`) and never
+Everything here works on the shared table (:mod:`hugeshmd.shm.table`) and never
 talks to the primary on the fast path: ``lookup`` is a read of the generation
 word plus a dict lookup, ``reserve`` and ``free`` are a change committed under
 the table's flock. ZeroMQ is imported only to wait for a primary that is not

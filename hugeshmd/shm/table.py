@@ -111,9 +111,7 @@ class _WriteLock:
         table = self._table
         timeout = table.lock_timeout if self._timeout is None else self._timeout
         self._epoch = _fork.epoch
-        if not table._thread_lock.acquire(True, timeout):
-            raise TableBusy(f"{table.path}: another thread of this process held the writer lock for {timeout:g} s",
-                            path=table.path, pid=os.getpid(), stopped=False, waited=timeout)
+        table._take_thread_lock(timeout)
         try:
             self._fd = table._lock_descriptor()
             _flock(self._fd, fcntl.LOCK_EX, timeout, table)
@@ -171,7 +169,6 @@ class Table:
         self._cache: Snapshot | None = None
         self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
         self._verified_for = -1  # the segments generation they were checked against
-        self._delta_lock = _thread.allocate_lock()  # one thread applies a change record at a time
         self._segments_seen: tuple[bytes, tuple[SegmentRecord, ...]] = (b"\0", ())  # checked bytes, records
         self._address = _sys.buffer_address(mm)
         guard.watch(self, self._address, layout.file_size)  # a truncation under us is TableCorrupt, not SIGBUS
@@ -191,9 +188,7 @@ class Table:
         so that no one ever opens it with the wrong ones. A table appears with
         its first segment or not at all: no one sees a table without memory.
         """
-        if len(segments) > layout.max_segments:
-            raise TableFull(f"the segment table is full ({layout.max_segments} segments)",
-                            table="segments", capacity=layout.max_segments)
+        _check_capacity(layout, segments)
         packed = b"".join(s.pack() for s in segments)
         tmp = f"{path}{TABLE_TEMP}{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -288,7 +283,8 @@ class Table:
             size = os.fstat(self._fd).st_size
             if size != self.layout.file_size:
                 return f"the file is {size} bytes, its header says {self.layout.file_size}"
-            if os.pread(self._fd, HEADER_SIZE, 0)[: len(self.layout.pack())] != self.layout.pack():
+            header = self.layout.pack()
+            if os.pread(self._fd, len(header), 0) != header:
                 return "its header changed since it was written (the instance's shape, or its checksum)"
             generation = self.generation
             checked = self._decode(generation, trust=False)  # every record, as a new worker would
@@ -337,9 +333,7 @@ class Table:
 
     def _snapshot_between_writers(self) -> Snapshot:
         timeout = self.lock_timeout if self.read_timeout is None else self.read_timeout
-        if not self._thread_lock.acquire(True, timeout):
-            raise TableBusy(f"{self.path}: another thread of this process held the writer lock for {timeout:g} s",
-                            path=self.path, pid=os.getpid(), stopped=False, waited=timeout)
+        self._take_thread_lock(timeout)
         try:
             fd = self._lock_descriptor()
             _flock(fd, fcntl.LOCK_SH, timeout, self)
@@ -351,6 +345,15 @@ class Table:
         finally:
             self._thread_lock.release()
 
+    def _take_thread_lock(self, timeout: float) -> None:
+        """This process's side of the writer lock (see "An flock belongs to..."), within ``timeout``."""
+        if not self._thread_lock.acquire(True, timeout):
+            raise TableBusy(f"{self.path}: another thread of this process held the writer lock for {timeout:g} s",
+                            path=self.path, pid=os.getpid(), stopped=False, waited=timeout)
+
+    def _corrupt(self, what: str) -> TableCorrupt:
+        return TableCorrupt(f"{self.path}: {what}", path=self.path)
+
     def zones_by_name(self, snap: Snapshot) -> dict[str, ZoneRecord]:
         """A copy of ``snap``'s zones by name, taken while no commit of this process can
         move that index on to the next snapshot (see :mod:`hugeshmd.shm.snapshot`)."""
@@ -359,9 +362,9 @@ class Table:
 
     def _accept(self, snap: Snapshot | str, generation: int) -> Snapshot:
         if self.damaged is not None:
-            raise TableCorrupt(f"{self.path}: {self.damaged}", path=self.path)
+            raise self._corrupt(self.damaged)
         if isinstance(snap, str):
-            raise TableCorrupt(f"{self.path}: generation {generation} fails its checks: {snap}", path=self.path)
+            raise self._corrupt(f"generation {generation} fails its checks: {snap}")
         self._cache = snap
         return snap
 
@@ -369,22 +372,19 @@ class Table:
         """The version ``generation`` built from ``base`` (the one before it) and the change record
         its commit wrote, every part of it checked; None when it cannot be (the caller decodes).
         Two slots keep the change records of the last two generations, so a reader up to two
-        behind catches up this way (the caller checks afterwards that neither was overwritten).
+        behind catches up this way: the meta's CRC covers its change record, so one that the
+        writer of a later generation is overwriting fails, and the caller re-checks the generation.
 
         A reader so re-reads one record, not the table: a lookup after another worker's
         reserve costs the same with ten zones or a thousand. What is checked: the meta record
-        (its CRC, over the unchanged segments), the change record (its generation), the
+        (its CRC, over the unchanged segments and the change record), the change record (its generation), the
         inserted record (its CRC, its segment, its neighbours), the new count and sum of CRCs,
         and that the slot holds the inserted record where it belongs.
-        """
-        if not self._delta_lock.acquire(False):  # another thread is at it: decode instead
-            return None
-        try:
-            return self._change_of(base, generation)
-        finally:
-            self._delta_lock.release()
 
-    def _change_of(self, base: Snapshot, generation: int) -> Snapshot | None:
+        It builds on copies of ``base``'s indexes and bytes: other threads may be reading
+        them, and a change that turns out not to fit leaves ``base`` whole. Two threads that
+        apply the same change at once build equal versions.
+        """
         meta_at, change_at = META_AT[generation & 1], CHANGE_AT[generation & 1]
         gen, seg_gen, _, nzone, zone_sum, crc = META.unpack_from(self._mm, meta_at)
         change = self._mm[change_at : change_at + CHANGE.size]
@@ -406,15 +406,12 @@ class Table:
             packed = remove.pack(zlib.crc32) if carried is None else carried[at : at + ZONE.size]
             total -= U32.unpack_from(packed, ZONE_BODY)[0]
         if kind & CHANGE_INSERT:
-            ranges = {s.id: (s.address, s.address + s.length) for s in base.segments}
-            checked = _check_zone(raw, U32.unpack_from(raw, ZONE_BODY)[0], 0, ranges)
+            checked = _check_zone(raw, U32.unpack_from(raw, ZONE_BODY)[0], 0, _ranges(base.segments))
             if isinstance(checked, str):
                 return None
             insert, count, total = checked, count + 1, total + U32.unpack_from(raw, ZONE_BODY)[0]
         if count != nzone or total & 0xFFFFFFFF != zone_sum:
             return None
-        # A copy, not a move: another thread may be reading the base's indexes (zones_by_name),
-        # and a change that turns out not to fit must leave the base whole.
         try:
             new = base.successor(None, insert, remove, copy=True)
         except (IndexError, KeyError, ValueError):  # a change that contradicts the base: decode
@@ -422,13 +419,7 @@ class Table:
         if insert is not None and not self._fits(new, insert, raw, generation):
             return None
         if carried is not None:
-            moved = bytearray(carried)
-            if remove is not None:
-                del moved[removed_at * ZONE.size : (removed_at + 1) * ZONE.size]
-            if insert is not None:
-                at = new.index_of(insert) * ZONE.size
-                moved[at:at] = raw
-            new.zone_bytes = moved
+            new.zone_bytes = _splice(bytearray(carried), removed_at if remove is not None else None, new, insert, raw)
         new.zone_sum = zone_sum
         return new
 
@@ -499,7 +490,7 @@ class Table:
         chunks = [raw[at : at + size] for at in range(0, len(raw), size)]
         records: list[ZoneRecord | None] = list(map(self._verified.get, chunks))
         if None in records:
-            ranges = {s.id: (s.address, s.address + s.length) for s in segments}
+            ranges = _ranges(segments)
             crcs = memoryview(raw).cast("I")[ZONE_BODY // 4 :: size // 4].tolist()
             for i, record in enumerate(records):
                 if record is None:
@@ -575,7 +566,6 @@ class Table:
     def _after_fork(self) -> None:
         # In a forked child: the parent's lock description and thread-lock state are not ours.
         self._thread_lock = _thread.allocate_lock()
-        self._delta_lock = _thread.allocate_lock()
         self._close_lock_descriptor()
 
     def commit(self, base: Snapshot, *, insert: ZoneRecord | None = None, remove: ZoneRecord | None = None,
@@ -583,12 +573,11 @@ class Table:
         """Publish the version after ``base``: a zone removed, one inserted, and/or a new
         segment list. Call only inside :meth:`locked`, with the snapshot it gave."""
         if self.damaged is not None:
-            raise TableCorrupt(f"{self.path}: {self.damaged}", path=self.path)
+            raise self._corrupt(self.damaged)
         if base.generation != self.generation:
             raise RuntimeError(f"commit on generation {base.generation}, but {self.generation} is committed")
-        if segments is not None and len(segments) > self.layout.max_segments:
-            raise TableFull(f"the segment table is full ({self.layout.max_segments} segments)",
-                            table="segments", capacity=self.layout.max_segments)
+        if segments is not None:
+            _check_capacity(self.layout, segments)
         if insert is not None and len(base.zones) - (remove is not None) >= self.layout.max_zones:
             raise TableFull(f"the zone table is full ({self.layout.max_zones} zones); "
                             "start the primary with a larger max_zones", table="zones", capacity=self.layout.max_zones)
@@ -596,15 +585,12 @@ class Table:
         removed_at = base.index_of(remove) if remove is not None else None
         zones, zone_sum = self._carried(base)
         if removed_at is not None:
-            at = removed_at * ZONE.size
-            zone_sum -= U32.unpack_from(zones, at + ZONE_BODY)[0]
-            del zones[at : at + ZONE.size]
-        new = base.successor(segments, insert, remove)
+            zone_sum -= U32.unpack_from(zones, removed_at * ZONE.size + ZONE_BODY)[0]
         if insert is not None:
-            at = new.index_of(insert) * ZONE.size
-            zones[at:at] = record
             zone_sum += U32.unpack_from(record, ZONE_BODY)[0]
         zone_sum &= 0xFFFFFFFF
+        new = base.successor(segments, insert, remove)
+        _splice(zones, removed_at, new, insert, record)
         dst = self._zones_at[new.generation & 1]
         self._mm[dst : dst + len(zones)] = zones
         kind = ((CHANGE_INSERT if insert is not None else 0) | (CHANGE_REMOVE if remove is not None else 0)
@@ -620,7 +606,7 @@ class Table:
         self._mm[meta_at : meta_at + META.size] = head + U32.pack(crc)
         self._words[GEN_AT // 8] = new.generation  # the commit point
         if self.damaged is not None:  # the file shrank under this commit: it went to zero pages
-            raise TableCorrupt(f"{self.path}: {self.damaged}", path=self.path)
+            raise self._corrupt(self.damaged)
         self._cache = new
         return new
 
@@ -677,9 +663,32 @@ class Table:
         return True
 
 
+def _check_capacity(layout: Layout, segments: tuple[SegmentRecord, ...]) -> None:
+    if len(segments) > layout.max_segments:
+        raise TableFull(f"the segment table is full ({layout.max_segments} segments)",
+                        table="segments", capacity=layout.max_segments)
+
+
 def _meta_crc(head: bytes, change: bytes, segments_crc: int) -> int:
     """A meta record's CRC32: over the segment records, then the change record, then the head."""
     return zlib.crc32(head, zlib.crc32(change, segments_crc))
+
+
+def _ranges(segments: tuple[SegmentRecord, ...]) -> dict[int, tuple[int, int]]:
+    """[start, end) of each segment, by id: where its zones may lie."""
+    return {s.id: (s.address, s.address + s.length) for s in segments}
+
+
+def _splice(zones: bytearray, removed_at: int | None, new: Snapshot, insert: ZoneRecord | None,
+            record: bytes) -> bytearray:
+    """``zones`` (the records of the version before ``new``) made into ``new``'s: the record at
+    ``removed_at`` cut out, ``record`` (``insert`` packed) put where ``new`` has it. In place."""
+    if removed_at is not None:
+        del zones[removed_at * ZONE.size : (removed_at + 1) * ZONE.size]
+    if insert is not None:
+        at = new.index_of(insert) * ZONE.size
+        zones[at:at] = record
+    return zones
 
 
 _START = operator.itemgetter(1)  # ZoneRecord.address

@@ -39,17 +39,21 @@ _BACKING_KINDS = (_sys.HUGETLBFS_MAGIC, _sys.TMPFS_MAGIC)
 _kinds: dict[int, int] = {}  # st_dev -> filesystem type: a device's filesystem never changes while mounted
 
 
-def _check_backing(fd: int, path: str, needed: int) -> None:
+def _backing_problem(fd: int, needed: int) -> str | None:
+    """What keeps the open file ``fd`` from backing ``needed`` bytes of a segment, or None: it must be
+    a regular file on a hugetlbfs or a tmpfs (statfs f_type), at least that long (a page past its
+    end would be a SIGBUS at the first touch)."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path} is not a regular file")
+        return "is not a regular file"
     kind = _kinds.get(st.st_dev)
     if kind is None:
         kind = _kinds[st.st_dev] = _sys.fstatfs_type(fd)
     if kind not in _BACKING_KINDS:
-        raise ValueError(f"{path} is on neither a hugetlbfs nor a tmpfs")
+        return "is on neither a hugetlbfs nor a tmpfs"
     if st.st_size < needed:
-        raise ValueError(f"{path} holds {st.st_size} bytes, {needed} are mapped: truncated")
+        return f"holds {st.st_size} bytes, {needed} are mapped: truncated"
+    return None
 
 
 class Window:
@@ -112,7 +116,9 @@ class Window:
         """
         fd = os.open(path, (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            _check_backing(fd, path, offset + length)
+            problem = _backing_problem(fd, offset + length)
+            if problem is not None:
+                raise ValueError(f"{path} {problem}")
             self.map_fd(segment_id, address, length, fd, offset)
         finally:
             os.close(fd)
