@@ -39,6 +39,8 @@ __all__ = [
     "PAGE_SIZE",
     "MAP_FAILED",
     "mmap",
+    "memory",
+    "zero",
     "munmap",
     "madvise",
     "reserve",
@@ -216,6 +218,20 @@ def byte_array_type(length: int, mixin: type = object) -> type:
     """
     bases = (ctypes.Array,) if mixin is object else (mixin, ctypes.Array)
     return _ArrayType("Zone", bases, {"_type_": _Byte, "_length_": length})  # type: ignore[misc, no-any-return]
+
+
+def memory(address: int, length: int, keepalive: object) -> memoryview:
+    """A writable memoryview (format ``B``) of ``length`` mapped bytes at ``address``; the view
+    keeps ``keepalive`` (the mapping) alive. Touches nothing: the range may be larger than
+    what is mapped, as long as only mapped bytes are read or written."""
+    array = byte_array_type(length).from_address(address)  # type: ignore[attr-defined]
+    array._mapping = keepalive
+    return memoryview(array)
+
+
+def zero(address: int, length: int) -> None:
+    """Fill ``length`` mapped bytes at ``address`` with zeros (memset)."""
+    ctypes.memset(address, 0, length)
 
 
 _PFN_MASK = (1 << 55) - 1

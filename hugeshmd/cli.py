@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(command=_status)
     _hugepages_parser(commands)
+    check = commands.add_parser("check", help="walk an instance's heap and zone table read-only; exit 1 on any "
+                                "violation (safe on a live instance)")
+    check.add_argument("--prefix", default="default")
+    check.add_argument("--runtime-root", default=None)
+    check.add_argument("--timeout", type=float, default=2.0)
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(command=_check)
     metrics = commands.add_parser("metrics", help="an instance's figures in the Prometheus text format")
     metrics.add_argument("--prefix", default="default")
     metrics.add_argument("--runtime-root", default=None)
@@ -200,6 +207,27 @@ def _systemd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .shm.heapcheck import walk
+    from .shm.secondary import attach
+
+    with attach(args.prefix, timeout=args.timeout, runtime_root=args.runtime_root, read_only=True) as shm:
+        report = walk(shm._table, shm._window)
+        if args.json:
+            print(json.dumps({"ok": report.ok, "violations": report.violations, "pending": report.pending,
+                              "figures": report.figures()}, indent=2))
+        else:
+            f = report.figures()
+            print(f"heap of prefix {args.prefix}: {f['allocations']} allocations ({format_size(f['used'])}) in "
+                  f"{f['arenas']} arenas and {f['large_allocations']} large; {len(report.violations)} violations, "
+                  f"{len(report.pending)} pending")
+            for line in report.violations:
+                print(f"violation: {line}")
+            for line in report.pending:
+                print(f"pending: {line}")
+    return 0 if report.ok else 1
+
+
 def _status(args: argparse.Namespace) -> int:
     from .shm.paths import RuntimePaths
     from .wire.client import Control
@@ -222,6 +250,15 @@ def _format_status(s: dict[str, Any]) -> str:
         ("adoptions", s.get("adoptions", 0)),
         ("requests", s["requests"]), ("errors", sum(s["errors"].values())),
     ]
+    heap = s.get("heap") or {}
+    if heap:
+        rows += [
+            ("heap", f"{heap['allocations']} allocations, {format_size(heap['used'])} used, "
+                     f"{format_size(heap['free'])} free in {heap['arenas']} arenas ({heap['arenas_owned']} owned), "
+                     f"{heap['large_allocations']} large ({format_size(heap['large_bytes'])})"),
+            ("reclaimed", f"{heap['reclaimed_allocations']} allocations, {format_size(heap['reclaimed_bytes'])}"),
+            ("growths", heap.get("growths", 0)),
+        ]
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
 
 

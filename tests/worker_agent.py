@@ -62,6 +62,37 @@ def run(cmd: dict) -> dict:
     if op == "close":
         shm.close()
         return {}
+    if op == "alloc":  # keep the Buffer: this worker owns it
+        buf = shm.alloc(cmd["size"], cmd.get("align"))
+        if "hex" in cmd:
+            data = bytes.fromhex(cmd["hex"])
+            buf.view()[: len(data)] = data
+        state.setdefault("bufs", {})[buf.address] = buf
+        return {"address": buf.address, "size": buf.size}
+    if op == "alloc_many":
+        bufs = [shm.alloc(cmd["size"]) for _ in range(cmd["count"])]
+        for buf in bufs:
+            state.setdefault("bufs", {})[buf.address] = buf
+        return {"addresses": [b.address for b in bufs[:10]]}
+    if op == "heap_read":
+        buf = shm.buffer(cmd["address"])
+        return {"hex": bytes(buf.view()[: cmd["length"]]).hex(), "size": buf.size}
+    if op == "heap_free":
+        held = state.get("bufs", {}).pop(cmd["address"], None)
+        (held or shm.buffer(cmd["address"])).free()
+        return {}
+    if op == "disown":
+        state["bufs"][cmd["address"]].disown()
+        return {}
+    if op == "fork_sleeper":  # a child that shares this worker's descriptions, then sleeps
+        import os
+        import time
+
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(cmd.get("seconds", 30))
+            os._exit(0)
+        return {"pid": pid}
     raise ValueError(f"unknown op {op}")
 
 

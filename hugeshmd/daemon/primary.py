@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 
 from ..errors import AdoptionRefused, HugepagesUnavailable, HugeshmdError, InvalidArgument, TableCorrupt
+from ..shm.heapcheck import walk
 from ..shm.identity import own_start_time
 from ..shm.layout import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord
 from ..shm.lock import PrimaryLock
@@ -43,6 +44,7 @@ from .access import DIR_MODE, ZAP_DOMAIN, ZAP_ENDPOINT, Policy, ZapHandler, remo
 from .backing import Backing, Mapped
 from .config import RELOADABLE, Config, instance_path, load
 from .publisher import Publisher
+from .reclaim import SCAN_S, Reclaimer
 from .server import LOCK_WAIT_S, RequestServer
 from .systemd import Notifier
 
@@ -73,6 +75,7 @@ class Primary:
         self.backing: Backing | None = None
         self.window: Window | None = None
         self.table_or_none: Table | None = None
+        self.reclaimer: Reclaimer | None = None
         self.zap: zmq.Socket[bytes] | None = None
         self.router: zmq.Socket[bytes] | None = None
         self._files: list[Callable[[], None]] = []  # removers of the instance's files, in the order made
@@ -125,6 +128,10 @@ class Primary:
         else:
             self._adopt(candidate, found)
         assert self.backing is not None
+        self.reclaimer = Reclaimer(self.table, self.window)
+        self._undo.callback(self.reclaimer.close)
+        if candidate is not None:
+            self.reclaimer.reclaim_dead()  # what workers that died while no primary ran still owned
         risk = remove_ipc_risk(os.geteuid()) if self.backing.mode != MODE_HUGETLBFS else None
         if risk:
             log.warning("%s", risk)
@@ -304,9 +311,19 @@ class Primary:
         poller.register(self._wake_r, zmq.POLLIN)
         # The watchdog is fed from this loop, so a loop that hangs is restarted.
         beat = min(HEARTBEAT_S, self.notifier.watchdog / 2) if self.notifier.watchdog else HEARTBEAT_S
-        next_beat = time.monotonic()
+        next_beat = next_scan = time.monotonic()
+        reclaimer = self.reclaimer
+        assert reclaimer is not None
         while not self._stopping:
-            ready = dict(poller.poll(timeout=max(0, int((next_beat - time.monotonic()) * 1000))))
+            wait = min(next_beat, next_scan) - time.monotonic()
+            ready = dict(poller.poll(timeout=max(0, int(wait * 1000 + 0.999))))
+            for fd in [fd for fd in ready if isinstance(fd, int) and reclaimer.watching(fd)]:
+                poller.unregister(fd)
+                reclaimer.exited(fd)  # a heap owner died: the kernel said so through its pidfd
+            if time.monotonic() >= next_scan:
+                for fd in reclaimer.scan():
+                    poller.register(fd, zmq.POLLIN)
+                next_scan = time.monotonic() + SCAN_S
             if self.zap in ready:
                 _drain(self.zap, self.zap_handler.reply)
             if self.router in ready:
@@ -353,6 +370,8 @@ class Primary:
 
     def _heartbeat(self) -> None:
         self.publisher.heartbeat(os.getpid())
+        if self.reclaimer is not None:
+            self.reclaimer.reclaim_dead()  # the backstop: owners no pidfd watched (see reclaim.py)
         if self.notifier.watchdog:
             self.notifier.send(watchdog=1)
         if self.notifier.enabled:
@@ -421,7 +440,15 @@ class Primary:
             "uptime": round(time.monotonic() - self._started, 3),
             "created": self.table.layout.created_ns / 1e9, "started": self._started_at,
             "adoptions": self.table.adoptions(),
+            "heap": self._heap_figures(),
         }
+
+    def _heap_figures(self) -> dict[str, Any]:
+        try:
+            return walk(self.table, self.window, rules=False).figures()
+        except Exception:  # noqa: BLE001 - the figures must not cost the status reply
+            log.exception("could not walk the heap for its figures")
+            return {}
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and the log; never raises (a damaged table is said)."""

@@ -67,7 +67,34 @@ def render(prefix: str, status: dict[str, Any] | None) -> str:
     lines.append(f"hugeshmd_adoptions_total{own} {status.get('adoptions', 0)}")
     _family(lines, "created_seconds", "gauge", "When the instance was made (Unix time; adoption keeps it).")
     lines.append(f"hugeshmd_created_seconds{own} {status.get('created', 0)}")
+    heap = status.get("heap")
+    if heap:
+        _heap(lines, prefix, own, heap)
     return "\n".join(lines) + "\n"
+
+
+_HEAP = (
+    ("heap_used_bytes", "gauge", "used", "Bytes of the heap in live allocations (small ones by size class)."),
+    ("heap_free_bytes", "gauge", "free", "Bytes the heap's arenas can still hand out."),
+    ("heap_arena_bytes", "gauge", "arena_bytes", "Bytes of the heap's arenas that blocks are carved from."),
+    ("heap_arenas", "gauge", "arenas", "Arenas of the heap (owned or free)."),
+    ("heap_arenas_owned", "gauge", "arenas_owned", "Arenas owned by a process."),
+    ("heap_allocations", "gauge", "allocations", "Live heap allocations, small and large."),
+    ("heap_large_allocations", "gauge", "large_allocations", "Live allocations over 64 KiB (zones of their own)."),
+    ("heap_reclaimed_allocations_total", "counter", "reclaimed_allocations",
+     "Allocations freed because their owner died."),
+    ("heap_reclaimed_bytes_total", "counter", "reclaimed_bytes", "Bytes freed because their owner died."),
+    ("heap_growths_total", "counter", "growths", "Segments added to the instance at run time."),
+)
+
+
+def _heap(lines: list[str], prefix: str, own: str, heap: dict[str, Any]) -> None:
+    for name, kind, key, text in _HEAP:
+        _family(lines, name, kind, text)
+        lines.append(f"hugeshmd_{name}{own} {heap.get(key, 0)}")
+    _family(lines, "heap_arena_used_bytes", "gauge", "Bytes in live allocations, per arena.")
+    for arena in heap.get("per_arena", ()):
+        lines.append(f"hugeshmd_heap_arena_used_bytes{_labels(prefix=prefix, arena=arena['index'])} {arena['used']}")
 
 
 def write_textfile(directory: str, prefix: str, text: str) -> str:

@@ -52,7 +52,7 @@ __all__ = [
     "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "META", "META_HEAD",
     "META_AT", "CHANGE", "CHANGE_AT", "CHANGE_INSERT", "CHANGE_REMOVE", "CHANGE_OTHER", "WORKER", "IOVA", "U32",
     "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT",
-    "ADOPTIONS_AT", "NO_SLOT",
+    "ADOPTIONS_AT", "NO_SLOT", "ZONE_HEAP", "ZONE_DISOWNED", "ZONE_HEAP_META",
     "NOBODY", "Layout", "Owner", "SegmentRecord", "ZoneRecord", "check_segments",
 ]  # fmt: skip
 
@@ -66,6 +66,10 @@ STATE_NAMES = {STATE_STARTING: "starting", STATE_READY: "ready", STATE_STOPPING:
 NAME_MAX = 63  # bytes of UTF-8
 PATH_MAX = 191
 NO_SLOT = 0xFFFFFFFF  # a zone owner that is no registered worker (the primary, on a client's behalf)
+# Zone flags. The heap (hugeshmd.shm.heap) keeps its directory and arenas in zones marked
+# ZONE_HEAP_META, and each large allocation in a zone marked ZONE_HEAP (ZONE_DISOWNED once its
+# maker gave it up: it outlives its owner). Their names start with "." (zones.RESERVED).
+ZONE_HEAP, ZONE_DISOWNED, ZONE_HEAP_META = 1, 2, 4
 
 # Static header: written once by the primary, covered by the CRC32 that follows it.
 _HEADER = struct.Struct("<8sIIQQQQIIIIIIIIQQQQQQ64s16s")

@@ -24,11 +24,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
 import time
 
 from ..errors import InstanceLocked
 
-__all__ = ["PrimaryLock", "primary_alive", "PROBE_GRACE_S"]
+__all__ = ["PrimaryLock", "primary_alive", "PROBE_GRACE_S", "ByteLock"]
 
 
 class PrimaryLock:
@@ -121,3 +122,74 @@ def _read_pid(fd: int) -> int | None:
         return None
 
 
+
+
+# struct flock on Linux x86-64 and aarch64: l_type, l_whence, l_start, l_len, l_pid (+ padding)
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+class ByteLock:
+    """Open-file-description (OFD) locks on single bytes of one file: the heap's arena locks.
+
+    Unlike flock, they lock byte ranges, so one file carries a lock per arena;
+    unlike classic POSIX record locks, they belong to the open file description,
+    not the process, so closing some other descriptor of the file does not drop
+    them. The kernel drops them when the last descriptor of the description is
+    closed, which a process's death does: "I could take it" proves that no live
+    process holds it, whatever pid reuse did. A forked child shares the
+    description and must close its copy (:mod:`hugeshmd._fork`), else it keeps
+    its parent's locks alive after the parent's death (safe: never freed early).
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, path_or_fd: str | int, writable: bool = True) -> None:
+        if isinstance(path_or_fd, int):  # a new description of an open file, not a dup of its descriptor
+            path_or_fd = f"/proc/self/fd/{path_or_fd}"
+        self.fd = os.open(path_or_fd, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+
+    def _op(self, command: int, kind: int, offset: int) -> bool:
+        try:
+            fcntl.fcntl(self.fd, command, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+
+    def try_exclusive(self, offset: int) -> bool:
+        """Take byte ``offset`` exclusively if no other description holds it; whether taken."""
+        return self._op(fcntl.F_OFD_SETLK, fcntl.F_WRLCK, offset)
+
+    def try_shared(self, offset: int) -> bool:
+        return self._op(fcntl.F_OFD_SETLK, fcntl.F_RDLCK, offset)
+
+    def within(self, offset: int, seconds: float, exclusive: bool = True) -> bool:
+        """Take byte ``offset`` (exclusively or shared), retrying for at most ``seconds``."""
+        take = self.try_exclusive if exclusive else self.try_shared
+        deadline = time.monotonic() + seconds
+        pause = 0.00002
+        while not take(offset):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+        return True
+
+    def unlock(self, offset: int) -> None:
+        self._op(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, offset)
+
+    def held_elsewhere(self, offset: int, exclusive: bool = True) -> bool:
+        """Whether another description holds byte ``offset`` in a way that conflicts with taking
+        it (exclusively or shared). A read: nothing is taken."""
+        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        raw = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0))
+        return bool(_FLOCK.unpack(raw)[0] != fcntl.F_UNLCK)
+
+    def close(self) -> None:
+        """Drop every lock of this description (unless a forked child shares it). Idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -34,11 +34,14 @@ from .registry import Registry
 from .snapshot import Snapshot
 from .table import DEFAULT_LOCK_TIMEOUT, Table
 from .window import Window
-from .zones import ReadOnlyZone, Zone, check_align, check_name, check_size, make_zone
+from .zones import RESERVED, ReadOnlyZone, Zone, check_align, check_size, check_user_name, make_zone
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from .buffer import Buffer
+    from .heap import Heap
 
 __all__ = ["attach", "Secondary", "Segment", "PrimaryInfo"]
 
@@ -188,6 +191,7 @@ class Secondary:
         self._by_name: dict[str, Zone | ReadOnlyZone] = {}  # the Zone objects made so far, made on first lookup
         self._seen = -1
         self.owner: Owner = NOBODY  # this worker's registration: every zone it reserves carries it
+        self._heap: Heap | None = None  # made by the first alloc or buffer
         self._registry = Registry(table)
         try:
             layout = table.layout
@@ -239,7 +243,8 @@ class Secondary:
         if self._generation[0] != self._seen:
             self._refresh()
         with self._lock:
-            records = sorted(self._records.values(), key=lambda r: r.address)
+            records = sorted((r for r in self._records.values() if not r.name.startswith(RESERVED)),
+                             key=lambda r: r.address)
             return [self._zone(r.name) for r in records]
 
     @property
@@ -279,7 +284,7 @@ class Secondary:
         alignment (a power of two), PrimaryStopped once the primary stopped,
         TableFull when the zone table is full, HandleClosed if this Secondary is closed.
         """
-        name, size, align = check_name(name), check_size(size), check_align(align)
+        name, size, align = check_user_name(name), check_size(size), check_align(align)
         self._check_writable("reserve")
         self._check_primary()
         base, new, record = zones.reserve(self._table, name, size, align, owner=self.owner)
@@ -306,7 +311,7 @@ class Secondary:
         PrimaryStopped once the primary stopped. Zone objects of it that are
         still held stay mapped, but the memory may go to the next ``reserve``.
         """
-        check_name(name)
+        check_user_name(name)
         self._check_writable("free")
         self._check_primary()
         base, new, _ = zones.free(self._table, name)
@@ -318,6 +323,53 @@ class Secondary:
             self._records.pop(name, None)
             self._by_name.pop(name, None)
             self._seen = new.generation
+
+    # -- the heap --------------------------------------------------------------------
+
+    def alloc(self, size: int, align: int | None = None) -> Buffer:
+        """Allocate ``size`` bytes of the shared heap (aligned to ``align``, default 64, at most
+        the page size); a :class:`~hugeshmd.shm.buffer.Buffer` this process owns until it is
+        freed (by any process) or disowned. If this process dies, the primary frees what it
+        still owns.
+
+        Sizes up to 64 KiB come from this process's own arena, with no lock; larger ones are
+        zones of their own. Raises InvalidArgument for a bad size or alignment, OutOfMemory
+        when the instance has no room, TableBusy when the writer lock (taken only to claim
+        an arena or for a large allocation) stays held, AccessDenied if read-only.
+        """
+        heap = self._heap or self._make_heap()
+        buf = heap.alloc(size, align)
+        self.alloc = heap.alloc  # type: ignore[method-assign]  # the next calls skip this frame
+        return buf  # type: ignore[no-any-return]
+
+    def buffer(self, address: int) -> Buffer:
+        """A handle to the live heap allocation that starts at ``address`` (made by any process
+        of this instance): its size is the size asked for. Freeing through it frees the
+        allocation. NotFound if no live allocation starts there (never a view of freed memory)."""
+        heap = self._heap or self._make_heap()
+        return heap.buffer(address)  # type: ignore[no-any-return]
+
+    def _make_heap(self) -> Heap:
+        from .heap import Heap
+
+        with self._lock:
+            self._check_open()
+            self._check_writable("allocate")
+            self._check_primary()
+            if self._heap is None:
+                assert self._window is not None
+                layout = self._table.layout
+                registration = self.owner
+
+                def owner() -> Owner:
+                    return Owner(registration.slot, registration.epoch, os.getpid(), own_start_time())
+
+                def refresh() -> Snapshot:
+                    self._refresh()
+                    return self._table.snapshot()
+
+                self._heap = Heap(self._table, self._window, layout.base, layout.window, owner, refresh)
+            return self._heap
 
     # -- keeping up with the table ----------------------------------------------
 
@@ -386,6 +438,10 @@ class Secondary:
                     self._registry.unregister(self.owner)
             except (OSError, ValueError):
                 pass
+            if self._heap is not None:
+                self._heap.release()
+                self._heap = None
+                self.__dict__.pop("alloc", None)
             self._records, self._by_name = {}, {}
             self._generation = (-2,)  # every call now takes the slow path and fails
             self._window = None  # released when the last Zone holding it is gone

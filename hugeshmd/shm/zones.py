@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     import numpy
 
 __all__ = [
-    "Zone", "ReadOnlyZone", "check_name", "check_size", "check_align", "place", "find", "reserve", "free", "make_zone",
+    "Zone", "ReadOnlyZone", "check_name", "check_user_name", "RESERVED", "check_size", "check_align", "place",
+    "find", "reserve", "free", "make_zone",
 ]  # fmt: skip
 
 DEFAULT_ALIGN = 64  # a cache line, as DPDK's memzones
@@ -46,6 +47,18 @@ def check_name(name: object) -> str:
             f"zone name must be 1-{NAME_MAX} bytes of UTF-8 without NUL, got {len(raw)} bytes",
             name=name,
         )
+    return name
+
+
+RESERVED = "."  # names starting so are hugeshmd's own (the heap's directory, arenas, large allocations)
+
+
+def check_user_name(name: object) -> str:
+    """As :func:`check_name`, and not one of hugeshmd's own names (starting with ``.``)."""
+    name = check_name(name)
+    if name.startswith(RESERVED):
+        raise InvalidArgument(f"zone names starting with {RESERVED!r} are hugeshmd's own (the heap's): {name!r}",
+                              name=name)
     return name
 
 
@@ -83,7 +96,7 @@ IovaOf = Callable[[SegmentRecord, int], int]
 
 
 def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf,
-          owner: Owner = NOBODY) -> ZoneRecord:
+          owner: Owner = NOBODY, flags: int = 0) -> ZoneRecord:
     """Where a new zone goes: the first free gap it fits in, aligned.
 
     Raises AlreadyExists if the name is taken, OutOfMemory if no gap fits.
@@ -98,7 +111,7 @@ def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf,
                 for segment in snapshot.segments:
                     if segment.id == segment_id:
                         return ZoneRecord(name, address, size, iova_of(segment, address), align, segment_id,
-                                          owner, time.time_ns())
+                                          owner, time.time_ns(), flags)
     largest = max((end - start for start, end, _ in snapshot.gaps), default=0)
     raise OutOfMemory(
         f"no free run of {size} bytes (aligned to {align}) for zone {name!r}; "
@@ -108,14 +121,14 @@ def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf,
 
 
 def reserve(table: Table, name: str, size: int, align: int, timeout: float | None = None,
-            owner: Owner = NOBODY) -> tuple[Snapshot, Snapshot, ZoneRecord]:
+            owner: Owner = NOBODY, flags: int = 0) -> tuple[Snapshot, Snapshot, ZoneRecord]:
     """Commit a new zone: (the version it was based on, the new version, its record).
 
     Arguments must already be checked. Raises AlreadyExists or OutOfMemory, and
     TableBusy if the writer lock is not had within ``timeout`` seconds.
     """
     with table.locked(timeout) as base:
-        record = place(base, name, size, align, table.iova_of, owner)
+        record = place(base, name, size, align, table.iova_of, owner, flags)
         return base, table.commit(base, insert=record), record
 
 

@@ -1,0 +1,209 @@
+"""The primary's reclaim: what a dead worker still owned goes back to the heap.
+
+How a death is seen, without polling for it: the primary holds a ``pidfd``
+(pidfd_open(2)) of every process that owns an arena or a large allocation, in
+its poll loop; the kernel makes it readable when the process exits. New owners
+are found cheaply: each claim bumps a counter in the heap's directory, and a
+large allocation is a commit of the table, so a look every :data:`SCAN_S`
+reads two words unless something changed.
+
+Why pid reuse cannot free a live worker's memory: a pidfd names one process,
+not a pid, and is opened only after the owner's start time was checked; an
+arena is reclaimed only by a process that holds its L lock, which the kernel
+frees only when every descriptor of the owner's lock description is closed.
+
+While no primary runs, nothing is reclaimed; the next one (adoption) reclaims
+every dead owner's memory at start (:meth:`Reclaimer.reclaim_dead`), and does
+so again at each heartbeat, which also catches an owner whose lock outlived it
+in a forked child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ..errors import HugeshmdError
+from ..shm.heap import (
+    E_FREE,
+    LARGE_RECLAIMED_AT,
+    LARGE_RECLAIMED_BYTES_AT,
+    Arena,
+    Directory,
+    find_directory,
+    liveness,
+    reclaim_arena,
+)
+from ..shm.identity import process_alive
+from ..shm.layout import ZONE_DISOWNED, ZONE_HEAP, ZoneRecord
+from ..shm.lock import ByteLock
+from ..shm.table import Table
+
+__all__ = ["Reclaimer", "SCAN_S"]
+
+log = logging.getLogger("hugeshmd.reclaim")
+
+SCAN_S = 0.02  # how often the primary looks for new owners (two reads when nothing changed)
+
+
+class Reclaimer:
+    """Watches the heap's owners and frees what dead ones held. Never raises out of its calls."""
+
+    def __init__(self, table: Table, keepalive: object) -> None:
+        self.table = table
+        self._keepalive = keepalive
+        self._locks = ByteLock(table._fd)
+        self._directory: Directory | None = None
+        self._arenas: dict[int, Arena] = {}
+        self._watched: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, start)
+        self._owners: dict[tuple[int, int], int] = {}  # (pid, start) -> pidfd
+        self._seen: tuple[int, int] = (-1, -1)  # (claims, generation) at the last scan
+        self.reclaims = 0  # owners whose memory this primary reclaimed
+        self._failed = ""  # the last scan's error, logged once
+
+    # -- finding owners ----------------------------------------------------------------------
+
+    def directory(self) -> Directory | None:
+        if self._directory is None:
+            record = find_directory(self.table.snapshot())
+            if record is None:
+                return None
+            try:
+                self._directory = Directory(record, self._keepalive)
+            except HugeshmdError:
+                return None  # being made, or damaged: the checker says which
+        return self._directory
+
+    def _arena(self, i: int, address: int) -> Arena:
+        arena = self._arenas.get(i)
+        if arena is None or arena.base != address:
+            arena = self._arenas[i] = Arena(i, address, self._keepalive)
+        return arena
+
+    def scan(self) -> list[int]:
+        """Start watching owners not watched yet; the new pidfds (for the caller's poller).
+        Never raises: a damaged table is logged once, and status says it."""
+        try:
+            added = self._scan()
+        except Exception as err:  # noqa: BLE001 - the primary outlives a damaged table
+            if str(err) != self._failed:
+                self._failed = str(err)
+                log.error("cannot look for the heap's owners: %s", err)
+            return []
+        self._failed = ""
+        return added
+
+    def _scan(self) -> list[int]:
+        directory = self.directory()
+        claims = directory.counter(24) if directory is not None else 0
+        seen = (claims, self.table.generation)
+        if seen == self._seen:
+            return []
+        self._seen = seen
+        added = []
+        for owner in self._owners_now(directory):
+            if owner in self._owners:
+                continue
+            fd = self._watch(*owner)
+            if fd is None:
+                self.reclaim(*owner)
+            else:
+                added.append(fd)
+        return added
+
+    def _owners_now(self, directory: Directory | None) -> set[tuple[int, int]]:
+        owners = set()
+        if directory is not None:
+            for _, e in directory.entries():
+                if e[1] != E_FREE and e[4]:
+                    owners.add((e[4], e[7]))
+        for zone in self.table.snapshot().zones:
+            if _reclaimable(zone):
+                owners.add((zone.owner.pid, zone.owner.start))
+        return owners
+
+    def _watch(self, pid: int, start: int) -> int | None:
+        """A pidfd of the process (pid, start), or None if it is gone."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            return None
+        if not process_alive(pid, start):  # checked after opening: the pidfd names this process
+            os.close(fd)
+            return None
+        self._watched[fd] = (pid, start)
+        self._owners[(pid, start)] = fd
+        return fd
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._watched
+
+    def exited(self, fd: int) -> None:
+        """The process behind pidfd ``fd`` exited: reclaim what it owned."""
+        owner = self._watched.pop(fd, None)
+        os.close(fd)
+        if owner is not None:
+            self._owners.pop(owner, None)
+            self.reclaim(*owner)
+
+    # -- reclaiming ---------------------------------------------------------------------------
+
+    def reclaim(self, pid: int, start: int) -> tuple[int, int]:
+        """Free what the dead process (pid, start) owned; (allocations, bytes). Logs, never raises."""
+        try:
+            count, freed = self._reclaim(lambda p, s: (p, s) == (pid, start))
+        except Exception:  # noqa: BLE001 - a reclaim that fails must not stop the primary; retried later
+            log.exception("reclaim of pid %d failed; the next heartbeat tries again", pid)
+            return 0, 0
+        if count:
+            self.reclaims += 1
+            log.info("reclaimed %d allocations (%d bytes) of pid %d, which exited", count, freed, pid)
+        return count, freed
+
+    def reclaim_dead(self) -> tuple[int, int]:
+        """Free what every dead owner held (at adoption, and at each heartbeat). Never raises."""
+        try:
+            count, freed = self._reclaim(lambda p, s: not process_alive(p, s))
+        except Exception:  # noqa: BLE001
+            log.exception("reclaim of dead owners failed; the next heartbeat tries again")
+            return 0, 0
+        if count:
+            log.info("reclaimed %d allocations (%d bytes) of processes that had exited", count, freed)
+        return count, freed
+
+    def _reclaim(self, dead: Any) -> tuple[int, int]:
+        count = freed = 0
+        directory = self.directory()
+        if directory is not None:
+            for i, e in directory.entries():
+                if e[0] and e[1] != E_FREE and dead(e[4], e[7]) and self._locks.try_exclusive(liveness(i)):
+                    try:
+                        n, b = reclaim_arena(directory, self._arena(i, e[0]), self._locks)
+                    finally:
+                        self._locks.unlock(liveness(i))
+                    count += n
+                    freed += b
+        doomed = [z for z in self.table.snapshot().zones if _reclaimable(z) and dead(z.owner.pid, z.owner.start)]
+        if doomed:
+            with self.table.locked() as base:
+                for zone in doomed:
+                    if base.by_name.get(zone.name) == zone:
+                        base = self.table.commit(base, remove=zone)
+                        count += 1
+                        freed += zone.size
+                        if directory is not None:
+                            directory.bump(LARGE_RECLAIMED_AT)
+                            directory.bump(LARGE_RECLAIMED_BYTES_AT, zone.size)
+        return count, freed
+
+    def close(self) -> None:
+        for fd in self._watched:
+            os.close(fd)
+        self._watched.clear()
+        self._owners.clear()
+        self._locks.close()
+
+
+def _reclaimable(zone: ZoneRecord) -> bool:
+    return bool(zone.flags & ZONE_HEAP) and not zone.flags & ZONE_DISOWNED and zone.owner.pid > 0

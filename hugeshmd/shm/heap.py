@@ -1,0 +1,735 @@
+"""The shared heap: malloc and free from any worker, in per-worker arenas, crash-consistent.
+
+How it is laid out (design and measurements: ``docs/heap-design.md``):
+
+* The **directory** is a zone named ``.heap``: a header, then one 64-byte entry
+  per arena (its address, its state, its owner's token, what reclaim took from
+  it). The first worker that allocates makes it, under the table's writer lock.
+* An **arena** is a zone named ``.arena.<i>`` of :data:`ARENA` bytes (2 MiB,
+  aligned to its size). Its first two 64 KiB spans hold its metadata; the other
+  30 are carved, one at a time, into blocks of one size class (64 B to 64 KiB,
+  multiples of 64, so every block is 64-byte aligned). Each block has one state
+  byte (:data:`FREE`, :data:`LIVE`, :data:`DISOWNED`, :data:`REMOTE`) and a
+  16-bit *slack* (class size minus the size asked for).
+* A **large** allocation (over 64 KiB, or aligned beyond what a class gives) is
+  a zone named ``.h.<pid>.<n>``, flagged ZONE_HEAP, owned by its maker.
+
+Who writes what, so that no lock is needed on the common path and a process
+killed at any instruction leaves the heap consistent:
+
+* An arena has one owner at a time: the process holding the OFD lock on byte
+  :func:`liveness` ``(i)`` of the table file (L). Only the owner writes a state
+  byte to LIVE or back to FREE, carves spans, and writes slack; its free lists
+  are private (a Python list per class), so a dead owner's lists vanish with it
+  and the state bytes alone stay true. One store publishes each alloc and free.
+* Any other process frees a block by writing REMOTE over LIVE or DISOWNED,
+  holding the arena's gate (R, :func:`gate`) shared; the owner collects REMOTE
+  bytes when a list runs dry (mimalloc's deferred free, without its CAS).
+* Reclaim (of a dead owner's arena) holds L (proof that no live process owns
+  it: the kernel dropped the dead owner's lock) and R exclusively, so no remote
+  free is half done; it turns LIVE and REMOTE into FREE, keeps DISOWNED, and is
+  idempotent: a reclaimer killed midway is simply followed by another.
+* Entries and arena headers change only under L; a new arena's memory, under
+  the table's writer lock as well (its zone is committed first and published in
+  the entry last, so a claimer killed in between leaves a zone the next claimer
+  of that entry takes over).
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import struct
+
+from .. import _fork, _sys
+from ..errors import InvalidArgument, NotFound, TableBusy, TableCorrupt
+from .buffer import Buffer
+from .layout import NOBODY, ZONE_DISOWNED, ZONE_HEAP, ZONE_HEAP_META, Owner, ZoneRecord
+from .lock import ByteLock
+from .snapshot import Snapshot
+from .table import Table
+from .zones import find, place
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+__all__ = [
+    "ARENA", "SPAN", "CLASS_SIZES", "MAX_SMALL", "FREE", "LIVE", "DISOWNED", "REMOTE", "DIRECTORY",
+    "Arena", "Directory", "Heap", "liveness", "gate", "reclaim_arena", "class_for",
+]  # fmt: skip
+
+# -- sizes ---------------------------------------------------------------------------------
+
+ARENA_SHIFT = 21
+ARENA = 1 << ARENA_SHIFT  # 2 MiB, aligned to its size: an address's arena is address & ~(ARENA - 1)
+SPAN_SHIFT = 16
+SPAN = 1 << SPAN_SHIFT  # 64 KiB: blocks of one class
+SPANS = ARENA // SPAN  # 32
+META_SPANS = 2  # spans 0 and 1 hold the arena's metadata
+BLOCKS = SPAN // 64  # state bytes per span: as many as the smallest class has blocks
+CLASS_SIZES = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
+               12288, 16384, 24576, 32768, 49152, 65536)
+MAX_SMALL = CLASS_SIZES[-1]
+_COUNTS = tuple(SPAN // c for c in CLASS_SIZES)
+# class index for a size of 1..MAX_SMALL bytes, by (size + 63) >> 6
+_CLASS_OF = [0] * (MAX_SMALL // 64 + 1)
+for _i in range(1, len(_CLASS_OF)):
+    _CLASS_OF[_i] = next(c for c, s in enumerate(CLASS_SIZES) if s >= _i * 64)
+DEFAULT_ALIGN = 64
+
+# -- state bytes ---------------------------------------------------------------------------
+
+FREE, LIVE, DISOWNED, REMOTE = 0, 1, 2, 3
+_RECLAIM = bytes.maketrans(bytes([LIVE, REMOTE]), bytes([FREE, FREE]))  # DISOWNED stays
+
+# -- an arena's metadata (its first META_SPANS spans) ------------------------------------------
+
+ARENA_MAGIC = 0x314E5241  # "ARN1"
+_ARENA_HEAD = struct.Struct("<II")  # magic, directory index
+HINT_AT = 64  # one byte, on a line of its own: set by remote freers, cleared by the owner
+CLASS_AT = 128  # one byte per span: 0 unused, else class index + 1
+STATE_AT = 1024  # BLOCKS state bytes per span
+SLACK_AT = STATE_AT + SPANS * BLOCKS  # a u16 per block
+META = SLACK_AT + SPANS * BLOCKS * 2
+assert META <= META_SPANS * SPAN
+
+# -- the directory: zone ".heap" --------------------------------------------------------------
+
+DIRECTORY = ".heap"
+DIR_MAGIC = b"HSHMHEAP"
+DIR_VERSION = 1
+# magic, version, max arenas, arena size, claims, growths, large allocations reclaimed and their bytes
+_DIR_HEAD = struct.Struct("<8sIIQQQQQ8x")
+CLAIMS_AT = 24  # u64 in the header: bumped by each claim, so the primary sees new owners cheaply
+GROWTHS_AT = 32  # u64s written by the primary only
+LARGE_RECLAIMED_AT = 40
+LARGE_RECLAIMED_BYTES_AT = 48
+ENTRY = struct.Struct("<QIIIIIIQQQ8x")  # address, state, slot, epoch, pid, claims, -, start, reclaimed n, bytes
+E_FREE, E_OWNED, E_RECLAIMING = 0, 1, 2
+ENTRY_STATES = {E_FREE: "free", E_OWNED: "owned", E_RECLAIMING: "reclaiming"}
+MAX_ARENAS = 4096
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+# -- the arena locks: bytes of the table file far past its end -------------------------------
+
+_LOCKS_AT = 1 << 40
+
+
+def liveness(i: int) -> int:
+    """Offset of arena ``i``'s L lock: held exclusively by its owner for as long as it owns it."""
+    return _LOCKS_AT + 2 * i
+
+
+def gate(i: int) -> int:
+    """Offset of arena ``i``'s R lock: shared by remote freers, exclusive for reclaim."""
+    return _LOCKS_AT + 2 * i + 1
+
+
+GATE_WAIT_S = 1.0  # a remote free waits this long for a reclaim to finish; a reclaim, for remote frees
+
+
+def arena_name(i: int) -> str:
+    return f".arena.{i}"
+
+
+def class_for(size: int, align: int) -> int | None:
+    """The size class for ``size`` bytes aligned to ``align``, or None: a large allocation."""
+    if size > MAX_SMALL:
+        return None
+    c = _CLASS_OF[(size + 63) >> 6]
+    if align <= DEFAULT_ALIGN:
+        return c
+    for k in range(c, len(CLASS_SIZES)):
+        if CLASS_SIZES[k] % align == 0:
+            return k
+    return None
+
+
+def max_arenas_for(window: int) -> int:
+    return max(1, min(MAX_ARENAS, window // ARENA))
+
+
+def directory_size(max_arenas: int) -> int:
+    return _DIR_HEAD.size + max_arenas * ENTRY.size
+
+
+# -- views over shared memory -------------------------------------------------------------------
+
+
+class Directory:
+    """The directory's bytes, mapped in this process."""
+
+    __slots__ = ("mem", "max_arenas", "address")
+
+    def __init__(self, record: ZoneRecord, keepalive: object) -> None:
+        self.address = record.address
+        self.mem = _sys.memory(record.address, record.size, keepalive)
+        magic, version, count, arena = _DIR_HEAD.unpack_from(self.mem, 0)[:4]
+        if magic != DIR_MAGIC or version != DIR_VERSION or arena != ARENA or directory_size(count) > record.size:
+            raise TableCorrupt(f"the heap's directory at {record.address:#x} is not one (magic {magic!r}, "
+                               f"version {version}, {count} arenas of {arena} bytes in {record.size} bytes)")
+        self.max_arenas = count
+
+    @staticmethod
+    def initialize(record: ZoneRecord, max_arenas: int) -> None:
+        """Zero a new directory and stamp its header, magic last (call under the writer lock)."""
+        _sys.zero(record.address, record.size)
+        mem = _sys.memory(record.address, record.size, None)
+        _DIR_HEAD.pack_into(mem, 0, b"\0" * 8, DIR_VERSION, max_arenas, ARENA, 0, 0, 0, 0)
+        mem[0:8] = DIR_MAGIC
+        mem.release()
+
+    @staticmethod
+    def valid(record: ZoneRecord) -> bool:
+        return bytes(_sys.memory(record.address, 8, None)) == DIR_MAGIC
+
+    def entry(self, i: int) -> tuple[int, int, int, int, int, int, int, int, int, int]:
+        """(address, state, slot, epoch, pid, claims, -, start, reclaimed count, reclaimed bytes)."""
+        return ENTRY.unpack_from(self.mem, _DIR_HEAD.size + i * ENTRY.size)
+
+    def entries(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        for i in range(self.max_arenas):
+            yield i, self.entry(i)
+
+    def write(self, i: int, *, address: int | None = None, state: int | None = None, owner: Owner | None = None,
+              reclaimed: tuple[int, int] | None = None) -> None:
+        """Change entry ``i`` (its L holder only). The state is written last."""
+        at = _DIR_HEAD.size + i * ENTRY.size
+        old = list(ENTRY.unpack_from(self.mem, at))
+        if address is not None:
+            old[0] = address
+        if owner is not None:
+            old[2], old[3], old[4], old[7] = owner.slot, owner.epoch, owner.pid, owner.start
+            old[5] = (old[5] + 1) & 0xFFFFFFFF
+        if reclaimed is not None:
+            old[8] += reclaimed[0]
+            old[9] += reclaimed[1]
+        ENTRY.pack_into(self.mem, at, *old)  # with the old state: the new one is written last
+        if state is not None:
+            _U32.pack_into(self.mem, at + 8, state)
+
+    def bump(self, at: int, by: int = 1) -> None:
+        _U64.pack_into(self.mem, at, (_U64.unpack_from(self.mem, at)[0] + by) & (2**64 - 1))
+
+    def counter(self, at: int) -> int:
+        return _U64.unpack_from(self.mem, at)[0]  # type: ignore[no-any-return]
+
+    def owner_of(self, i: int) -> Owner:
+        e = self.entry(i)
+        return Owner(e[2], e[3], e[4], e[7])
+
+
+class Arena:
+    """One arena's metadata, mapped in this process. ``heap`` is the Heap that owns it here,
+    or None: another process's arena (or no one's), freed into remotely."""
+
+    __slots__ = ("index", "base", "meta", "state", "slack", "heap")
+
+    def __init__(self, index: int, base: int, keepalive: object) -> None:
+        self.index = index
+        self.base = base
+        self.meta = _sys.memory(base, META, keepalive)
+        self.state = self.meta[STATE_AT:SLACK_AT]
+        self.slack = self.meta[SLACK_AT:META].cast("H")
+        self.heap: Heap | None = None
+
+    @staticmethod
+    def initialize(base: int, index: int) -> None:
+        """Zero a new arena's metadata and stamp it (its claimer, under the writer lock)."""
+        _sys.zero(base, META)
+        mem = _sys.memory(base, 8, None)
+        _ARENA_HEAD.pack_into(mem, 0, ARENA_MAGIC, index)
+        mem.release()
+
+    def problem(self) -> str | None:
+        magic, index = _ARENA_HEAD.unpack_from(self.meta, 0)
+        if magic != ARENA_MAGIC or index != self.index:
+            return f"arena {self.index} at {self.base:#x} has header ({magic:#x}, {index}): not this arena's"
+        return None
+
+    def span_class(self, span: int) -> int:
+        """The class index of ``span``, or -1 if the span is not carved."""
+        return self.meta[CLASS_AT + span] - 1
+
+    def spans(self) -> Iterator[tuple[int, int]]:
+        """(span, class index) of every carved span."""
+        classes = self.meta[CLASS_AT : CLASS_AT + SPANS]
+        for span in range(META_SPANS, SPANS):
+            c = classes[span]
+            if c:
+                yield span, c - 1
+
+    def address_of(self, span: int, c: int, i: int) -> int:
+        return self.base + (span << SPAN_SHIFT) + i * CLASS_SIZES[c]
+
+    def locate(self, address: int) -> tuple[int, int] | None:
+        """(state index, class) of the block that starts at ``address``, or None."""
+        offset = address - self.base
+        span = offset >> SPAN_SHIFT
+        if not META_SPANS <= span < SPANS:
+            return None
+        c = self.span_class(span)
+        if not 0 <= c < len(CLASS_SIZES):
+            return None
+        i, rest = divmod(offset & (SPAN - 1), CLASS_SIZES[c])
+        if rest or i >= _COUNTS[c]:
+            return None
+        return span * BLOCKS + i, c
+
+    def usage(self) -> tuple[int, int, int]:
+        """(live blocks, their bytes by class size, carved spans): a snapshot, without locks."""
+        count = used = carved = 0
+        for span, c in self.spans():
+            carved += 1
+            states = self.state[span * BLOCKS : span * BLOCKS + _COUNTS[c]].tobytes()
+            n = states.count(LIVE) + states.count(DISOWNED)
+            count += n
+            used += n * CLASS_SIZES[c]
+        return count, used, carved
+
+
+def reclaim_arena(directory: Directory, arena: Arena, locks: ByteLock, wait: float = GATE_WAIT_S) -> tuple[int, int]:
+    """Free every block of ``arena`` that its dead owner still held (LIVE) or that others freed
+    (REMOTE); DISOWNED blocks stay. Call holding its L lock. Idempotent; the (count, bytes) freed.
+
+    Raises TableBusy if a remote free held the gate for ``wait`` seconds (a frozen freer).
+    """
+    i = arena.index
+    if not locks.within(gate(i), wait, exclusive=True):
+        raise TableBusy(f"arena {i}: a remote free held its gate for {wait:g} s; reclaim waits for it",
+                        waited=wait)
+    try:
+        directory.write(i, state=E_RECLAIMING)
+        count = freed = 0
+        for span, c in list(arena.spans()):
+            lo = span * BLOCKS
+            hi = lo + _COUNTS[c]
+            states = arena.state[lo:hi].tobytes()
+            at = states.find(LIVE)
+            while at >= 0:
+                count += 1
+                freed += CLASS_SIZES[c] - arena.slack[lo + at]
+                at = states.find(LIVE, at + 1)
+            cleared = states.translate(_RECLAIM)
+            if cleared != states:
+                arena.state[lo:hi] = cleared
+            if not cleared.count(DISOWNED) and not any(arena.state[hi : lo + BLOCKS]):
+                arena.meta[CLASS_AT + span] = 0  # empty: the span may serve another class
+        arena.meta[HINT_AT] = 0
+        directory.write(i, state=E_FREE, owner=NOBODY, reclaimed=(count, freed))
+        return count, freed
+    finally:
+        locks.unlock(gate(i))
+
+
+# -- the worker's side ----------------------------------------------------------------------------
+
+_new = object.__new__
+_SIZES = CLASS_SIZES
+
+
+class Heap:
+    """This process's allocator for one attachment (made by :class:`Secondary` on first use)."""
+
+    def __init__(self, table: Table, keepalive: object, window_base: int, window_size: int,
+                 owner: Callable[[], Owner], refresh: Callable[[], Snapshot]) -> None:
+        self._table = table
+        self._keepalive = keepalive
+        self._owner = owner  # this process's owner token (pid and start time of this process)
+        self._refresh = refresh  # the snapshot, with new segments mapped here
+        self._base = window_base
+        self._memory = _sys.memory(window_base, window_size, keepalive)
+        self._lock = _thread.RLock()  # the slow paths: refill, claim, the arena caches
+        self._free: list[list[tuple[int, int, Arena, int]]] = [[] for _ in CLASS_SIZES]
+        self._own: list[Arena] = []  # arenas this Heap owns, in claim order
+        self._arenas: dict[int, Arena] = {}  # every arena seen, by base (own and others')
+        self._directory: Directory | None = None
+        self._locks: ByteLock | None = None
+        self._large = 0
+        self.allocations = 0  # made by this Heap (small and large); frees are not counted
+        _fork.register(self)
+
+    # -- allocating -----------------------------------------------------------------------
+
+    def alloc(self, size: int, align: int | None = None) -> Any:
+        if size.__class__ is int and 0 < size <= MAX_SMALL and align is None:
+            c = _CLASS_OF[(size + 63) >> 6]
+            try:
+                slot = self._free[c].pop()
+            except IndexError:
+                slot = self._refill(c)
+            arena = slot[2]
+            k = slot[1]
+            arena.slack[k] = _SIZES[c] - size
+            arena.state[k] = 1  # LIVE: the one store that publishes the allocation
+            buf = _new(Buffer)
+            buf.address = slot[0]
+            buf.size = size
+            buf._heap = self
+            buf._slot = slot
+            buf._record = None
+            return buf
+        size, align = _check(size, align, self._table.layout.page_size)
+        k_class = class_for(size, align)
+        if k_class is None:
+            record = self._alloc_large(size, align)
+            return Buffer(self, record.address, size, None, record)
+        c = k_class
+        try:
+            slot = self._free[c].pop()
+        except IndexError:
+            slot = self._refill(c)
+        arena, k = slot[2], slot[1]
+        arena.slack[k] = CLASS_SIZES[c] - size
+        arena.state[k] = LIVE
+        return Buffer(self, slot[0], size, slot, None)
+
+    def _refill(self, c: int) -> tuple[int, int, Arena, int]:
+        with self._lock:
+            free = self._free[c]
+            if free:
+                return free.pop()
+            for arena in self._own:
+                if arena.meta[HINT_AT]:
+                    self._collect(arena)
+            if free:
+                return free.pop()
+            for arena in self._own:
+                if self._carve(arena, c):
+                    return free.pop()
+            arena = self._claim()
+            if not self._carve(arena, c):
+                raise RuntimeError(f"a fresh arena {arena.index} has no span for class {c}")  # pragma: no cover
+            return free.pop()
+
+    def _carve(self, arena: Arena, c: int) -> bool:
+        """Make a free span of ``arena`` into blocks of class ``c``; whether one was free."""
+        classes = arena.meta
+        for span in range(META_SPANS, SPANS):
+            if not classes[CLASS_AT + span]:
+                lo = span * BLOCKS
+                arena.state[lo : lo + BLOCKS] = bytes(BLOCKS)
+                classes[CLASS_AT + span] = c + 1  # published: the span's states are zero
+                size = CLASS_SIZES[c]
+                base = arena.base + (span << SPAN_SHIFT)
+                self._free[c].extend((base + i * size, lo + i, arena, c) for i in range(_COUNTS[c] - 1, -1, -1))
+                return True
+        return False
+
+    def _collect(self, arena: Arena) -> None:
+        """Take back the blocks that other processes freed in an own arena (REMOTE -> FREE)."""
+        arena.meta[HINT_AT] = 0  # before the scan: a free after it sets the hint again
+        for span, c in arena.spans():
+            lo = span * BLOCKS
+            states = arena.state[lo : lo + _COUNTS[c]].tobytes()
+            at = states.find(REMOTE)
+            free = self._free[c]
+            while at >= 0:
+                arena.state[lo + at] = FREE
+                free.append((arena.address_of(span, c, at), lo + at, arena, c))
+                at = states.find(REMOTE, at + 1)
+
+    def _adopt_free_blocks(self, arena: Arena) -> None:
+        """Fill the free lists from an arena just claimed (FREE and REMOTE blocks)."""
+        for span, c in arena.spans():
+            lo = span * BLOCKS
+            states = arena.state[lo : lo + _COUNTS[c]].tobytes()
+            free = self._free[c]
+            for at in range(len(states) - 1, -1, -1):
+                s = states[at]
+                if s == REMOTE:
+                    arena.state[lo + at] = FREE
+                if s == FREE or s == REMOTE:
+                    free.append((arena.address_of(span, c, at), lo + at, arena, c))
+
+    # -- claiming an arena ------------------------------------------------------------------
+
+    def _byte_locks(self) -> ByteLock:
+        if self._locks is None:
+            with _fork.guard:
+                if self._locks is None:
+                    self._locks = ByteLock(self._table._fd)
+        return self._locks
+
+    def _claim(self) -> Arena:
+        """Own another arena: a free one, else a dead owner's (reclaimed), else a new one."""
+        locks = self._byte_locks()
+        table = self._table
+        with table.locked() as base:
+            base, directory = self._ensure_directory(base)
+            mine = {a.index for a in self._own}  # our own description's locks would not stop us
+            entries = [(i, e) for i, e in directory.entries() if i not in mine]
+            chosen = None
+            for want in (E_FREE, E_OWNED, E_RECLAIMING):  # a free arena first, then a dead owner's
+                for i, e in entries:
+                    if e[0] and e[1] == want and locks.try_exclusive(liveness(i)):
+                        chosen = i
+                        break
+                if chosen is not None:
+                    break
+            if chosen is not None:
+                arena = self._arena(chosen, directory.entry(chosen)[0])
+                problem = arena.problem()
+                if problem is not None:
+                    locks.unlock(liveness(chosen))
+                    raise TableCorrupt(f"the heap: {problem}", path=table.path)
+                if directory.entry(chosen)[1] != E_FREE:
+                    reclaim_arena(directory, arena, locks)
+            else:
+                chosen = next((i for i, e in entries if not e[0] and locks.try_exclusive(liveness(i))), None)
+                if chosen is None:
+                    raise _arenas_full(directory.max_arenas)
+                arena = self._new_arena(base, directory, chosen)
+            directory.write(chosen, owner=self._owner())
+            directory.write(chosen, state=E_OWNED)
+            directory.bump(CLAIMS_AT)
+        arena.heap = self
+        self._own.append(arena)
+        self._adopt_free_blocks(arena)
+        return arena
+
+    def _new_arena(self, base: Snapshot, directory: Directory, i: int) -> Arena:
+        """Give entry ``i`` memory: its zone (one a dead claimer committed, or a new one)."""
+        table = self._table
+        record = base.by_name.get(arena_name(i))
+        if record is None:
+            record = place(base, arena_name(i), ARENA, ARENA, table.iova_of, NOBODY, ZONE_HEAP_META)
+            table.commit(base, insert=record)
+        Arena.initialize(record.address, i)
+        directory.write(i, address=record.address)
+        return self._arena(i, record.address)
+
+    def _ensure_directory(self, base: Snapshot) -> tuple[Snapshot, Directory]:
+        """The directory, made if there is none (call under the writer lock)."""
+        if self._directory is not None:
+            return base, self._directory
+        record = base.by_name.get(DIRECTORY)
+        if record is None:
+            count = max_arenas_for(self._table.layout.window)
+            record = place(base, DIRECTORY, directory_size(count), 4096, self._table.iova_of, NOBODY, ZONE_HEAP_META)
+            base = self._table.commit(base, insert=record)
+            Directory.initialize(record, count)
+        elif not Directory.valid(record):  # its maker died before stamping it: no one used it
+            Directory.initialize(record, max_arenas_for(self._table.layout.window))
+        self._directory = Directory(record, self._keepalive)
+        return base, self._directory
+
+    def directory(self) -> Directory | None:
+        """The directory, if the instance has one (found without the writer lock)."""
+        if self._directory is None:
+            record = self._table.snapshot().by_name.get(DIRECTORY)
+            if record is None or not Directory.valid(record):
+                return None
+            self._directory = Directory(record, self._keepalive)
+        return self._directory
+
+    def _arena(self, i: int, address: int) -> Arena:
+        arena = self._arenas.get(address)
+        if arena is None or arena.index != i:
+            arena = self._arenas[address] = Arena(i, address, self._keepalive)
+        return arena
+
+    def _arena_at(self, address: int) -> Arena | None:
+        """The arena holding ``address``, if it is in one."""
+        base = address & ~(ARENA - 1)
+        arena = self._arenas.get(base)
+        if arena is not None:
+            return arena
+        directory = self.directory()
+        if directory is None:
+            return None
+        with self._lock:
+            for i, e in directory.entries():
+                if e[0] == base:
+                    return self._arena(i, base)
+        return None
+
+    # -- large allocations ---------------------------------------------------------------------
+
+    def _alloc_large(self, size: int, align: int) -> ZoneRecord:
+        table = self._table
+        owner = self._owner()
+        pid = os.getpid()
+        while True:
+            self._large += 1
+            name = f".h.{pid}.{self._large}"
+            with table.locked() as base:
+                if name in base.by_name:
+                    continue  # a dead process with this pid left it: its reclaim is on the way
+                record = place(base, name, size, align, table.iova_of, owner, ZONE_HEAP)
+                table.commit(base, insert=record)
+            return record
+
+    def _large_record(self, address: int) -> ZoneRecord | None:
+        snap = self._table.snapshot()
+        starts = snap.starts
+        from bisect import bisect_left
+
+        i = bisect_left(starts, address)
+        if i < len(starts) and starts[i] == address:
+            record = snap.zones[i]
+            if record.flags & ZONE_HEAP:
+                return record
+        return None
+
+    # -- freeing ---------------------------------------------------------------------------------
+
+    def free_small(self, slot: tuple[int, int, Arena, int]) -> None:
+        arena = slot[2]
+        k = slot[1]
+        state = arena.state
+        if arena.heap is self:
+            s = state[k]
+            if s == LIVE or s == DISOWNED:
+                state[k] = FREE
+                self._free[slot[3]].append(slot)
+                return
+            raise _not_live(slot[0], s)
+        self._remote_free(arena, k, slot[0])
+
+    def _remote_free(self, arena: Arena, k: int, address: int) -> None:
+        """Free a block of an arena this Heap does not own, under the arena's gate."""
+        locks = self._byte_locks()
+        i = arena.index
+        if not locks.within(gate(i), GATE_WAIT_S, exclusive=False):
+            raise TableBusy(f"arena {i} was being reclaimed for {GATE_WAIT_S:g} s; the free of {address:#x} "
+                            "did nothing", waited=GATE_WAIT_S)
+        try:
+            s = arena.state[k]
+            if s == LIVE or s == DISOWNED:
+                arena.state[k] = REMOTE
+                arena.meta[HINT_AT] = 1
+                return
+            raise _not_live(address, s)
+        finally:
+            locks.unlock(gate(i))
+
+    def free_large(self, record: ZoneRecord) -> None:
+        with self._table.locked() as base:
+            self._table.commit(base, remove=_live_large(base, record))
+
+    def disown_small(self, slot: tuple[int, int, Arena, int]) -> None:
+        arena = slot[2]
+        if arena.heap is not self:
+            raise _not_owner(slot[0])
+        if arena.state[slot[1]] != LIVE:
+            raise _not_live(slot[0], arena.state[slot[1]])
+        arena.state[slot[1]] = DISOWNED
+
+    def disown_large(self, record: ZoneRecord) -> ZoneRecord:
+        with self._table.locked() as base:
+            current = _live_large(base, record)
+            if current.flags & ZONE_DISOWNED:
+                return current
+            if current.owner.pid != os.getpid():
+                raise _not_owner(record.address)
+            changed = current._replace(flags=current.flags | ZONE_DISOWNED)
+            self._table.commit(base, remove=current, insert=changed)
+            return changed
+
+    # -- finding an allocation by address ----------------------------------------------------
+
+    def buffer(self, address: int) -> Any:
+        if isinstance(address, bool) or not isinstance(address, int):
+            raise InvalidArgument(f"address must be int, not {type(address).__name__}", name="address")
+        arena = self._arena_at(address)
+        if arena is not None:
+            found = arena.locate(address)
+            if found is None:
+                raise NotFound(f"no allocation starts at {address:#x} (it is inside arena {arena.index}, "
+                               "not at the start of a block)", name=f"{address:#x}")
+            k, c = found
+            s = arena.state[k]
+            if s != LIVE and s != DISOWNED:
+                raise NotFound(f"the allocation at {address:#x} is not live (freed)", name=f"{address:#x}")
+            return Buffer(self, address, CLASS_SIZES[c] - arena.slack[k], (address, k, arena, c), None)
+        record = self._large_record(address)
+        if record is None:
+            self._refresh()
+            record = self._large_record(address)
+        if record is None:
+            raise NotFound(f"no live allocation of the heap starts at {address:#x}", name=f"{address:#x}")
+        return Buffer(self, record.address, record.size, None, record)
+
+    def view(self, address: int, size: int) -> memoryview:
+        at = address - self._base
+        return self._memory[at : at + size]
+
+    def iova(self, address: int) -> int:
+        snap = self._table.snapshot()
+        for segment in snap.segments:
+            if segment.address <= address < segment.end:
+                return self._table.iova_of(segment, address)
+        return address
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Give up this process's arenas (its detach): LIVE blocks stay its until reclaim, which
+        the primary does once the process is gone. Closing the lock description would let a
+        reclaim run now, while this process may still use its buffers: so it stays open."""
+        with self._lock:
+            for lists in self._free:
+                lists.clear()
+
+    def _after_fork(self) -> None:
+        # The child owns none of its parent's arenas: it frees into them remotely.
+        self._lock = _thread.RLock()
+        for arena in self._own:
+            arena.heap = None
+        self._own = []
+        self._free = [[] for _ in CLASS_SIZES]
+        if self._locks is not None:
+            self._locks.close()  # the parent's description stays locked through the parent's copy
+            self._locks = None
+
+
+def _check(size: object, align: object, page_size: int) -> tuple[int, int]:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidArgument(f"size must be int, not {type(size).__name__}", size=size)
+    if not 0 < size <= 1 << 62:
+        raise InvalidArgument(f"size must be in 1..2**62 bytes, got {size}", size=size)
+    if align is None:
+        return size, DEFAULT_ALIGN
+    if isinstance(align, bool) or not isinstance(align, int):
+        raise InvalidArgument(f"align must be int or None, not {type(align).__name__}", align=align)
+    if align <= 0 or align & (align - 1) or align > page_size:
+        raise InvalidArgument(f"align must be a power of two up to the page size ({page_size}), got {align}",
+                              align=align)
+    return size, max(align, DEFAULT_ALIGN)
+
+
+def _live_large(base: Snapshot, record: ZoneRecord) -> ZoneRecord:
+    """The large allocation ``record`` as committed in ``base``; InvalidArgument if it is gone."""
+    current = base.by_name.get(record.name)
+    if current is None or current.address != record.address:
+        raise _not_live(record.address, FREE)
+    return current
+
+
+def _not_owner(address: int) -> InvalidArgument:
+    return InvalidArgument(f"only the process that owns the allocation at {address:#x} may disown it",
+                           name="address")
+
+
+def _not_live(address: int, state: int) -> InvalidArgument:
+    what = {FREE: "already free", REMOTE: "already freed by another process"}.get(state, f"in state {state}")
+    return InvalidArgument(f"no live allocation at {address:#x}: it is {what} (a double free?); "
+                           "nothing was changed", name="address")
+
+
+def _arenas_full(count: int) -> Exception:
+    from ..errors import TableFull
+
+    return TableFull(f"every one of the heap's {count} arenas is owned by a live process", table="arenas",
+                     capacity=count)
+
+
+def find_directory(snap: Snapshot) -> ZoneRecord | None:
+    try:
+        return find(snap, DIRECTORY)
+    except NotFound:
+        return None

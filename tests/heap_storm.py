@@ -1,0 +1,160 @@
+"""A kill -9 storm on the heap: ``python heap_storm.py PREFIX ROOT WORKERS KILLS SECONDS``.
+
+A zygote (this process, which never attaches) forks WORKERS workers, each in a
+*role*. A worker allocates (sizes from 1 byte to 300 KiB), writes its pid and a
+sequence number into each block, frees its own blocks after checking that the
+number is still there, and hands some blocks to the next role through a
+single-producer single-consumer mailbox in a zone (disowned first, so that the
+block outlives its maker; the receiver checks the number and frees it). The
+zygote SIGKILLs a random worker every few milliseconds, at whatever
+instruction it is at, and forks a new one in its role, until KILLS kills or
+SECONDS seconds.
+
+A block handed out twice shows up as a number that changed under its owner;
+a handed-over block that vanished, as a NotFound. Either makes the worker exit
+3, saying what it saw on stderr. Prints one JSON line: kills, workers that
+exited other than by the storm's SIGKILL (with their messages), operations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import struct
+import sys
+import time
+
+import hugeshmd
+
+SIG = struct.Struct("<QQ")  # pid, sequence number: the first 16 bytes of every block
+SLOTS = 64
+MAIL = struct.Struct("<QQ")  # address (0: empty), sequence number
+MAILBOX = "storm.mail"
+
+
+def size_of(rng: random.Random) -> int:
+    roll = rng.random()
+    if roll < 0.7:
+        return rng.randint(16, 1024)
+    if roll < 0.97:
+        return rng.randint(1025, 65536)
+    return rng.randint(65537, 300 * 1024)
+
+
+def worker(prefix: str, root: str, role: int, roles: int, report: int) -> None:
+    rng = random.Random()
+    shm = hugeshmd.attach(prefix, runtime_root=root)
+    mail = shm.lookup(MAILBOX).view()
+    inbox = role * SLOTS * MAIL.size
+    outbox = ((role + 1) % roles) * SLOTS * MAIL.size
+    pid = os.getpid()
+    mine: list[tuple[object, int]] = []
+    seq = 0
+    ops = 0
+
+    def fail(what: str) -> None:
+        os.write(report, f"pid {pid} role {role}: {what}\n".encode())
+        os._exit(3)
+
+    while True:
+        ops += 1
+        roll = rng.random()
+        if roll < 0.45 or not mine:
+            seq += 1
+            buf = shm.alloc(size_of(rng))
+            SIG.pack_into(buf.view(), 0, pid, seq)
+            mine.append((buf, seq))
+        elif roll < 0.85:
+            buf, n = mine.pop(rng.randrange(len(mine)))
+            got = SIG.unpack_from(buf.view(), 0)  # type: ignore[attr-defined]
+            if got != (pid, n):
+                fail(f"block {buf.address:#x} ({buf.size} B) was overwritten while mine: "  # type: ignore[attr-defined]
+                     f"{got} instead of {(pid, n)}: handed out twice")
+            buf.free()  # type: ignore[attr-defined]
+        elif roll < 0.93:
+            j = rng.randrange(SLOTS)
+            at = outbox + j * MAIL.size
+            if MAIL.unpack_from(mail, at)[0] == 0:
+                buf, n = mine.pop(rng.randrange(len(mine)))
+                buf.disown()  # type: ignore[attr-defined]
+                struct.pack_into("<Q", mail, at + 8, n)
+                struct.pack_into("<Q", mail, at, buf.address)  # type: ignore[attr-defined]  # published last
+        else:
+            for j in range(SLOTS):
+                at = inbox + j * MAIL.size
+                address, n = MAIL.unpack_from(mail, at)
+                if address:
+                    struct.pack_into("<Q", mail, at, 0)  # cleared first: a kill after it leaks, never frees twice
+                    try:
+                        got = shm.buffer(address)
+                    except hugeshmd.NotFound:
+                        fail(f"handed-over block {address:#x} (seq {n}) vanished")
+                    if SIG.unpack_from(got.view(), 0)[1] != n:
+                        fail(f"handed-over block {address:#x} holds {SIG.unpack_from(got.view(), 0)}, not seq {n}")
+                    got.free()
+
+
+def main() -> None:
+    prefix, root = sys.argv[1], sys.argv[2]
+    roles, kills_wanted, seconds = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+    with hugeshmd.attach(prefix, runtime_root=root) as shm:
+        try:
+            shm.reserve(MAILBOX, roles * SLOTS * MAIL.size)
+        except hugeshmd.AlreadyExists:
+            pass
+    read_end, report = os.pipe()
+    os.set_blocking(read_end, False)
+    rng = random.Random(int(os.environ.get("STORM_SEED", "0")) or None)
+    running: dict[int, int] = {}  # pid -> role
+
+    def spawn(role: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                worker(prefix, root, role, roles, report)
+            except BaseException as err:  # noqa: BLE001 - say it, then exit without running the zygote's code
+                os.write(report, f"pid {os.getpid()} role {role}: {type(err).__name__}: {err}\n".encode())
+                os._exit(4)
+            os._exit(0)
+        running[pid] = role
+
+    for role in range(roles):
+        spawn(role)
+    kills = 0
+    bad: list[str] = []
+    deadline = time.monotonic() + seconds
+    while kills < kills_wanted and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.0005, 0.006))
+        victim = rng.choice(list(running))
+        os.kill(victim, signal.SIGKILL)
+        _, status = os.waitpid(victim, 0)
+        if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+            bad.append(f"pid {victim} exited with status {status}")
+        kills += 1
+        spawn(running.pop(victim))
+        # a worker that failed on its own exits before its kill: reap it too
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            bad.append(f"pid {pid} exited with status {status}")
+            spawn(running.pop(pid))
+    for pid in list(running):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    os.close(report)
+    try:
+        said = os.read(read_end, 1 << 20).decode()
+    except BlockingIOError:
+        said = ""
+    print(json.dumps({"kills": kills, "bad": bad, "said": said}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
