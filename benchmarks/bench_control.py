@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from .common import PYTHON, REPO, MiB, PrimaryProcess, metric, percentile
+from .common import PYTHON, REPO, MiB, PrimaryProcess, metric, percentile, release_together
 
 WORKERS, QUICK_WORKERS = (1, 2, 4, 8), (1, 2, 4)
 OPS = ("reserve", "lookup", "free")
@@ -91,14 +91,7 @@ def _round(primary: PrimaryProcess, path: str, workers: int, cycles: int) -> dic
                        "tag": f"{path}{workers}w{i}"}
             procs.append(subprocess.Popen([PYTHON, "-m", __name__, "--worker", json.dumps(request)], cwd=REPO,
                                           text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-        for proc in procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"control-plane worker {proc.pid} did not start (exit {proc.poll()})")
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
+        release_together(procs, "control-plane")
         replies = []
         for proc in procs:
             out, _ = proc.communicate(timeout=300)

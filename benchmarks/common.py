@@ -349,6 +349,19 @@ def run_worker(module: str, request: dict[str, Any], *, timeout: float = 300.0) 
     return json.loads(lines[-1])  # type: ignore[no-any-return]
 
 
+def release_together(procs: Sequence[subprocess.Popen[str]], what: str) -> None:
+    """Wait for each worker's "ready" line, then send every one "go": they start their timed
+    part together."""
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{what} worker {proc.pid} did not start (exit {proc.poll()})")
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+
+
 def worker_reply(reply: dict[str, Any]) -> None:
     """Print a worker's reply as the last line of its stdout."""
     print(json.dumps(reply), flush=True)
@@ -383,8 +396,9 @@ def metric(samples: Sequence[float], *, baseline: Sequence[float] | None = None,
            note: str = "", unit: str = "s") -> dict[str, Any]:
     """One row of results: the samples' summary, the baseline's median, the ratio, the verdict.
 
-    ``target_kind`` is ``max`` (the median must be at most ``target`` seconds) or
-    ``ratio`` (median / baseline median must be at most ``target``). In quick mode
+    ``target_kind`` is ``max`` (the median must be at most ``target`` seconds),
+    ``ratio`` (median / baseline median must be at most ``target``) or ``min_ratio``
+    (that ratio must be at least ``target``: a throughput against its baseline). In quick mode
     sizes are scaled down, so no verdict is given (``pass`` is None).
     """
     row: dict[str, Any] = summary(samples)
@@ -397,8 +411,8 @@ def metric(samples: Sequence[float], *, baseline: Sequence[float] | None = None,
     row["target_kind"] = target_kind if target is not None else None
     verdict = None
     if target is not None and not quick:
-        value = row["ratio"] if target_kind == "ratio" else row["median"]
-        verdict = value is not None and value <= target
+        value = row["ratio"] if target_kind in ("ratio", "min_ratio") else row["median"]
+        verdict = value is not None and (value >= target if target_kind == "min_ratio" else value <= target)
     row["pass"] = verdict
     row["note"] = note
     return row

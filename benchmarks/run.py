@@ -32,6 +32,7 @@ BENCHMARKS = {
     "handoff": "benchmarks.bench_handoff",
     "hugepages": "benchmarks.bench_hugepages",
     "adoption": "benchmarks.bench_adoption",
+    "heap": "benchmarks.bench_heap",
 }
 RESULTS = common.REPO / "benchmarks" / "results"
 
@@ -109,6 +110,8 @@ def _target(row: dict[str, Any]) -> str:
         return "-"
     if row["target_kind"] == "ratio":
         return f"ratio <= {row['target']:.2f}"
+    if row["target_kind"] == "min_ratio":
+        return f"ratio >= {row['target']:.2f}"
     return f"<= {common.format_seconds(row['target'])}"
 
 

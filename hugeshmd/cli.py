@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(command=_status)
     _hugepages_parser(commands)
+    grow = commands.add_parser("grow", help="map another segment of at least SIZE into a running instance "
+                               "(within its max_memory); workers map it when they first meet it")
+    grow.add_argument("size", metavar="SIZE", help="e.g. 1G")
+    grow.add_argument("--prefix", default="default")
+    grow.add_argument("--runtime-root", default=None)
+    grow.add_argument("--timeout", type=float, default=60.0)
+    grow.set_defaults(command=_grow)
     check = commands.add_parser("check", help="walk an instance's heap and zone table read-only; exit 1 on any "
                                 "violation (safe on a live instance)")
     check.add_argument("--prefix", default="default")
@@ -204,6 +211,18 @@ def _systemd(args: argparse.Namespace) -> int:
     print(f"start the default instance with: systemctl enable --now hugeshmd.service; "
           f"another with: systemctl enable --now hugeshmd@NAME.service (options in /etc/hugeshmd/NAME.toml); "
           f"admit a worker's user with: usermod -aG {user} USER")
+    return 0
+
+
+def _grow(args: argparse.Namespace) -> int:
+    from .shm.paths import RuntimePaths
+    from .sizes import parse_size
+    from .wire.client import Control
+
+    with Control(RuntimePaths.for_prefix(args.prefix, args.runtime_root), args.timeout) as control:
+        segment = control.request("grow", size=parse_size(args.size))
+    print(f"prefix {args.prefix}: segment {segment['id']} of {format_size(segment['length'])} at "
+          f"{segment['address']:#x} ({segment['path']})")
     return 0
 
 

@@ -43,6 +43,22 @@ def size_of(rng: random.Random) -> int:
     return rng.randint(65537, 300 * 1024)
 
 
+def where(shm: object, address: int) -> str:
+    """What the heap says of ``address``: its arena's entry, its span's class, its state byte."""
+    try:
+        heap = shm._heap  # type: ignore[attr-defined]
+        arena = heap._arena_at(address)
+        if arena is None:
+            return "in no arena"
+        entry = heap.directory().entry(arena.index)
+        span = (address - arena.base) >> 16
+        state = arena.state[span * 1024 : span * 1024 + 1024].tobytes()
+        return (f"arena {arena.index} entry {entry}, span {span} class {arena.span_class(span)}, "
+                f"span states {sorted(set(state))} ({state.count(2)} disowned)")
+    except Exception as err:  # noqa: BLE001 - a diagnosis must not hide the failure
+        return f"(no diagnosis: {err!r})"
+
+
 def worker(prefix: str, root: str, role: int, roles: int, report: int) -> None:
     rng = random.Random()
     shm = hugeshmd.attach(prefix, runtime_root=root)
@@ -89,8 +105,8 @@ def worker(prefix: str, root: str, role: int, roles: int, report: int) -> None:
                     struct.pack_into("<Q", mail, at, 0)  # cleared first: a kill after it leaks, never frees twice
                     try:
                         got = shm.buffer(address)
-                    except hugeshmd.NotFound:
-                        fail(f"handed-over block {address:#x} (seq {n}) vanished")
+                    except hugeshmd.NotFound as err:
+                        fail(f"handed-over block {address:#x} (seq {n}) vanished: {err}; {where(shm, address)}")
                     if SIG.unpack_from(got.view(), 0)[1] != n:
                         fail(f"handed-over block {address:#x} holds {SIG.unpack_from(got.view(), 0)}, not seq {n}")
                     got.free()

@@ -259,3 +259,11 @@ def test_counts_from_the_command_line_are_strings():
     assert (config.max_zones, config.max_workers) == (4096, 8)
     with pytest.raises(InvalidArgument, match="invalid max_zones"):
         load(None, {"max_zones": "-3"})
+
+
+def test_max_memory_below_memory_or_beyond_the_window_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="max_memory"):
+        load(None, {"memory": "1G", "max_memory": "512M"})
+    with pytest.raises(InvalidArgument, match="cannot hold max_memory"):
+        load(None, {"max_memory": "8G", "window": "4G"})
+    assert load(None, {"memory": "1G", "max_memory": "100G"}).window_for(1 << 30) >= 100 << 30

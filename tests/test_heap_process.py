@@ -145,3 +145,35 @@ def test_the_heap_survives_a_primary_kill_9_and_adoption_reclaims_the_dead(start
     keeper.proc.wait()
     report = settled(prefix, root)
     assert report["figures"]["allocations"] == 0, report
+
+
+def test_the_instance_grows_when_full_and_other_workers_map_the_new_segment_lazily(start_primary, prefix, root,
+                                                                                    workers):
+    first = start_primary("--memory", "32M", "--max-memory", "160M", "--huge-pages", "on")
+    a, b = workers(), workers()
+    a.ok("attach", prefix=prefix)
+    b.ok("attach", prefix=prefix)
+    made = [a.ok("alloc", size=1 << 20, hex=f"{i:02x}") for i in range(40)]  # more than the 32 MiB mapped
+    assert len(a.ok("attach_info")["segments"]) == 2
+    assert b.ok("heap_read", address=made[-1]["address"], length=1)["hex"] == "27"  # b maps segment 1 on meeting it
+    grown = subprocess.run([PYTHON, "-m", "hugeshmd", "grow", "64M", "--prefix", prefix, "--runtime-root", root],
+                           capture_output=True, text=True, timeout=60)
+    assert grown.returncode == 0 and "segment 2 of 64 MiB" in grown.stdout, grown.stderr
+    refused = a.call("alloc", size=128 << 20)
+    assert refused["error"] == "OutOfMemory" and "max_memory" in refused["message"], refused
+    status = json.loads(subprocess.run([PYTHON, "-m", "hugeshmd", "status", "--prefix", prefix, "--runtime-root",
+                                        root, "--json"], capture_output=True, text=True, check=True).stdout)
+    assert (status["segments"], status["memory"], status["heap"]["growths"]) == (3, 128 << 20, 2)
+    first.stop(signal.SIGKILL)  # and a grown instance is adopted whole
+    second = start_primary("--memory", "32M", "--max-memory", "160M", "--huge-pages", "on")
+    assert "3 segments" in second.text, second.text
+    assert b.ok("heap_read", address=made[0]["address"], length=1)["hex"] == "00"
+
+
+def test_without_max_memory_a_full_instance_says_how_to_let_it_grow(start_primary, prefix, workers):
+    start_primary("--memory", "8M", "--huge-pages", "on")
+    a = workers()
+    a.ok("attach", prefix=prefix)
+    refused = a.call("alloc", size=16 << 20)
+    assert refused["error"] == "OutOfMemory" and "max_memory" in refused["message"], refused
+    assert a.call("alloc", size=64)["address"]  # the heap still serves what fits

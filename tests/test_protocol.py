@@ -199,7 +199,7 @@ def test_parse_commands_with_a_name(op: str) -> None:
 
 
 def test_the_command_set() -> None:
-    assert sorted(COMMANDS) == ["free", "hello", "lookup", "reserve", "snapshot", "status", "zones"]
+    assert sorted(COMMANDS) == ["free", "grow", "hello", "lookup", "reserve", "snapshot", "status", "zones"]
 
 
 @pytest.mark.parametrize(
@@ -225,7 +225,7 @@ def test_parse_rejects_versions_that_only_compare_equal_to_1(version: object) ->
 @pytest.mark.parametrize(
     ("op", "text"),
     [
-        ("explode", "unknown operation 'explode'; known: free, hello, lookup, reserve, snapshot, status, zones"),
+        ("explode", "unknown operation 'explode'; known: free, grow, hello, lookup, reserve, snapshot, status, zones"),
         ("", "unknown operation ''"),
         ("Hello", "unknown operation 'Hello'"),
         (1, "unknown operation 1"),

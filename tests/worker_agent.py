@@ -74,6 +74,8 @@ def run(cmd: dict) -> dict:
         for buf in bufs:
             state.setdefault("bufs", {})[buf.address] = buf
         return {"addresses": [b.address for b in bufs[:10]]}
+    if op == "attach_info":
+        return {"segments": [[s.address, s.length, s.path] for s in shm.segments]}
     if op == "heap_read":
         buf = shm.buffer(cmd["address"])
         return {"hex": bytes(buf.view()[: cmd["length"]]).hex(), "size": buf.size}

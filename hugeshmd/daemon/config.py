@@ -106,6 +106,10 @@ OPTIONS = (
            "on SIGTERM/SIGINT: release the instance (pages go once workers detach); keep: leave it for the next "
            "primary to adopt (the units pass keep: their stop-post releases on a stop). Run by hand, SIGUSR2 "
            "keeps it whatever this says"),
+    Option("max_memory", None, _optional_size,
+           "the most memory the instance may grow to at run time, e.g. 4G: a worker whose allocation finds no "
+           "room asks the primary for another segment (`hugeshmd grow` does it by hand); default: memory (no "
+           "growth)"),
 )
 RELOADABLE = frozenset({"log_level"})
 
@@ -126,6 +130,7 @@ class Config:
     group: str | None = None
     adopt: str = "auto"
     on_stop: str = "release"
+    max_memory: int | None = None
     path: str | None = None  # the file it was read from, if any: what SIGHUP reads again
 
     def window_for(self, memory: int) -> int:
@@ -135,7 +140,7 @@ class Config:
         free pool): InvalidArgument if a configured window cannot hold it.
         """
         align = max(self.page_size, 2 * MiB)
-        size = self.window or max(MIN_WINDOW, memory)
+        size = self.window or max(MIN_WINDOW, memory, self.max_memory or 0)
         if size < memory:
             raise InvalidArgument(f"invalid window: {size} bytes cannot hold memory of {memory} bytes",
                                   name="window")
@@ -181,6 +186,13 @@ def _cross_check(values: dict[str, Any], where: dict[str, str]) -> None:
     if values["base_address"] % size:
         raise InvalidArgument(f"{where['base_address']}invalid base_address: {values['base_address']:#x} "
                               f"is not a multiple of page_size {size:#x}", name="base_address")
+    if (values["max_memory"] is not None and values["memory"] is not None
+            and values["max_memory"] < values["memory"]):
+        raise InvalidArgument(f"{where['max_memory']}invalid max_memory: {values['max_memory']} bytes is less than "
+                              f"memory ({values['memory']} bytes)", name="max_memory")
+    if values["window"] is not None and values["max_memory"] is not None and values["window"] < values["max_memory"]:
+        raise InvalidArgument(f"{where['window']}invalid window: {values['window']} bytes cannot hold "
+                              f"max_memory of {values['max_memory']} bytes", name="window")
     if values["window"] is not None and values["memory"] is not None and values["window"] < values["memory"]:
         raise InvalidArgument(f"{where['window']}invalid window: {values['window']} bytes cannot hold "
                               f"memory of {values['memory']} bytes", name="window")

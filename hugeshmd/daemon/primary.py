@@ -28,7 +28,14 @@ from typing import Any
 
 import zmq
 
-from ..errors import AdoptionRefused, HugepagesUnavailable, HugeshmdError, InvalidArgument, TableCorrupt
+from ..errors import (
+    AdoptionRefused,
+    HugepagesUnavailable,
+    HugeshmdError,
+    InvalidArgument,
+    OutOfMemory,
+    TableCorrupt,
+)
 from ..shm.heapcheck import walk
 from ..shm.identity import own_start_time
 from ..shm.layout import MODE_HUGETLBFS, STATE_NAMES, STATE_READY, STATE_STOPPING, Layout, SegmentRecord
@@ -53,6 +60,7 @@ __all__ = ["Primary", "run", "LOCK_WAIT_S"]
 log = logging.getLogger("hugeshmd.primary")
 
 HEARTBEAT_S = 1.0
+GROW_MIN = 32 << 20  # a growth maps at least this much: an arena a time would be a segment a time
 STOP_WAIT_S = 2.0  # how long shutdown waits for a worker holding the table's lock to mark it stopped
 
 
@@ -414,6 +422,54 @@ class Primary:
     def _with(self, fresh: Config) -> Config:
         return dataclasses.replace(self.config, path=fresh.path, **{k: getattr(fresh, k) for k in RELOADABLE})
 
+    # -- growth -------------------------------------------------------------------
+
+    def grow(self, size: int) -> SegmentRecord:
+        """Map another segment of at least ``size`` bytes (at least GROW_MIN, within max_memory)
+        right after the last one, and publish it; workers map it when they first meet it.
+
+        Raises OutOfMemory, saying what is free and what to do, when max_memory, the window or
+        the hugepage pool does not allow it. Nothing is left mapped or on disk after a refusal.
+        """
+        assert self.backing is not None and self.window is not None
+        table, page = self.table, self.backing.page_size
+        snap = table.snapshot()
+        memory = sum(s.length for s in snap.segments)
+        limit = max(self.config.max_memory or 0, memory)
+        want = -(-size // page) * page
+        length = min(max(want, -(-GROW_MIN // page) * page), limit - memory)
+        last = max(snap.segments, key=lambda s: s.end)
+        if length < want or last.end + length > self.window.base + self.window.size:
+            raise OutOfMemory(f"prefix {self.config.prefix!r} cannot grow by {format_size(want)}: it maps "
+                              f"{format_size(memory)} and may grow to {format_size(limit)} (max_memory"
+                              f"{'' if self.config.max_memory else ', unset: no growth'}); raise max_memory "
+                              "and restart the primary (adoption keeps every zone)", size=size)
+        sid = max(s.id for s in snap.segments) + 1
+        try:
+            mapped = self.backing.create(self.window, sid, last.end, length, None)
+        except HugepagesUnavailable as err:
+            raise OutOfMemory(f"prefix {self.config.prefix!r} cannot grow by {format_size(length)}: "
+                              f"{err.message}; {_pool_advice(page, length)}", size=size, errno=err.errno) from err
+        remove = functools.partial(self.backing.remove, sid)
+        first_iova = max((s.iova_index + s.iova_count for s in snap.segments), default=0)
+        record = SegmentRecord(sid, mapped.address, mapped.length, page, 0, mapped.numa_node,
+                               mapped.iovas[0] if mapped.iovas else mapped.address, first_iova,
+                               len(mapped.iovas or ()), mapped.path)
+        try:
+            if mapped.iovas is not None:
+                table.write_iovas(first_iova, mapped.iovas)
+            with table.locked() as base:
+                table.commit(base, segments=base.segments + (record,))
+        except BaseException:
+            self.window.unmap(sid)
+            remove()
+            raise
+        self._files.append(remove)
+        self.publisher.publish({"op": "segments", "segments": [s._asdict() for s in table.snapshot().segments]})
+        log.info("grew prefix %s by %s (segment %d at %#x): %s mapped", self.config.prefix, format_size(length),
+                 sid, mapped.address, format_size(memory + length))
+        return record
+
     # -- figures ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -440,12 +496,13 @@ class Primary:
             "uptime": round(time.monotonic() - self._started, 3),
             "created": self.table.layout.created_ns / 1e9, "started": self._started_at,
             "adoptions": self.table.adoptions(),
-            "heap": self._heap_figures(),
+            "heap": self._heap_figures(len(snap.segments) - 1),
         }
 
-    def _heap_figures(self) -> dict[str, Any]:
+    def _heap_figures(self, growths: int) -> dict[str, Any]:
         try:
-            return walk(self.table, self.window, rules=False).figures()
+            return {**walk(self.table, self.window, rules=False).figures(), "growths": growths,
+                    "max_memory": self.config.max_memory}
         except Exception:  # noqa: BLE001 - the figures must not cost the status reply
             log.exception("could not walk the heap for its figures")
             return {}
@@ -547,6 +604,17 @@ def run(config: Config, overrides: dict[str, Any] | None = None, instance: str |
         for sig, handler in {**handlers, signal.SIGHUP: hup}.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _pool_advice(page_size: int, wanted: int) -> str:
+    """What the hugepage pool of ``page_size`` has free, and how to reserve more."""
+    from .hugepages import pool
+
+    found = pool(page_size)
+    free = "unknown" if found is None else f"{found.available} pages ({format_size(found.available * page_size)})"
+    return (f"the pool of {format_size(page_size)} pages has {free} free; reserve more with "
+            f"`hugeshmd hugepages reserve SIZE --page-size {'1G' if page_size == 1 << 30 else f'{page_size >> 20}M'}` "
+            f"(SIZE the whole pool, {format_size(wanted)} more than now)")
 
 
 def _rmdir_quietly(path: str) -> None:

@@ -115,6 +115,10 @@ class RequestServer:
         return _zone_fields(zones.free(self.primary.table, name, LOCK_WAIT_S)[2])
 
 
+    def grow(self, size: int) -> dict[str, Any]:
+        return self.primary.grow(size)._asdict()
+
+
 def _zone_fields(record: ZoneRecord) -> dict[str, Any]:
     fields: dict[str, Any] = record._asdict()
     fields["owner"] = record.owner._asdict()
@@ -131,6 +135,7 @@ HANDLERS: dict[str, Handler] = {
     "reserve": RequestServer.reserve,
     "lookup": RequestServer.lookup,
     "free": RequestServer.free,
+    "grow": RequestServer.grow,
 }
 
 if HANDLERS.keys() != protocol.COMMANDS.keys():  # pragma: no cover - a mistake in this file, caught at import

@@ -42,7 +42,7 @@ import os
 import struct
 
 from .. import _fork, _sys
-from ..errors import InvalidArgument, NotFound, TableBusy, TableCorrupt
+from ..errors import InvalidArgument, NotFound, OutOfMemory, TableBusy, TableCorrupt, TableFull
 from .buffer import Buffer
 from .layout import NOBODY, ZONE_DISOWNED, ZONE_HEAP, ZONE_HEAP_META, Owner, ZoneRecord
 from .lock import ByteLock
@@ -335,9 +335,11 @@ class Heap:
     """This process's allocator for one attachment (made by :class:`Secondary` on first use)."""
 
     def __init__(self, table: Table, keepalive: object, window_base: int, window_size: int,
-                 owner: Callable[[], Owner], refresh: Callable[[], Snapshot]) -> None:
+                 owner: Callable[[], Owner], refresh: Callable[[], Snapshot],
+                 grow: Callable[[int], object] | None = None) -> None:
         self._table = table
-        self._keepalive = keepalive
+        self._keepalive = keepalive  # the Window: its segments say what is mapped in this process
+        self._grow = grow  # asks the primary for another segment of at least so many bytes
         self._owner = owner  # this process's owner token (pid and start time of this process)
         self._refresh = refresh  # the snapshot, with new segments mapped here
         self._base = window_base
@@ -400,10 +402,10 @@ class Heap:
             for arena in self._own:
                 if self._carve(arena, c):
                     return free.pop()
-            arena = self._claim()
-            if not self._carve(arena, c):
-                raise RuntimeError(f"a fresh arena {arena.index} has no span for class {c}")  # pragma: no cover
-            return free.pop()
+            while True:  # an arena taken over from a dead owner may be full: then another
+                arena = self._claim()
+                if free or self._carve(arena, c):
+                    return free.pop()
 
     def _carve(self, arena: Arena, c: int) -> bool:
         """Make a free span of ``arena`` into blocks of class ``c``; whether one was free."""
@@ -455,7 +457,23 @@ class Heap:
         return self._locks
 
     def _claim(self) -> Arena:
-        """Own another arena: a free one, else a dead owner's (reclaimed), else a new one."""
+        """Own another arena: a free one, else a dead owner's (reclaimed), else a new one (the
+        instance grown for it if it has no room and may grow)."""
+        arena: Arena = self._growing(self._claim_once, 2 * ARENA + directory_size(MAX_ARENAS))
+        return arena
+
+    def _growing(self, attempt: Callable[[], Any], need: int) -> Any:
+        """``attempt()``; if the instance has no room for it and may grow, grow it by ``need``
+        bytes (outside the writer lock: the primary takes it to publish the segment) and try again."""
+        try:
+            return attempt()
+        except OutOfMemory as err:
+            if isinstance(err, TableFull) or self._grow is None:
+                raise
+            self._grow(need)  # OutOfMemory, saying why, if the primary cannot
+            return attempt()
+
+    def _claim_once(self) -> Arena:
         locks = self._byte_locks()
         table = self._table
         with table.locked() as base:
@@ -482,7 +500,11 @@ class Heap:
                 chosen = next((i for i, e in entries if not e[0] and locks.try_exclusive(liveness(i))), None)
                 if chosen is None:
                     raise _arenas_full(directory.max_arenas)
-                arena = self._new_arena(base, directory, chosen)
+                try:
+                    arena = self._new_arena(base, directory, chosen)
+                except BaseException:
+                    locks.unlock(liveness(chosen))
+                    raise
             directory.write(chosen, owner=self._owner())
             directory.write(chosen, state=E_OWNED)
             directory.bump(CLAIMS_AT)
@@ -498,6 +520,7 @@ class Heap:
         if record is None:
             record = place(base, arena_name(i), ARENA, ARENA, table.iova_of, NOBODY, ZONE_HEAP_META)
             table.commit(base, insert=record)
+        self._ensure_mapped(record.address)
         Arena.initialize(record.address, i)
         directory.write(i, address=record.address)
         return self._arena(i, record.address)
@@ -511,9 +534,12 @@ class Heap:
             count = max_arenas_for(self._table.layout.window)
             record = place(base, DIRECTORY, directory_size(count), 4096, self._table.iova_of, NOBODY, ZONE_HEAP_META)
             base = self._table.commit(base, insert=record)
+            self._ensure_mapped(record.address)
             Directory.initialize(record, count)
-        elif not Directory.valid(record):  # its maker died before stamping it: no one used it
-            Directory.initialize(record, max_arenas_for(self._table.layout.window))
+        else:
+            self._ensure_mapped(record.address)
+            if not Directory.valid(record):  # its maker died before stamping it: no one used it
+                Directory.initialize(record, max_arenas_for(self._table.layout.window))
         self._directory = Directory(record, self._keepalive)
         return base, self._directory
 
@@ -521,14 +547,25 @@ class Heap:
         """The directory, if the instance has one (found without the writer lock)."""
         if self._directory is None:
             record = self._table.snapshot().by_name.get(DIRECTORY)
-            if record is None or not Directory.valid(record):
+            if record is None:
+                return None
+            self._ensure_mapped(record.address)
+            if not Directory.valid(record):
                 return None
             self._directory = Directory(record, self._keepalive)
         return self._directory
 
+    def _ensure_mapped(self, address: int) -> None:
+        """Map the segment holding ``address`` if this process has not yet (the instance grew
+        since it last looked): no access of the heap's may fault on the window's reservation."""
+        segments = getattr(self._keepalive, "segments", None)
+        if segments is not None and not any(a <= address < a + n for a, n in list(segments.values())):
+            self._refresh()
+
     def _arena(self, i: int, address: int) -> Arena:
         arena = self._arenas.get(address)
         if arena is None or arena.index != i:
+            self._ensure_mapped(address)
             arena = self._arenas[address] = Arena(i, address, self._keepalive)
         return arena
 
@@ -550,6 +587,11 @@ class Heap:
     # -- large allocations ---------------------------------------------------------------------
 
     def _alloc_large(self, size: int, align: int) -> ZoneRecord:
+        record: ZoneRecord = self._growing(lambda: self._alloc_large_once(size, align), size + align)
+        self._ensure_mapped(record.address)
+        return record
+
+    def _alloc_large_once(self, size: int, align: int) -> ZoneRecord:
         table = self._table
         owner = self._owner()
         pid = os.getpid()
@@ -652,6 +694,7 @@ class Heap:
             record = self._large_record(address)
         if record is None:
             raise NotFound(f"no live allocation of the heap starts at {address:#x}", name=f"{address:#x}")
+        self._ensure_mapped(address)
         return Buffer(self, record.address, record.size, None, record)
 
     def view(self, address: int, size: int) -> memoryview:
@@ -722,8 +765,6 @@ def _not_live(address: int, state: int) -> InvalidArgument:
 
 
 def _arenas_full(count: int) -> Exception:
-    from ..errors import TableFull
-
     return TableFull(f"every one of the heap's {count} arenas is owned by a live process", table="arenas",
                      capacity=count)
 

@@ -32,7 +32,6 @@ from .heap import (
     DISOWNED,
     E_FREE,
     ENTRY_STATES,
-    GROWTHS_AT,
     LARGE_RECLAIMED_AT,
     LARGE_RECLAIMED_BYTES_AT,
     LIVE,
@@ -73,7 +72,6 @@ class HeapReport:
         self.disowned = 0
         self.reclaimed_allocations = 0
         self.reclaimed_bytes = 0
-        self.growths = 0
         self.claims = 0
 
     @property
@@ -87,7 +85,7 @@ class HeapReport:
             "arena_bytes": self.capacity, "large_allocations": self.large_allocations,
             "large_bytes": self.large_bytes, "disowned": self.disowned,
             "reclaimed_allocations": self.reclaimed_allocations, "reclaimed_bytes": self.reclaimed_bytes,
-            "growths": self.growths, "claims": self.claims, "per_arena": self.arenas,
+            "claims": self.claims, "per_arena": self.arenas,
         }
 
 
@@ -129,7 +127,6 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
         report.violations.append(str(err))
         return report
     report.claims = directory.counter(24)
-    report.growths = directory.counter(GROWTHS_AT)
     report.reclaimed_allocations = directory.counter(LARGE_RECLAIMED_AT)
     report.reclaimed_bytes = directory.counter(LARGE_RECLAIMED_BYTES_AT)
     for i, entry in directory.entries():

@@ -22,9 +22,11 @@ from ..errors import (
     HugeshmdError,
     InvalidArgument,
     NotFound,
+    OutOfMemory,
     PrimaryStopped,
     PrimaryUnavailable,
     TableCorrupt,
+    TableFull,
 )
 from . import zones
 from .identity import own_start_time, process_alive
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["attach", "Secondary", "Segment", "PrimaryInfo"]
 
 Segment = SegmentRecord
+GROW_TIMEOUT = 60.0  # seconds a worker waits for the primary to map and populate a new segment
 
 
 def _primary_info() -> Any:
@@ -287,7 +290,13 @@ class Secondary:
         name, size, align = check_user_name(name), check_size(size), check_align(align)
         self._check_writable("reserve")
         self._check_primary()
-        base, new, record = zones.reserve(self._table, name, size, align, owner=self.owner)
+        try:
+            base, new, record = zones.reserve(self._table, name, size, align, owner=self.owner)
+        except OutOfMemory as err:  # no room: grow the instance if it may, then once more
+            if isinstance(err, TableFull):
+                raise
+            self.grow(size + align)
+            base, new, record = zones.reserve(self._table, name, size, align, owner=self.owner)
         with self._lock:
             self._check_open()
             if base.generation != self._seen:
@@ -368,8 +377,22 @@ class Secondary:
                     self._refresh()
                     return self._table.snapshot()
 
-                self._heap = Heap(self._table, self._window, layout.base, layout.window, owner, refresh)
+                self._heap = Heap(self._table, self._window, layout.base, layout.window, owner, refresh, self.grow)
             return self._heap
+
+    def grow(self, size: int) -> Segment:
+        """Ask the primary to map another segment of at least ``size`` bytes (within its
+        max_memory), and map it here; the new segment. Allocations and reserves that find no
+        room do this themselves. Raises OutOfMemory, saying what is free and what to do, when
+        the primary cannot; PrimaryUnavailable when none answers."""
+        from ..wire.client import Control  # ZeroMQ, on this rare path only
+
+        size = check_size(size)
+        self._check_writable("grow")
+        with Control(self._paths) as control:
+            reply = control.request("grow", timeout=GROW_TIMEOUT, size=size)
+        self._refresh()
+        return next(s for s in self._table.snapshot().segments if s.id == reply["id"])
 
     # -- keeping up with the table ----------------------------------------------
 

@@ -105,6 +105,7 @@ COMMANDS = {
         Command("reserve", {"name": check_name, "size": check_size}, {"align": check_align}),
         Command("lookup", {"name": check_name}),
         Command("free", {"name": check_name}),
+        Command("grow", {"size": check_size}),
     )
 }
 

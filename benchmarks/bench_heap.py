@@ -1,0 +1,274 @@
+"""heap: ``alloc``/``free`` from a worker's own arena, with 1 and 2 workers, large sizes, reclaim.
+
+Each figure is a median of samples, against a baseline measured in the same run:
+
+* ``alloc+free`` pairs of 64 B, 1 KiB and 64 KiB (timeit loops of a pair, per-pair
+  medians of the repeats; target <= 2 us), against a zone reserve+free pair in
+  the same worker (what an allocation cost before the heap), and a pair with a
+  memoryview write in between.
+* throughput of 2 workers allocating and freeing at once, against 1 worker in
+  the same run (both run for the same wall time, released together; target
+  >= 1.8x on a 2-core machine).
+* ``alloc`` of 2 MiB (a large allocation: a zone of its own; target <= 25 us),
+  against a zone reserve of 2 MiB.
+* ``buffer(address)`` of another worker's allocation, and a remote free.
+* reclaim: a worker holding 10,000 allocations is killed with SIGKILL; the time
+  from the kill until another worker sees the first of them gone (target
+  <= 100 ms), against the time for that worker to see the kill's effect on a
+  pidfd of its own (the kernel's part).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .common import PYTHON, REPO, MiB, PrimaryProcess, metric, release_together, run_worker, worker_reply
+
+PAIR_TARGET = 2e-6
+SCALE_TARGET = 1.8
+LARGE_TARGET = 25e-6
+RECLAIM_TARGET = 0.1
+SIZES = (64, 1024, 65536)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    request = {"repeat": 3 if quick else 7, "number": 20_000 if quick else 200_000,
+               "pairs": 200 if quick else 2000, "seconds": 0.5 if quick else 2.0,
+               "held": 1000 if quick else 10_000, "kills": 2 if quick else 7}
+    memory = 64 * MiB if quick else 256 * MiB
+    with PrimaryProcess(memory, "try" if quick else "on") as primary:
+        base = {"prefix": primary.prefix, "root": primary.root}
+        reply = run_worker(__name__, {**base, **request, "op": "pairs"})
+        one = _throughput(base, 1, request["seconds"])
+        two = _throughput(base, 2, request["seconds"])
+        reclaim = [_reclaim(base, request["held"]) for _ in range(request["kills"])]
+        mode = primary.mode
+    metrics: dict[str, Any] = {}
+    for size in SIZES:
+        metrics[f"alloc+free {size} B"] = metric(reply[f"pair{size}"], baseline=reply["zone_pair"],
+                                                 baseline_name="zone reserve+free", target=PAIR_TARGET, quick=quick,
+                                                 note="timeit, the worker's own arena")
+    metrics["alloc, write 8 B, free (64 B)"] = metric(reply["pair_view"], baseline=reply["pair64"],
+                                                      baseline_name="alloc+free 64 B", note="with buf.view()")
+    metrics["throughput, 2 workers (pairs/s)"] = metric(
+        [two["rate"]], baseline=[one["rate"]], baseline_name="1 worker", target=SCALE_TARGET, target_kind="min_ratio",
+        quick=quick, unit="1/s", note=f"{request['seconds']} s each, 64 B pairs")
+    metrics["alloc 2 MiB (large)"] = metric(reply["large"], baseline=reply["zone_large"],
+                                            baseline_name="zone reserve 2 MiB", target=LARGE_TARGET, quick=quick)
+    metrics["free 2 MiB (large)"] = metric(reply["large_free"], baseline=reply["zone_large_free"],
+                                           baseline_name="zone free 2 MiB")
+    metrics["buffer(address), another worker's"] = metric(reply["buffer"], baseline=reply["pair64"],
+                                                          baseline_name="alloc+free 64 B")
+    metrics["remote free"] = metric(reply["remote_free"], baseline=reply["pair64"], baseline_name="alloc+free 64 B",
+                                    note="under the arena's gate (an OFD lock)")
+    metrics[f"reclaim after kill -9, {request['held']} allocations"] = metric(
+        [r["reclaimed"] for r in reclaim], baseline=[r["pidfd"] for r in reclaim],
+        baseline_name="kill -> own pidfd readable", target=RECLAIM_TARGET, quick=quick,
+        note="until another worker sees the first allocation gone")
+    notes = ["the primary ran in fallback mode: 4 KiB pages in /dev/shm"] if mode == "fallback" else []
+    return {"name": "heap", "params": {**request, "memory": memory, "mode": mode}, "notes": notes,
+            "metrics": metrics, "details": {"one_worker": one, "two_workers": two, "reclaim": reclaim}}
+
+
+def _throughput(base: dict[str, Any], workers: int, seconds: float) -> dict[str, Any]:
+    """``workers`` processes released together, each doing 64 B pairs for ``seconds``."""
+    procs = [_spawn({**base, "op": "spin", "seconds": seconds}) for _ in range(workers)]
+    try:
+        release_together(procs, "heap")
+        replies = [json.loads(proc.communicate(timeout=300)[0].strip().splitlines()[-1]) for proc in procs]
+    finally:
+        _reap(procs)
+    pairs = sum(r["pairs"] for r in replies)
+    wall = max(r["end"] for r in replies) - min(r["start"] for r in replies)
+    return {"workers": workers, "pairs": pairs, "wall_s": wall, "rate": pairs / wall}
+
+
+def _reclaim(base: dict[str, Any], held: int) -> dict[str, float]:
+    """Kill a worker holding ``held`` allocations; seconds until a watcher sees them gone."""
+    holder = _spawn({**base, "op": "hold", "held": held})
+    watcher = _spawn({**base, "op": "watch"})
+    try:
+        assert holder.stdout is not None and watcher.stdout is not None and watcher.stdin is not None
+        address = int(holder.stdout.readline())
+        if watcher.stdout.readline().strip() != "ready":
+            raise RuntimeError("watcher did not start")
+        watcher.stdin.write(f"{address} {holder.pid}\n")
+        watcher.stdin.flush()
+        if watcher.stdout.readline().strip() != "armed":
+            raise RuntimeError("watcher did not arm")
+        os.kill(holder.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        holder.wait(30)
+        seen = json.loads(watcher.communicate(timeout=60)[0].strip().splitlines()[-1])
+    finally:
+        _reap([holder, watcher])
+    return {"reclaimed": seen["gone"] - killed, "pidfd": seen["pidfd"] - killed}
+
+
+def _spawn(request: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen([PYTHON, "-m", __name__, "--worker", json.dumps(request)], cwd=REPO, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def _reap(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+# -- the worker -----------------------------------------------------------------------
+
+
+def _pairs(shm: Any, request: dict[str, Any]) -> dict[str, Any]:
+    import timeit
+
+    out: dict[str, Any] = {}
+    alloc = shm.alloc
+    for size in SIZES:
+        timer = timeit.Timer("alloc(size).free()", globals={"alloc": alloc, "size": size})
+        timer.timeit(1000)
+        out[f"pair{size}"] = [t / request["number"] for t in timer.repeat(request["repeat"], request["number"])]
+
+    def with_view() -> None:
+        buf = alloc(64)
+        buf.view()[:8] = b"12345678"
+        buf.free()
+
+    timer = timeit.Timer("f()", globals={"f": with_view})
+    out["pair_view"] = [t / request["number"] for t in timer.repeat(request["repeat"], request["number"])]
+    zone_pair, large, large_free, zone_large, zone_large_free = [], [], [], [], []
+    for i in range(request["pairs"]):
+        t0 = time.perf_counter_ns()
+        shm.reserve(f"z{i}", 4096)
+        shm.free(f"z{i}")
+        t1 = time.perf_counter_ns()
+        buf = alloc(2 * MiB)
+        t2 = time.perf_counter_ns()
+        buf.free()
+        t3 = time.perf_counter_ns()
+        shm.reserve(f"L{i}", 2 * MiB)
+        t4 = time.perf_counter_ns()
+        shm.free(f"L{i}")
+        t5 = time.perf_counter_ns()
+        zone_pair.append((t1 - t0) * 1e-9)
+        large.append((t2 - t1) * 1e-9)
+        large_free.append((t3 - t2) * 1e-9)
+        zone_large.append((t4 - t3) * 1e-9)
+        zone_large_free.append((t5 - t4) * 1e-9)
+    out.update(zone_pair=zone_pair, large=large, large_free=large_free, zone_large=zone_large,
+               zone_large_free=zone_large_free)
+    out.update(_remote(shm, request))
+    return out
+
+
+def _remote(shm: Any, request: dict[str, Any]) -> dict[str, list[float]]:
+    """buffer() and free of allocations another process made (a forked child holds them)."""
+    count = request["pairs"]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # allocate in an arena of its own, then wait to be killed
+        import hugeshmd
+
+        other = hugeshmd.attach(request["prefix"], runtime_root=request["root"])
+        bufs = [other.alloc(64) for _ in range(count)]
+        for b in bufs:
+            b.disown()  # freed by the parent, whatever happens to this child
+        os.write(write, json.dumps([b.address for b in bufs]).encode() + b"\n")
+        time.sleep(300)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as lines:
+        addresses = json.loads(lines.readline())
+    found, freed = [], []
+    try:
+        for address in addresses:
+            t0 = time.perf_counter_ns()
+            buf = shm.buffer(address)
+            t1 = time.perf_counter_ns()
+            buf.free()
+            t2 = time.perf_counter_ns()
+            found.append((t1 - t0) * 1e-9)
+            freed.append((t2 - t1) * 1e-9)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    return {"buffer": found, "remote_free": freed}
+
+
+def _spin(shm: Any, request: dict[str, Any]) -> dict[str, Any]:
+    alloc = shm.alloc
+    for _ in range(10_000):
+        alloc(64).free()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.monotonic()
+    end = start + request["seconds"]
+    pairs = 0
+    while True:
+        for _ in range(1000):
+            alloc(64).free()
+        pairs += 1000
+        now = time.monotonic()
+        if now >= end:
+            return {"pairs": pairs, "start": start, "end": now}
+
+
+def _hold(shm: Any, request: dict[str, Any]) -> None:
+    bufs = [shm.alloc(64) for _ in range(request["held"])]
+    print(bufs[0].address, flush=True)
+    time.sleep(300)
+
+
+def _watch(shm: Any) -> dict[str, float]:
+    import select
+
+    import hugeshmd
+
+    print("ready", flush=True)
+    address, pid = map(int, sys.stdin.readline().split())
+    fd = os.pidfd_open(pid)
+    shm.buffer(address)  # live now
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    print("armed", flush=True)
+    pidfd = None
+    while True:
+        if pidfd is None and poller.poll(0):
+            pidfd = time.monotonic()
+        try:
+            shm.buffer(address)
+        except hugeshmd.NotFound:
+            gone = time.monotonic()
+            break
+    if pidfd is None:
+        poller.poll(10_000)
+        pidfd = time.monotonic()
+    return {"gone": gone, "pidfd": pidfd}
+
+
+def worker(request: dict[str, Any]) -> dict[str, Any] | None:
+    import hugeshmd
+
+    with hugeshmd.attach(request["prefix"], runtime_root=request["root"]) as shm:
+        op = request["op"]
+        if op == "pairs":
+            return _pairs(shm, request)
+        if op == "spin":
+            return _spin(shm, request)
+        if op == "hold":
+            _hold(shm, request)
+            return None
+        return _watch(shm)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    result = worker(json.loads(sys.argv[2]))
+    if result is not None:
+        worker_reply(result)
