@@ -13,6 +13,10 @@ over the data) and *read*. Each tool is used as its users use it:
 * **hugeshmd**: the producer ``reserve``s a zone and fills ``zone.ndarray()``;
   the zone's name goes over a pipe; the consumer ``lookup``s it, reads, and
   the producer ``free``s it. The primary populated its hugepages at start.
+* **hugeshmd heap**: the producer ``alloc``s (a large allocation: a zone of its
+  own, owned by the producer) and fills ``buf.ndarray()``; the address goes over
+  the pipe; the consumer's ``buffer(address)`` gives a handle, reads, and the
+  producer frees it. Peer figures stay relative to the zone path.
 * **shared_memory**: ``multiprocessing.shared_memory.SharedMemory(create=True)``,
   an ndarray over its buffer; the name goes over the pipe; the consumer opens
   it by name; the producer unlinks it after. 4 KiB pages in /dev/shm, new
@@ -68,7 +72,7 @@ from .common import (
 
 SIZES = (1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
 QUICK_SIZES = (1 * MiB, 4 * MiB)
-METHODS = ("hugeshmd", "shared_memory", "queue", "plasma")
+METHODS = ("hugeshmd", "hugeshmd heap", "shared_memory", "queue", "plasma")
 PATTERN = 0x0101010101010101
 PLASMA_VENV = REPO / "benchmarks" / ".venv-plasma"
 PLASMA_REQUIREMENTS = ("pyarrow==11.0.0", "numpy<2")
@@ -88,16 +92,17 @@ def run(quick: bool) -> dict[str, Any]:
     plasma_python = plasma_interpreter(quick, notes)
     biggest = max(sizes)
     plasma_pages = -(-(biggest + PLASMA_HEADROOM) // GiB) * (GiB // HUGEPAGE)  # 1 GiB steps with -h
-    pages = biggest // HUGEPAGE + 2 + (plasma_pages if plasma_python else 0)
+    pages = biggest // HUGEPAGE + 4 + (plasma_pages if plasma_python else 0)
     # A margin over the need: other processes on the machine may take pages between the count and the mmap.
     pool = (contextlib.nullcontext(available_pages(HUGEPAGE)) if quick
             else hugepages_available(HUGEPAGE, pages + POOL_MARGIN, notes))
     samples: dict[str, dict[int, list[dict[str, Any]]]] = {}
     with pool as available, contextlib.ExitStack() as stack:
-        primary = stack.enter_context(PrimaryProcess(biggest + 2 * HUGEPAGE, "try" if quick else "on"))
+        primary = stack.enter_context(PrimaryProcess(biggest + 4 * HUGEPAGE, "try" if quick else "on"))
         if primary.mode == "fallback":
             notes.append("the hugeshmd primary ran in fallback mode: 4 KiB pages in /dev/shm")
-        producers = {"hugeshmd": Producer(PYTHON, "hugeshmd", {"prefix": primary.prefix, "root": primary.root}),
+        ours = {"prefix": primary.prefix, "root": primary.root}
+        producers = {"hugeshmd": Producer(PYTHON, "hugeshmd", ours), "hugeshmd heap": Producer(PYTHON, "heap", ours),
                      "shared_memory": Producer(PYTHON, "shared_memory", {}), "queue": Producer(PYTHON, "queue", {})}
         for producer in producers.values():
             stack.callback(producer.stop)
@@ -363,7 +368,25 @@ class _Plasma:
         self.client.disconnect()
 
 
-SIDES: dict[str, Any] = {"hugeshmd": _Hugeshmd, "shared_memory": _SharedMemory, "plasma": _Plasma}
+class _HugeshmdHeap(_Hugeshmd):
+    def make(self, size: int) -> tuple[Any, list[Any]]:
+        buf = self.shm.alloc(size)
+        array = buf.ndarray("uint64")
+        array[:] = PATTERN
+        return buf.address, [buf, array]
+
+    def release(self, keep: list[Any]) -> None:
+        buf = keep[0]
+        keep.clear()
+        buf.free()
+
+    def open(self, handle: Any) -> tuple[Any, list[Any]]:
+        buf = self.shm.buffer(handle)
+        return buf.ndarray("uint64"), [buf]
+
+
+SIDES: dict[str, Any] = {"hugeshmd": _Hugeshmd, "heap": _HugeshmdHeap, "shared_memory": _SharedMemory,
+                         "plasma": _Plasma}
 
 
 def consumer(method: str, request: dict[str, Any], conn: Any, queue: Any) -> None:
