@@ -38,7 +38,7 @@ def size_of(rng: random.Random) -> int:
     roll = rng.random()
     if roll < 0.7:
         return rng.randint(16, 1024)
-    if roll < 0.97:
+    if roll < 1.0 - float(os.environ.get("STORM_LARGE", "0.03")):
         return rng.randint(1025, 65536)
     return rng.randint(65537, 300 * 1024)
 
@@ -71,7 +71,8 @@ def worker(prefix: str, root: str, role: int, roles: int, report: int) -> None:
     ops = 0
 
     def fail(what: str) -> None:
-        os.write(report, f"pid {pid} role {role}: {what}\n".encode())
+        arenas = [a.index for a in shm._heap._own] if shm._heap is not None else []  # type: ignore[attr-defined]
+        os.write(report, f"pid {pid} role {role} (owns arenas {arenas}): {what}\n".encode())
         os._exit(3)
 
     while True:
@@ -169,7 +170,11 @@ def main() -> None:
         said = os.read(read_end, 1 << 20).decode()
     except BlockingIOError:
         said = ""
-    print(json.dumps({"kills": kills, "bad": bad, "said": said}), flush=True)
+    result = json.dumps({"kills": kills, "bad": bad, "said": said})
+    if os.environ.get("STORM_OUT"):
+        with open(os.environ["STORM_OUT"], "a") as out:
+            out.write(result + "\n")
+    print(result, flush=True)
 
 
 if __name__ == "__main__":

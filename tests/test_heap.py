@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from factories import layout, segment_record
 
-from hugeshmd.errors import InvalidArgument, NotFound, TableFull
+from hugeshmd.errors import InvalidArgument, NotFound, TableCorrupt, TableFull
 from hugeshmd.shm import heap as heapmod
 from hugeshmd.shm.heap import (
     ARENA,
@@ -303,20 +303,45 @@ def test_a_dead_owners_arena_is_reclaimed_and_reused_by_the_next_claimer(inst: I
     assert sum(state_of(inst, g.address) == LIVE for g in gone) == 1  # only b's new block
 
 
-def test_a_claimer_killed_before_publishing_its_arena_leaves_it_to_the_next(inst: Instance) -> None:
-    # Commit the zone of entry 0 as a claimer would, and die before writing the entry.
-    a = inst.heap()
+def _commit_unpublished_arena(inst: Instance, heap: Heap, i: int) -> Any:
+    """What a claimer killed between committing arena ``i``'s zone and publishing it leaves."""
     with inst.table.locked() as base:
-        base, directory = a._ensure_directory(base)
-        record = heapmod.place(base, arena_name(0), ARENA, ARENA, inst.table.iova_of, heapmod.NOBODY,
+        base, _ = heap._ensure_directory(base)
+        record = heapmod.place(base, arena_name(i), ARENA, ARENA, inst.table.iova_of, heapmod.NOBODY,
                                heapmod.ZONE_HEAP_META)
+        Arena.initialize(record.address, i)
         inst.table.commit(base, insert=record)
+    return record
+
+
+def test_a_claimer_killed_before_publishing_its_arena_leaves_it_to_the_next(inst: Instance) -> None:
+    record = _commit_unpublished_arena(inst, inst.heap(), 0)
     report = walk(inst.table, inst.mm)
     assert report.ok and any("died before publishing" in p for p in report.pending)
     b = inst.heap()
     buf = b.alloc(64)
     assert buf.address & ~(ARENA - 1) == record.address  # the same zone, not a leak
     assert walk(inst.table, inst.mm).ok
+
+
+def test_an_unpublished_arena_that_was_used_is_never_wiped(inst: Instance) -> None:
+    record = _commit_unpublished_arena(inst, inst.heap(), 0)
+    arena = Arena(0, record.address, inst.mm)
+    arena.meta[CLASS_AT + 5] = 1  # carved: someone used it, whatever the directory says
+    arena.state[5 * BLOCKS] = DISOWNED
+    with pytest.raises(TableCorrupt, match="is in no entry of the directory but has span 5 carved"):
+        inst.heap().alloc(64)
+    assert arena.state[5 * BLOCKS] == DISOWNED
+
+
+def test_a_directory_zone_that_holds_no_directory_is_damage_not_wiped(inst: Instance) -> None:
+    with inst.table.locked() as base:
+        record = heapmod.place(base, ".heap", 4096 + 64, 4096, inst.table.iova_of, heapmod.NOBODY,
+                               heapmod.ZONE_HEAP_META)
+        inst.table.commit(base, insert=record)
+    with pytest.raises(TableCorrupt, match="is not one"):
+        inst.heap().alloc(64)
+    assert not walk(inst.table, inst.mm).ok
 
 
 def test_arenas_run_out_with_a_clear_error(inst: Instance, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -182,10 +182,6 @@ class Directory:
         mem[0:8] = DIR_MAGIC
         mem.release()
 
-    @staticmethod
-    def valid(record: ZoneRecord) -> bool:
-        return bytes(_sys.memory(record.address, 8, None)) == DIR_MAGIC
-
     def entry(self, i: int) -> tuple[int, int, int, int, int, int, int, int, int, int]:
         """(address, state, slot, epoch, pid, claims, -, start, reclaimed count, reclaimed bytes)."""
         return ENTRY.unpack_from(self.mem, _DIR_HEAD.size + i * ENTRY.size)
@@ -514,32 +510,42 @@ class Heap:
         return arena
 
     def _new_arena(self, base: Snapshot, directory: Directory, i: int) -> Arena:
-        """Give entry ``i`` memory: its zone (one a dead claimer committed, or a new one)."""
+        """Give entry ``i`` memory: a new zone, its metadata written before the commit (so no
+        process sees an arena zone that is not one), or the zone of a claimer that died between
+        its commit and publishing it here (an arena no one has used: checked, never wiped)."""
         table = self._table
         record = base.by_name.get(arena_name(i))
         if record is None:
             record = place(base, arena_name(i), ARENA, ARENA, table.iova_of, NOBODY, ZONE_HEAP_META)
+            self._ensure_mapped(record.address)
+            Arena.initialize(record.address, i)  # a free run, ours under the lock until the commit
             table.commit(base, insert=record)
-        self._ensure_mapped(record.address)
-        Arena.initialize(record.address, i)
+        arena = self._arena(i, record.address)
+        problem = arena.problem() or next((f"arena {i} at {record.address:#x} is in no entry of the directory but "
+                                           f"has span {span} carved" for span, _ in arena.spans()), None)
+        if problem is not None:
+            raise TableCorrupt(f"the heap: {problem}", path=table.path)
         directory.write(i, address=record.address)
-        return self._arena(i, record.address)
+        return arena
 
     def _ensure_directory(self, base: Snapshot) -> tuple[Snapshot, Directory]:
-        """The directory, made if there is none (call under the writer lock)."""
+        """The directory, made if there is none (call under the writer lock).
+
+        A new one is written before its zone is committed, so no process ever sees a
+        directory zone without a directory in it: one that is not is damage (TableCorrupt),
+        never something to make again over whatever it holds.
+        """
         if self._directory is not None:
             return base, self._directory
         record = base.by_name.get(DIRECTORY)
         if record is None:
             count = max_arenas_for(self._table.layout.window)
             record = place(base, DIRECTORY, directory_size(count), 4096, self._table.iova_of, NOBODY, ZONE_HEAP_META)
-            base = self._table.commit(base, insert=record)
             self._ensure_mapped(record.address)
-            Directory.initialize(record, count)
+            Directory.initialize(record, count)  # a free run, ours under the lock until the commit
+            base = self._table.commit(base, insert=record)
         else:
             self._ensure_mapped(record.address)
-            if not Directory.valid(record):  # its maker died before stamping it: no one used it
-                Directory.initialize(record, max_arenas_for(self._table.layout.window))
         self._directory = Directory(record, self._keepalive)
         return base, self._directory
 
@@ -550,8 +556,6 @@ class Heap:
             if record is None:
                 return None
             self._ensure_mapped(record.address)
-            if not Directory.valid(record):
-                return None
             self._directory = Directory(record, self._keepalive)
         return self._directory
 
