@@ -12,6 +12,10 @@ Each figure is a median of samples, against a baseline measured in the same run:
 * ``alloc`` of 2 MiB (a large allocation: a zone of its own; target <= 25 us),
   against a zone reserve of 2 MiB.
 * ``buffer(address)`` of another worker's allocation, and a remote free.
+* growth by 1 GiB (full runs, when 1 GiB of 2 MiB pages is free): ``shm.grow`` from one
+  worker (the primary maps and populates the segment), then the time another worker takes
+  to use an address in it (``buffer()`` and a write: it maps the segment on meeting it;
+  target <= 5 ms), against the grow itself (the kernel's part).
 * reclaim: a worker holding 10,000 allocations is killed with SIGKILL; the time
   from the kill until another worker sees the first of them gone (target
   <= 100 ms), against the time for that worker to see the kill's effect on a
@@ -34,6 +38,9 @@ PAIR_TARGET = 2e-6
 SCALE_TARGET = 1.8
 LARGE_TARGET = 25e-6
 RECLAIM_TARGET = 0.1
+GROWTH_USE_TARGET = 5e-3
+GROWTHS = 1  # per primary; each run starts GROWTH_RUNS primaries (1 GiB each: the pool seldom holds more)
+GROWTH_RUNS = 3
 SIZES = (64, 1024, 65536)
 
 
@@ -49,6 +56,12 @@ def run(quick: bool) -> dict[str, Any]:
         two = _throughput(base, 2, request["seconds"])
         reclaim = [_reclaim(base, request["held"]) for _ in range(request["kills"])]
         mode = primary.mode
+    growth: dict[str, list[float]] | None = None
+    for _ in range(0 if quick else GROWTH_RUNS):
+        sample = _growth()
+        if sample is None:
+            break
+        growth = {k: (growth or {}).get(k, []) + v for k, v in sample.items()}
     metrics: dict[str, Any] = {}
     for size in SIZES:
         metrics[f"alloc+free {size} B"] = metric(reply[f"pair{size}"], baseline=reply["zone_pair"],
@@ -72,6 +85,13 @@ def run(quick: bool) -> dict[str, Any]:
         baseline_name="kill -> own pidfd readable", target=RECLAIM_TARGET, quick=quick,
         note="until another worker sees the first allocation gone")
     notes = ["the primary ran in fallback mode: 4 KiB pages in /dev/shm"] if mode == "fallback" else []
+    if growth is None:
+        notes.append("growth by 1 GiB not measured: " + ("quick run" if quick else "fewer than 1 GiB of 2 MiB "
+                                                          "pages free"))
+    else:
+        metrics["growth 1 GiB: another worker's first use"] = metric(
+            growth["first_use"], baseline=growth["grow"], baseline_name="grow 1 GiB (map and populate)",
+            target=GROWTH_USE_TARGET, quick=quick, note="buffer() of an address in the new segment, and a write")
     return {"name": "heap", "params": {**request, "memory": memory, "mode": mode}, "notes": notes,
             "metrics": metrics, "details": {"one_worker": one, "two_workers": two, "reclaim": reclaim}}
 
@@ -109,6 +129,22 @@ def _reclaim(base: dict[str, Any], held: int) -> dict[str, float]:
     finally:
         _reap([holder, watcher])
     return {"reclaimed": seen["gone"] - killed, "pidfd": seen["pidfd"] - killed}
+
+
+def _growth() -> dict[str, list[float]] | None:
+    """Grow an instance by 1 GiB, GROWTHS times; the grow's time and another worker's first use."""
+    from .common import HUGEPAGE, available_pages
+
+    if available_pages(HUGEPAGE) < (GROWTHS * 1024 + 64) * MiB // HUGEPAGE:
+        return None
+    with PrimaryProcess(32 * MiB, "on", args=("--max-memory", str(32 * MiB + GROWTHS * 1024 * MiB))) as primary:
+        base = {"prefix": primary.prefix, "root": primary.root}
+        user = _spawn({**base, "op": "first_use"})
+        try:
+            reply = run_worker(__name__, {**base, "op": "grow", "user": user.pid})
+        finally:
+            _reap([user])
+    return reply
 
 
 def _spawn(request: dict[str, Any]) -> subprocess.Popen[str]:
@@ -253,6 +289,55 @@ def _watch(shm: Any) -> dict[str, float]:
     return {"gone": gone, "pidfd": pidfd}
 
 
+def _grow_worker(shm: Any, request: dict[str, Any]) -> dict[str, list[float]]:
+    """Grow by 1 GiB, allocate in the new segment, and have the first_use worker (told through a
+    FIFO-free path: its stdin is not ours, so through a zone) use the address."""
+    mailbox = shm.reserve("grow.mail", 64)
+    view = mailbox.view()
+    grow, first_use = [], []
+    for i in range(GROWTHS):
+        t0 = time.perf_counter()
+        segment = shm.grow(1024 * MiB)
+        grow.append(time.perf_counter() - t0)
+        buf = shm.alloc(64 * MiB)
+        buf.disown()
+        assert segment.address <= buf.address < segment.address + segment.length
+        view[8:16] = buf.address.to_bytes(8, "little")
+        view[0:8] = (i + 1).to_bytes(8, "little")  # published last
+        while int.from_bytes(view[16:24], "little") != i + 1:  # the user's answer: its time, in ns, at 24
+            time.sleep(0.0005)
+        first_use.append(int.from_bytes(view[24:32], "little") * 1e-9)
+    return {"grow": grow, "first_use": first_use}
+
+
+def _first_use(shm: Any) -> None:
+    """Wait for addresses in new segments (grow.mail) and time buffer() and a write of each."""
+    while True:
+        try:
+            view = shm.lookup("grow.mail").view()
+            break
+        except Exception:  # noqa: BLE001 - not made yet
+            time.sleep(0.001)
+    try:
+        shm.buffer(1)  # load the heap's modules first: their import is not the growth's cost
+    except Exception:  # noqa: BLE001
+        pass
+    done = 0
+    while done < GROWTHS:
+        if int.from_bytes(view[0:8], "little") == done + 1:
+            address = int.from_bytes(view[8:16], "little")
+            t0 = time.perf_counter_ns()
+            buf = shm.buffer(address)
+            buf.view()[0] = 1
+            took = time.perf_counter_ns() - t0
+            view[24:32] = took.to_bytes(8, "little")
+            done += 1
+            view[16:24] = done.to_bytes(8, "little")
+            buf.free()
+        else:
+            time.sleep(0.0002)
+
+
 def worker(request: dict[str, Any]) -> dict[str, Any] | None:
     import hugeshmd
 
@@ -264,6 +349,11 @@ def worker(request: dict[str, Any]) -> dict[str, Any] | None:
             return _spin(shm, request)
         if op == "hold":
             _hold(shm, request)
+            return None
+        if op == "grow":
+            return _grow_worker(shm, request)
+        if op == "first_use":
+            _first_use(shm)
             return None
         return _watch(shm)
 

@@ -91,7 +91,6 @@ class Reclaimer:
                 self._failed = str(err)
                 log.error("cannot look for the heap's owners: %s", err)
             return []
-        self._failed = ""
         return added
 
     def _scan(self) -> list[int]:
@@ -108,7 +107,7 @@ class Reclaimer:
             fd = self._watch(*owner)
             if fd is None:
                 self.reclaim(*owner)
-            else:
+            elif fd >= 0:
                 added.append(fd)
         return added
 
@@ -124,11 +123,20 @@ class Reclaimer:
         return owners
 
     def _watch(self, pid: int, start: int) -> int | None:
-        """A pidfd of the process (pid, start), or None if it is gone."""
+        """A pidfd of the process (pid, start); None if it is gone; -1 if the kernel would not
+        give one now (out of descriptors, say): then it is not reclaimed, and the next scan
+        that sees a change (or the heartbeat, after its death) tries again."""
         try:
             fd = os.pidfd_open(pid)
-        except (ProcessLookupError, OSError):
+        except ProcessLookupError:
             return None
+        except OSError as err:
+            if err.strerror != self._failed:  # once, not at every scan while it lasts
+                self._failed = err.strerror or ""
+                log.warning("cannot watch pid %d for its exit (%s); its memory is reclaimed at the heartbeat "
+                            "after it exits", pid, err.strerror)
+            self._seen = (-1, -1)  # look again at the next scan
+            return -1
         if not process_alive(pid, start):  # checked after opening: the pidfd names this process
             os.close(fd)
             return None
@@ -140,9 +148,12 @@ class Reclaimer:
         return fd in self._watched
 
     def exited(self, fd: int) -> None:
-        """The process behind pidfd ``fd`` exited: reclaim what it owned."""
+        """The process behind pidfd ``fd`` exited: reclaim what it owned. Never raises."""
         owner = self._watched.pop(fd, None)
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            log.exception("closing the pidfd of pid %s", owner[0] if owner else "?")
         if owner is not None:
             self._owners.pop(owner, None)
             self.reclaim(*owner)

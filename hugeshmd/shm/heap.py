@@ -347,6 +347,7 @@ class Heap:
         self._directory: Directory | None = None
         self._locks: ByteLock | None = None
         self._large = 0
+        self._token = NOBODY  # this process's owner token, for large allocations
         self.allocations = 0  # made by this Heap (small and large); frees are not counted
         _fork.register(self)
 
@@ -597,8 +598,10 @@ class Heap:
 
     def _alloc_large_once(self, size: int, align: int) -> ZoneRecord:
         table = self._table
-        owner = self._owner()
         pid = os.getpid()
+        owner = self._token
+        if owner.pid != pid:  # made once per process (a forked child makes its own)
+            owner = self._token = self._owner()
         while True:
             self._large += 1
             name = f".h.{pid}.{self._large}"
