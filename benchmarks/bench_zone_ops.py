@@ -14,6 +14,9 @@ zones of 4 KiB first, then measures:
   reserve <= 25 us. Baselines: a ZeroMQ round trip of the primary's ``hello``
   through ``hugeshmd.wire.client.Control`` (what a reserve would cost if the primary
   did it; DESIGN.md says ~90 us), and a bare ``fcntl.flock`` lock/unlock pair.
+* ``lookup`` while another worker reserves and frees in a loop: every call timed,
+  p50 and p99 (target p99 <= 10 us), at 100 and 1,000 zones, against lookups with no
+  writer in the same run.
 * ``reserve`` when the table holds ~900 zones, and ``reserve`` with a new size
   each time, to show how the cost grows.
 """
@@ -25,9 +28,10 @@ import sys
 import time
 from typing import Any
 
-from .common import MiB, PrimaryProcess, metric, run_worker, worker_reply
+from .common import MiB, PrimaryProcess, metric, percentile, run_worker, worker_reply
 
 LOOKUP_TARGET = 1e-6
+CHURN_P99_TARGET = 10e-6
 RESERVE_TARGET = 25e-6
 ZONES = 100
 ZONE_SIZE = 4096
@@ -41,6 +45,7 @@ def run(quick: bool) -> dict[str, Any]:
     memory = 16 * MiB if quick else 64 * MiB
     with PrimaryProcess(memory, "try" if quick else "on") as primary:
         reply = run_worker(__name__, {**request, "prefix": primary.prefix, "root": primary.root})
+        churn = {zones: _lookups_under_churn(primary, zones, 0.5 if quick else 2.0) for zones in (100, 1000)}
         mode = primary.mode
     flock, zmq_rtt = reply["flock"], reply["zmq_hello"]
     grown = f"reserve at {reply['grown_zones']} zones"
@@ -61,9 +66,88 @@ def run(quick: bool) -> dict[str, Any]:
         "baseline: ZeroMQ hello round trip": metric(zmq_rtt, note="hugeshmd.wire.client.Control.request('hello')"),
         "baseline: flock lock+unlock": metric(flock, note="fcntl.flock on a file in the runtime dir"),
     }
+    for zones, got in churn.items():
+        p99 = percentile(got["churn"], 99)
+        metrics[f"lookup p99 while another worker reserves and frees, {zones} zones"] = metric(
+            [p99], baseline=[percentile(got["quiet"], 99)], baseline_name="lookup p99, no writer",
+            target=CHURN_P99_TARGET, quick=quick,
+            note=f"p50 {percentile(got['churn'], 50) * 1e6:.2f} us, p99.9 {percentile(got['churn'], 99.9) * 1e6:.1f} "
+                 f"us, max {max(got['churn']) * 1e6:.0f} us; {got['commits']} commits during "
+                 f"{len(got['churn'])} lookups")
     notes = ["the primary ran in fallback mode: 4 KiB pages in /dev/shm"] if mode == "fallback" else []
     return {"name": "zone_ops", "params": {**request, "memory": memory, "mode": mode}, "notes": notes,
             "metrics": metrics, "details": {"zmq_import_s": reply["zmq_import"]}}
+
+
+def _lookups_under_churn(primary: PrimaryProcess, zones: int, seconds: float) -> dict[str, Any]:
+    """Lookups timed one by one with no writer, then while another process reserves and frees."""
+    return run_worker(__name__, {"prefix": primary.prefix, "root": primary.root, "op": "lookups", "zones": zones,
+                                 "seconds": seconds})
+
+
+def _churn(request: dict[str, Any]) -> dict[str, Any]:
+    """Reserve and free, after "go", until stdin closes; how many commits."""
+    import select
+
+    import hugeshmd
+
+    with hugeshmd.attach(request["prefix"], runtime_root=request["root"]) as shm:
+        print("ready", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return {"commits": 0}
+        commits = 0
+        while not select.select([sys.stdin], [], [], 0)[0]:
+            for i in range(20):
+                shm.reserve(f"churn{i}", ZONE_SIZE)
+                shm.free(f"churn{i}")
+            commits += 40
+        return {"commits": commits}
+
+
+def _lookups(request: dict[str, Any]) -> dict[str, Any]:
+    """Quiet lookups, then lookups while a churn writer (started here) commits."""
+    import subprocess
+
+    import hugeshmd
+
+    from .common import PYTHON, REPO
+
+    with hugeshmd.attach(request["prefix"], runtime_root=request["root"]) as shm:
+        for i in range(max(0, request["zones"] - len(shm.zones))):  # top the table up to that many zones
+            try:
+                shm.reserve(f"bg{i:04d}", ZONE_SIZE)
+            except hugeshmd.AlreadyExists:
+                pass
+        name = shm.zones[len(shm.zones) // 2].name
+
+        def timed(seconds: float) -> list[float]:
+            out, clock, lookup = [], time.perf_counter_ns, shm.lookup
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for _ in range(1000):
+                    t0 = clock()
+                    lookup(name)
+                    out.append(clock() - t0)
+            return [x * 1e-9 for x in out]
+
+        quiet = timed(request["seconds"] / 2)
+        writer = subprocess.Popen([PYTHON, "-m", "benchmarks.bench_zone_ops", "--worker",
+                                   json.dumps({**request, "op": "churn"})], cwd=REPO, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert writer.stdin is not None and writer.stdout is not None
+            if writer.stdout.readline().strip() != "ready":
+                raise RuntimeError("the churn writer did not start")
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            churn = timed(request["seconds"])
+            writer.stdin.close()
+            commits = json.loads(writer.stdout.read().strip().splitlines()[-1])["commits"]
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+            writer.wait()
+        return {"quiet": quiet, "churn": churn, "commits": commits, "zones": len(shm.zones)}
 
 
 # -- the worker -----------------------------------------------------------------------
@@ -186,4 +270,5 @@ def worker(request: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    worker_reply(worker(json.loads(sys.argv[2])))
+    _request = json.loads(sys.argv[2])
+    worker_reply({"churn": _churn, "lookups": _lookups}.get(_request.get("op", ""), worker)(_request))

@@ -430,3 +430,17 @@ def test_a_dead_owners_arena_with_no_room_left_sends_the_claimer_to_another(inst
     buf = b.alloc(MAX_SMALL)  # claims arena 0 first (reclaimed), finds no room, claims arena 1
     assert buf.address & ~(ARENA - 1) != full[0].address & ~(ARENA - 1)
     assert [state_of(inst, f.address) for f in full] == [DISOWNED] * 30
+
+
+def test_the_primary_publishes_an_arena_whose_claimer_died_before_publishing_it(inst: Instance) -> None:
+    from hugeshmd.daemon.reclaim import Reclaimer
+
+    record = _commit_unpublished_arena(inst, inst.heap(), 0)
+    reclaimer = Reclaimer(inst.table, inst.mm)
+    try:
+        reclaimer.reclaim_dead()
+    finally:
+        reclaimer.close()
+    assert inst.directory().entry(0)[:2] == (record.address, E_FREE)
+    report = walk(inst.table, inst.mm)
+    assert report.ok and report.pending == []

@@ -31,6 +31,7 @@ from ..shm.heap import (
     LARGE_RECLAIMED_BYTES_AT,
     Arena,
     Directory,
+    arena_name,
     find_directory,
     liveness,
     reclaim_arena,
@@ -173,8 +174,10 @@ class Reclaimer:
         return count, freed
 
     def reclaim_dead(self) -> tuple[int, int]:
-        """Free what every dead owner held (at adoption, and at each heartbeat). Never raises."""
+        """Free what every dead owner held (at adoption, and at each heartbeat), and publish the
+        arenas that claimers committed but died before publishing. Never raises."""
         try:
+            self._publish_orphans()
             count, freed = self._reclaim(lambda p, s: not process_alive(p, s))
         except Exception:  # noqa: BLE001
             log.exception("reclaim of dead owners failed; the next heartbeat tries again")
@@ -182,6 +185,32 @@ class Reclaimer:
         if count:
             log.info("reclaimed %d allocations (%d bytes) of processes that had exited", count, freed)
         return count, freed
+
+    def _publish_orphans(self) -> None:
+        """An arena zone whose claimer died between committing it and publishing it in its entry
+        would wait for the next claim of a new arena, which may never come: publish it, free."""
+        directory = self.directory()
+        if directory is None:
+            return
+        zones = [z for z in self.table.snapshot().zones if z.name.startswith(".arena.")]
+        for zone in zones:
+            suffix = zone.name[len(".arena."):]
+            if not suffix.isdigit() or zone.name != arena_name(int(suffix)):
+                continue  # not one of the heap's names: the checker says so
+            i = int(suffix)
+            if i >= directory.max_arenas or directory.entry(i)[0]:
+                continue
+            if not self._locks.try_exclusive(liveness(i)):
+                continue  # a live claimer holds it: it publishes it itself
+            try:
+                arena = self._arena(i, zone.address)
+                if directory.entry(i)[0] or arena.problem() is not None or next(arena.spans(), None) is not None:
+                    continue  # published meanwhile, or not an unused arena: the checker says which
+                directory.write(i, address=zone.address)
+                log.info("published arena %d at %#x, which a worker made but died before publishing", i,
+                         zone.address)
+            finally:
+                self._locks.unlock(liveness(i))
 
     def _reclaim(self, dead: Any) -> tuple[int, int]:
         count = freed = 0
