@@ -444,3 +444,33 @@ def test_the_primary_publishes_an_arena_whose_claimer_died_before_publishing_it(
     assert inst.directory().entry(0)[:2] == (record.address, E_FREE)
     report = walk(inst.table, inst.mm)
     assert report.ok and report.pending == []
+
+
+def test_threads_share_a_heap_and_no_block_goes_to_two_of_them(inst: Instance) -> None:
+    import struct
+    import threading
+
+    h = inst.heap()
+    failures: list[str] = []
+
+    def churn(tag: int) -> None:
+        rng = __import__("random").Random(tag)
+        mine = []
+        for n in range(4000):
+            if mine and rng.random() < 0.5:
+                buf, seq = mine.pop(rng.randrange(len(mine)))
+                if struct.unpack_from("<QQ", buf.view()) != (tag, seq):
+                    failures.append(f"thread {tag}: block {buf.address:#x} overwritten")
+                buf.free()
+            else:
+                buf = h.alloc(rng.choice((16, 100, 3000, 40000)))
+                struct.pack_into("<QQ", buf.view(), 0, tag, n)
+                mine.append((buf, n))
+
+    threads = [threading.Thread(target=churn, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert walk(inst.table, inst.mm).ok

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import HERE, PYTHON, needs_hugepages, spawn_worker
+from conftest import HERE, PYTHON, needs_hugepages, run_python, spawn_worker
 
 pytestmark = [needs_hugepages, pytest.mark.process]
 
@@ -193,3 +193,26 @@ def test_check_reports_a_broken_rule_and_exits_1(start_primary, prefix, root, wo
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "violation: arena 0 span 2" in done.stdout, done.stdout
     assert arena["size"] == 2 << 20
+
+
+def test_a_forked_child_allocates_in_an_arena_of_its_own_and_frees_its_parents_remotely(start_primary, prefix, root):
+    start_primary(*HUGE)
+    done = run_python(f"""
+import os, hugeshmd
+shm = hugeshmd.attach({prefix!r})
+mine = shm.alloc(64)
+pid = os.fork()
+if pid == 0:
+    theirs = shm.alloc(64)  # the child owns none of its parent's arenas
+    same = theirs.address >> 21 == mine.address >> 21
+    shm.buffer(mine.address).free()  # a free of the parent's block: remote
+    os._exit(3 if same else 0)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+try:
+    shm.buffer(mine.address)
+except hugeshmd.NotFound:
+    print("freed by the child")
+print(shm.alloc(64).address != 0)
+""", root)
+    assert done.stdout.split("\n")[:2] == ["freed by the child", "True"], done.stdout + done.stderr
