@@ -164,6 +164,7 @@ def test_the_instance_grows_when_full_and_other_workers_map_the_new_segment_lazi
     status = json.loads(subprocess.run([PYTHON, "-m", "hugeshmd", "status", "--prefix", prefix, "--runtime-root",
                                         root, "--json"], capture_output=True, text=True, check=True).stdout)
     assert (status["segments"], status["memory"], status["heap"]["growths"]) == (3, 128 << 20, 2)
+    assert (status["zones"], status["heap"]["large_allocations"]) == (0, 40)  # the heap's zones are not zones
     first.stop(signal.SIGKILL)  # and a grown instance is adopted whole
     second = start_primary("--memory", "32M", "--max-memory", "160M", "--huge-pages", "on")
     assert "3 segments" in second.text, second.text

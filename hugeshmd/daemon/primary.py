@@ -44,6 +44,7 @@ from ..shm.paths import RuntimePaths
 from ..shm.registry import Registry
 from ..shm.table import Table
 from ..shm.window import Window
+from ..shm.zones import RESERVED
 from ..sizes import format_size
 from ..wire import protocol
 from . import adoption, backing, predecessor
@@ -489,7 +490,8 @@ class Primary:
             "mode": "hugepages" if self.backing.mode == MODE_HUGETLBFS else "fallback",
             "fallback_reason": self.fallback_reason, "page_size": self.backing.page_size,
             "base": self.window.base, "window": self.window.size, "memory": memory, "used": used,
-            "free": memory - used, "segments": len(snap.segments), "zones": len(snap.zones),
+            "free": memory - used, "segments": len(snap.segments),
+            "zones": sum(1 for z in snap.zones if not z.name.startswith(RESERVED)),  # the heap's are in "heap"
             "workers": len(Registry(self.table).live()),
             "generation": snap.generation, "requests": server.requests, "errors": dict(server.errors),
             "requests_by_op": dict(server.requests_by_op), "refused": self.zap_handler.refused,
