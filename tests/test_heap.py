@@ -474,3 +474,75 @@ def test_threads_share_a_heap_and_no_block_goes_to_two_of_them(inst: Instance) -
         t.join()
     assert failures == []
     assert walk(inst.table, inst.mm).ok
+
+
+def test_a_disowned_buffer_is_not_freed_by_its_context_manager(inst: Instance) -> None:
+    h = inst.heap()
+    with h.alloc(64) as small:
+        small.disown()
+    with h.alloc(MAX_SMALL + 1) as large:
+        large.disown()
+    assert state_of(inst, small.address) == DISOWNED
+    assert h.buffer(large.address).size == MAX_SMALL + 1
+    assert small.disowned and large.disowned
+
+
+def test_a_thread_unlocking_the_gate_does_not_drop_another_threads_hold(inst: Instance) -> None:
+    import threading
+
+    owner, other = inst.heap(), inst.heap()
+    x = owner.alloc(64)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_gate() -> None:  # a remote free in progress in another thread of `other`
+        locks = other._thread_locks()
+        assert locks.within(heapmod.gate(0), 1.0, exclusive=False)
+        held.set()
+        release.wait(5)
+        locks.unlock(heapmod.gate(0))
+
+    t = threading.Thread(target=hold_gate)
+    t.start()
+    held.wait(5)
+    other.buffer(owner.alloc(64).address).free()  # this thread's remote free takes and drops the gate too
+    probe = ByteLock(inst.table._fd)
+    try:
+        assert probe.held_elsewhere(heapmod.gate(0))  # the first thread's hold is still there
+        release.set()
+        t.join()
+        assert not probe.held_elsewhere(heapmod.gate(0))
+    finally:
+        probe.close()
+    assert state_of(inst, x.address) == LIVE
+
+
+def test_a_claim_skips_a_dead_owners_arena_whose_gate_is_held_and_leaves_it_free(inst: Instance) -> None:
+    import time
+
+    a = inst.heap()
+    a.alloc(64)
+    die(a)
+    freer = ByteLock(inst.table._fd)  # a remote free in progress (or frozen) in arena 0
+    probe = ByteLock(inst.table._fd)
+    try:
+        assert freer.try_shared(heapmod.gate(0))
+        t0 = time.monotonic()
+        buf = inst.heap().alloc(64)
+        assert time.monotonic() - t0 < 0.5  # did not wait out the gate under the writer lock
+        assert buf.address & ~(ARENA - 1) != inst.arena(0).base  # took another arena
+        assert not probe.held_elsewhere(liveness(0))  # and gave arena 0's L back
+    finally:
+        freer.close()
+        probe.close()
+
+
+def test_the_primary_reclaims_only_on_proof_of_death() -> None:
+    from hugeshmd.daemon.reclaim import _dead
+    from hugeshmd.shm.identity import own_start_time
+
+    me, start = os.getpid(), own_start_time()
+    assert not _dead(me, start)
+    assert not _dead(me, 0)  # a token without a start time: alive while the pid is
+    assert _dead(me, start + 1)  # the pid is someone else's now
+    assert _dead(2**22 + 12345, 1)  # no such process (above pid_max's default)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 from typing import Any
 
-from ..errors import HugeshmdError
+from ..errors import HugeshmdError, TableBusy
 from ..shm.heap import (
     E_FREE,
     LARGE_RECLAIMED_AT,
@@ -36,7 +37,7 @@ from ..shm.heap import (
     liveness,
     reclaim_arena,
 )
-from ..shm.identity import process_alive
+from ..shm.identity import process_start_time, process_state
 from ..shm.layout import ZONE_DISOWNED, ZONE_HEAP, ZoneRecord
 from ..shm.lock import ByteLock
 from ..shm.table import Table
@@ -138,9 +139,13 @@ class Reclaimer:
                             "after it exits", pid, err.strerror)
             self._seen = (-1, -1)  # look again at the next scan
             return -1
-        if not process_alive(pid, start):  # checked after opening: the pidfd names this process
+        now = process_start_time(pid)  # read after opening: the pidfd names the process that has it now
+        if (now is not None and now != start) or _exited(fd):  # the owner is gone (the pid was reused)
             os.close(fd)
             return None
+        # now is None: /proc does not show it (hidepid, another pid namespace): watch it all the
+        # same; at worst its reclaim waits for the exit of a process that reused the pid
+
         self._watched[fd] = (pid, start)
         self._owners[(pid, start)] = fd
         return fd
@@ -178,7 +183,7 @@ class Reclaimer:
         arenas that claimers committed but died before publishing. Never raises."""
         try:
             self._publish_orphans()
-            count, freed = self._reclaim(lambda p, s: not process_alive(p, s))
+            count, freed = self._reclaim(_dead)
         except Exception:  # noqa: BLE001
             log.exception("reclaim of dead owners failed; the next heartbeat tries again")
             return 0, 0
@@ -219,7 +224,10 @@ class Reclaimer:
             for i, e in directory.entries():
                 if e[0] and e[1] != E_FREE and dead(e[4], e[7]) and self._locks.try_exclusive(liveness(i)):
                     try:
-                        n, b = reclaim_arena(directory, self._arena(i, e[0]), self._locks)
+                        n, b = reclaim_arena(directory, self._arena(i, e[0]), self._locks, GATE_WAIT_S)
+                    except TableBusy:  # a remote freer holds the gate (frozen?): the next heartbeat
+                        log.debug("arena %d: its gate is held; reclaimed at a later heartbeat", i)
+                        continue
                     finally:
                         self._locks.unlock(liveness(i))
                     count += n
@@ -243,6 +251,32 @@ class Reclaimer:
         self._watched.clear()
         self._owners.clear()
         self._locks.close()
+
+
+GATE_WAIT_S = 0.02  # the primary's loop waits no longer for a remote free to leave an arena's gate
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (the pidfd is readable)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _dead(pid: int, start: int) -> bool:
+    """Whether the process (pid, start) is gone for sure. A process that /proc does not show
+    (hidepid, another pid namespace) but that signal 0 finds counts as alive: never reclaim
+    on doubt. A zombie is dead; a pid now held by another process (start differs) is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, another user's
+    now = process_start_time(pid)
+    if now is None:
+        return False  # cannot tell: alive
+    if start and now != start:
+        return True  # the pid is another process's now (a token without a start time cannot say)
+    return process_state(pid) == "Z"
 
 
 def _reclaimable(zone: ZoneRecord) -> bool:

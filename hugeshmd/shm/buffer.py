@@ -116,8 +116,19 @@ class Buffer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.freed:
-            self.free()
+        """Free the allocation, unless it was freed or disowned (a disowned one is freed only
+        explicitly: it was handed on)."""
+        if self.freed or self.disowned:
+            return
+        self.free()
+
+    @property
+    def disowned(self) -> bool:
+        """Whether the allocation outlives its maker (see :meth:`disown`)."""
+        slot, record = self._slot, self._record
+        if slot is not None:
+            return bool(slot[2].state[slot[1]] == 2)  # DISOWNED
+        return record is not None and bool(record.flags & 2)  # ZONE_DISOWNED
 
     def __repr__(self) -> str:
         state = "freed" if self.freed else ("large" if self._record is not None else "small")

@@ -88,7 +88,7 @@ _RECLAIM = bytes.maketrans(bytes([LIVE, REMOTE]), bytes([FREE, FREE]))  # DISOWN
 
 ARENA_MAGIC = 0x314E5241  # "ARN1"
 _ARENA_HEAD = struct.Struct("<II")  # magic, directory index
-HINT_AT = 64  # one byte, on a line of its own: set by remote freers, cleared by the owner
+HINT_AT = 64  # one byte, on a line of its own: a counter remote freers bump; the owner only reads it
 CLASS_AT = 128  # one byte per span: 0 unused, else class index + 1
 STATE_AT = 1024  # BLOCKS state bytes per span
 SLACK_AT = STATE_AT + SPANS * BLOCKS  # a u16 per block
@@ -129,6 +129,7 @@ def gate(i: int) -> int:
 
 
 GATE_WAIT_S = 1.0  # a remote free waits this long for a reclaim to finish; a reclaim, for remote frees
+CLAIM_GATE_WAIT_S = 0.005  # a claim's reclaim, under the writer lock, waits no longer: it takes another
 
 
 def arena_name(i: int) -> str:
@@ -314,7 +315,6 @@ def reclaim_arena(directory: Directory, arena: Arena, locks: ByteLock, wait: flo
                 arena.state[lo:hi] = cleared
             if not cleared.count(DISOWNED) and not any(arena.state[hi : lo + BLOCKS]):
                 arena.meta[CLASS_AT + span] = 0  # empty: the span may serve another class
-        arena.meta[HINT_AT] = 0
         directory.write(i, state=E_FREE, owner=NOBODY, reclaimed=(count, freed))
         return count, freed
     finally:
@@ -343,9 +343,12 @@ class Heap:
         self._lock = _thread.RLock()  # the slow paths: refill, claim, the arena caches
         self._free: list[list[tuple[int, int, Arena, int]]] = [[] for _ in CLASS_SIZES]
         self._own: list[Arena] = []  # arenas this Heap owns, in claim order
+        self._hints: dict[int, int] = {}  # each own arena's remote-free counter as last collected
         self._arenas: dict[int, Arena] = {}  # every arena seen, by base (own and others')
         self._directory: Directory | None = None
-        self._locks: ByteLock | None = None
+        self._locks: ByteLock | None = None  # the arenas' L locks (and a claim's reclaim)
+        self._local = _thread._local()  # each thread's own description for the gates
+        self._all_locks: list[ByteLock] = []  # every description this Heap opened, closed in a forked child
         self._large = 0
         self._token = NOBODY  # this process's owner token, for large allocations
         self.allocations = 0  # made by this Heap (small and large); frees are not counted
@@ -387,25 +390,34 @@ class Heap:
         return Buffer(self, slot[0], size, slot, None)
 
     def _refill(self, c: int) -> tuple[int, int, Arena, int]:
+        """A free block of class ``c`` for this call: collected, carved, or from another arena.
+        Other threads pop the same list without the lock, so what is pushed here may be gone
+        by the time this thread pops: a carved span's first block is kept for this caller."""
         with self._lock:
             free = self._free[c]
-            if free:
-                return free.pop()
             for arena in self._own:
-                if arena.meta[HINT_AT]:
+                if arena.meta[HINT_AT] != self._hints.get(arena.index):
                     self._collect(arena)
-            if free:
+            try:
                 return free.pop()
+            except IndexError:
+                pass
             for arena in self._own:
-                if self._carve(arena, c):
-                    return free.pop()
+                slot = self._carve(arena, c)
+                if slot is not None:
+                    return slot
             while True:  # an arena taken over from a dead owner may be full: then another
                 arena = self._claim()
-                if free or self._carve(arena, c):
+                try:
                     return free.pop()
+                except IndexError:
+                    slot = self._carve(arena, c)
+                    if slot is not None:
+                        return slot
 
-    def _carve(self, arena: Arena, c: int) -> bool:
-        """Make a free span of ``arena`` into blocks of class ``c``; whether one was free."""
+    def _carve(self, arena: Arena, c: int) -> tuple[int, int, Arena, int] | None:
+        """Make a free span of ``arena`` into blocks of class ``c``: the first block, for the caller
+        (the others go to the free list); None if the arena has no free span."""
         classes = arena.meta
         for span in range(META_SPANS, SPANS):
             if not classes[CLASS_AT + span]:
@@ -414,13 +426,17 @@ class Heap:
                 classes[CLASS_AT + span] = c + 1  # published: the span's states are zero
                 size = CLASS_SIZES[c]
                 base = arena.base + (span << SPAN_SHIFT)
-                self._free[c].extend((base + i * size, lo + i, arena, c) for i in range(_COUNTS[c] - 1, -1, -1))
-                return True
-        return False
+                self._free[c].extend((base + i * size, lo + i, arena, c) for i in range(_COUNTS[c] - 1, 0, -1))
+                return base, lo, arena, c
+        return None
 
     def _collect(self, arena: Arena) -> None:
-        """Take back the blocks that other processes freed in an own arena (REMOTE -> FREE)."""
-        arena.meta[HINT_AT] = 0  # before the scan: a free after it sets the hint again
+        """Take back the blocks that other processes freed in an own arena (REMOTE -> FREE).
+
+        The hint is a counter that remote freers bump after their store, read here before the
+        scan: a free that this scan misses bumps it again, and nothing here writes it (a store of
+        ours followed by loads could be passed by the loads, and lose a remote's bump)."""
+        self._hints[arena.index] = arena.meta[HINT_AT]
         for span, c in arena.spans():
             lo = span * BLOCKS
             states = arena.state[lo : lo + _COUNTS[c]].tobytes()
@@ -433,6 +449,7 @@ class Heap:
 
     def _adopt_free_blocks(self, arena: Arena) -> None:
         """Fill the free lists from an arena just claimed (FREE and REMOTE blocks)."""
+        self._hints[arena.index] = arena.meta[HINT_AT]
         for span, c in arena.spans():
             lo = span * BLOCKS
             states = arena.state[lo : lo + _COUNTS[c]].tobytes()
@@ -477,38 +494,53 @@ class Heap:
             base, directory = self._ensure_directory(base)
             mine = {a.index for a in self._own}  # our own description's locks would not stop us
             entries = [(i, e) for i, e in directory.entries() if i not in mine]
-            chosen = None
-            for want in (E_FREE, E_OWNED, E_RECLAIMING):  # a free arena first, then a dead owner's
-                for i, e in entries:
-                    if e[0] and e[1] == want and locks.try_exclusive(liveness(i)):
-                        chosen = i
+            # a free arena first, then a dead owner's, then a blank entry (a new arena)
+            candidates = [i for want in (E_FREE, E_OWNED, E_RECLAIMING) for i, e in entries if e[0] and e[1] == want]
+            arena = None
+            for i in candidates:
+                if locks.try_exclusive(liveness(i)):
+                    arena = self._take(directory, i, locks)
+                    if arena is not None:
                         break
-                if chosen is not None:
-                    break
-            if chosen is not None:
-                arena = self._arena(chosen, directory.entry(chosen)[0])
-                problem = arena.problem()
-                if problem is not None:
-                    locks.unlock(liveness(chosen))
-                    raise TableCorrupt(f"the heap: {problem}", path=table.path)
-                if directory.entry(chosen)[1] != E_FREE:
-                    reclaim_arena(directory, arena, locks)
-            else:
-                chosen = next((i for i, e in entries if not e[0] and locks.try_exclusive(liveness(i))), None)
-                if chosen is None:
+            if arena is None:
+                i = next((i for i, e in entries if not e[0] and locks.try_exclusive(liveness(i))), -1)
+                if i < 0:
                     raise _arenas_full(directory.max_arenas)
                 try:
-                    arena = self._new_arena(base, directory, chosen)
+                    arena = self._new_arena(base, directory, i)
                 except BaseException:
-                    locks.unlock(liveness(chosen))
+                    locks.unlock(liveness(i))
                     raise
-            directory.write(chosen, owner=self._owner())
-            directory.write(chosen, state=E_OWNED)
-            directory.bump(CLAIMS_AT)
+            try:
+                directory.write(arena.index, owner=self._owner())
+                directory.write(arena.index, state=E_OWNED)
+                directory.bump(CLAIMS_AT)
+            except BaseException:  # pragma: no cover - a write to mapped memory; for form's sake
+                locks.unlock(liveness(arena.index))
+                raise
         arena.heap = self
         self._own.append(arena)
         self._adopt_free_blocks(arena)
         return arena
+
+    def _take(self, directory: Directory, i: int, locks: ByteLock) -> Arena | None:
+        """Arena ``i``, whose L this Heap just took: reclaimed first if its owner died. None
+        (L given back) if a remote free holds its gate: a claim holds the writer lock, and
+        waits for no one; the next claim, or the primary, reclaims it."""
+        try:
+            arena = self._arena(i, directory.entry(i)[0])
+            problem = arena.problem()
+            if problem is not None:
+                raise TableCorrupt(f"the heap: {problem}", path=self._table.path)
+            if directory.entry(i)[1] != E_FREE:
+                reclaim_arena(directory, arena, locks, CLAIM_GATE_WAIT_S)
+            return arena
+        except TableBusy:
+            locks.unlock(liveness(i))
+            return None
+        except BaseException:
+            locks.unlock(liveness(i))
+            raise
 
     def _new_arena(self, base: Snapshot, directory: Directory, i: int) -> Arena:
         """Give entry ``i`` memory: a new zone, its metadata written before the commit (so no
@@ -640,21 +672,36 @@ class Heap:
         self._remote_free(arena, k, slot[0])
 
     def _remote_free(self, arena: Arena, k: int, address: int) -> None:
-        """Free a block of an arena this Heap does not own, under the arena's gate."""
-        locks = self._byte_locks()
+        """Free a block of an arena this Heap does not own, under the arena's gate.
+
+        The gate is taken on a lock description of this thread's own: OFD locks are not counted
+        per thread, so on a shared one another thread's unlock would drop this thread's hold,
+        and a claim of this process would walk through it (its reclaim would convert, not wait)."""
+        locks = self._thread_locks()
         i = arena.index
         if not locks.within(gate(i), GATE_WAIT_S, exclusive=False):
             raise TableBusy(f"arena {i} was being reclaimed for {GATE_WAIT_S:g} s; the free of {address:#x} "
                             "did nothing", waited=GATE_WAIT_S)
         try:
             s = arena.state[k]
+            if arena.locate(address) != (k, arena.span_class(k // BLOCKS)):
+                raise _not_live(address, FREE)  # the span was carved again since: a stale handle
             if s == LIVE or s == DISOWNED:
                 arena.state[k] = REMOTE
-                arena.meta[HINT_AT] = 1
+                arena.meta[HINT_AT] = (arena.meta[HINT_AT] + 1) & 0xFF  # after the store: see _collect
                 return
             raise _not_live(address, s)
         finally:
             locks.unlock(gate(i))
+
+    def _thread_locks(self) -> ByteLock:
+        """This thread's own lock description (for the gates)."""
+        locks: ByteLock | None = getattr(self._local, "locks", None)
+        if locks is None:
+            with _fork.guard:
+                locks = self._local.locks = ByteLock(self._table._fd)
+                self._all_locks.append(locks)
+        return locks
 
     def free_large(self, record: ZoneRecord) -> None:
         with self._table.locked() as base:
@@ -735,6 +782,10 @@ class Heap:
         if self._locks is not None:
             self._locks.close()  # the parent's description stays locked through the parent's copy
             self._locks = None
+        for locks in self._all_locks:
+            locks.close()
+        self._all_locks = []
+        self._local = _thread._local()
 
 
 def _check(size: object, align: object, page_size: int) -> tuple[int, int]:
