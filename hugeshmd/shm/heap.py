@@ -484,8 +484,8 @@ class Heap:
         except OutOfMemory as err:
             if isinstance(err, TableFull) or self._grow is None:
                 raise
-            self._grow(need)  # OutOfMemory, saying why, if the primary cannot
-            return attempt()
+        self._grow(need)  # outside the except: OutOfMemory saying why, if the primary cannot, stands alone
+        return attempt()
 
     def _claim_once(self) -> Arena:
         locks = self._byte_locks()
