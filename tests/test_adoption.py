@@ -91,6 +91,7 @@ def test_twenty_kill_9_restarts_lose_no_zone_and_change_no_byte(start_primary, p
     for worker in pair:
         worker.ok("attach", prefix=prefix)
     made: dict[str, int] = {}
+    allocated: list[tuple[int, int, str]] = []  # heap allocations: (owner, address, content)
     rng = random.Random(7)
     for round_ in range(20):
         for i, worker in enumerate(pair):
@@ -98,10 +99,15 @@ def test_twenty_kill_9_restarts_lose_no_zone_and_change_no_byte(start_primary, p
             size = rng.choice([64, 4096, 65536])
             fill(worker, name, size)
             made[name] = size
+            content = zone_bytes(name, 16).hex()
+            allocated.append((i, worker.ok("alloc", size=rng.choice([100, 3000, 100_000]), hex=content)["address"],
+                              content))
         primary.stop(signal.SIGKILL)
         primary = start_primary(*HUGE)
         assert f"adoption {round_ + 1})" in primary.text, primary.text
     expected = {name: zlib.crc32(zone_bytes(name, size)) for name, size in made.items()}
+    for i, address, content in allocated:  # every heap allocation too, read by the worker that did not make it
+        assert pair[1 - i].ok("heap_read", address=address, length=16)["hex"] == content
     for worker in pair:
         assert worker.ok("checksums")["zones"] == expected  # every zone, every byte, no re-attach
         assert worker.ok("primary")["adoptions"] == 20
