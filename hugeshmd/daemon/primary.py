@@ -440,7 +440,11 @@ class Primary:
         want = -(-size // page) * page
         length = min(max(want, -(-GROW_MIN // page) * page), limit - memory)
         last = max(snap.segments, key=lambda s: s.end)
-        if length < want or last.end + length > self.window.base + self.window.size:
+        if last.end + max(length, want) > self.window.base + self.window.size:
+            raise OutOfMemory(f"prefix {self.config.prefix!r} cannot grow by {format_size(want)}: its address "
+                              f"window ({format_size(self.window.size)}) is full; start it with a larger window",
+                              size=size)
+        if length < want:
             raise OutOfMemory(f"prefix {self.config.prefix!r} cannot grow by {format_size(want)}: it maps "
                               f"{format_size(memory)} and may grow to {format_size(limit)} (max_memory"
                               f"{'' if self.config.max_memory else ', unset: no growth'}); raise max_memory "
@@ -473,8 +477,9 @@ class Primary:
 
     # -- figures ------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """The instance's figures; TableCorrupt, naming the damage, if its table is damaged."""
+    def status(self, heap: bool = True) -> dict[str, Any]:
+        """The instance's figures (without a walk of the heap unless ``heap``); TableCorrupt,
+        naming the damage, if its table is damaged."""
         assert self.backing is not None and self.window is not None
         damage = self.table.damage()
         if damage is not None:
@@ -498,7 +503,7 @@ class Primary:
             "uptime": round(time.monotonic() - self._started, 3),
             "created": self.table.layout.created_ns / 1e9, "started": self._started_at,
             "adoptions": self.table.adoptions(),
-            "heap": self._heap_figures(len(snap.segments) - 1),
+            "heap": self._heap_figures(len(snap.segments) - 1) if heap else {},
         }
 
     def _heap_figures(self, growths: int) -> dict[str, Any]:
@@ -512,7 +517,7 @@ class Primary:
     def summary(self) -> str:
         """One line for systemd's STATUS= and the log; never raises (a damaged table is said)."""
         try:
-            s = self.status()
+            s = self.status(heap=False)  # at each heartbeat under systemd: the line shows no heap figures
         except HugeshmdError as err:
             return f"prefix {self.config.prefix}: {err.message}"
         mode = s["mode"] if s["mode"] == "hugepages" else f"fallback ({s['fallback_reason'] or 'huge_pages=off'})"

@@ -20,6 +20,7 @@ in a forked child.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -27,13 +28,14 @@ from typing import Any
 
 from ..errors import HugeshmdError, TableBusy
 from ..shm.heap import (
+    CLAIMS_AT,
+    DIRECTORY,
     E_FREE,
     LARGE_RECLAIMED_AT,
     LARGE_RECLAIMED_BYTES_AT,
     Arena,
     Directory,
     arena_name,
-    find_directory,
     liveness,
     reclaim_arena,
 )
@@ -61,14 +63,13 @@ class Reclaimer:
         self._watched: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, start)
         self._owners: dict[tuple[int, int], int] = {}  # (pid, start) -> pidfd
         self._seen: tuple[int, int] = (-1, -1)  # (claims, generation) at the last scan
-        self.reclaims = 0  # owners whose memory this primary reclaimed
         self._failed = ""  # the last scan's error, logged once
 
     # -- finding owners ----------------------------------------------------------------------
 
     def directory(self) -> Directory | None:
         if self._directory is None:
-            record = find_directory(self.table.snapshot())
+            record = self.table.snapshot().by_name.get(DIRECTORY)
             if record is None:
                 return None
             try:
@@ -97,7 +98,7 @@ class Reclaimer:
 
     def _scan(self) -> list[int]:
         directory = self.directory()
-        claims = directory.counter(24) if directory is not None else 0
+        claims = directory.counter(CLAIMS_AT) if directory is not None else 0
         seen = (claims, self.table.generation)
         if seen == self._seen:
             return []
@@ -174,7 +175,6 @@ class Reclaimer:
             log.exception("reclaim of pid %d failed; the next heartbeat tries again", pid)
             return 0, 0
         if count:
-            self.reclaims += 1
             log.info("reclaimed %d allocations (%d bytes) of pid %d, which exited", count, freed, pid)
         return count, freed
 
@@ -218,6 +218,7 @@ class Reclaimer:
                 self._locks.unlock(liveness(i))
 
     def _reclaim(self, dead: Any) -> tuple[int, int]:
+        dead = functools.cache(dead)  # a few owners own every arena and zone: one look at each
         count = freed = 0
         directory = self.directory()
         if directory is not None:

@@ -40,15 +40,16 @@ from __future__ import annotations
 import _thread
 import os
 import struct
+from bisect import bisect_left
 
 from .. import _fork, _sys
-from ..errors import InvalidArgument, NotFound, OutOfMemory, TableBusy, TableCorrupt, TableFull
+from ..errors import InvalidArgument, NotFound, TableBusy, TableCorrupt, TableFull
 from .buffer import Buffer
 from .layout import NOBODY, ZONE_DISOWNED, ZONE_HEAP, ZONE_HEAP_META, Owner, ZoneRecord
 from .lock import ByteLock
 from .snapshot import Snapshot
 from .table import Table
-from .zones import find, place
+from .zones import check_align, check_size, growing, place
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -100,10 +101,10 @@ assert META <= META_SPANS * SPAN
 DIRECTORY = ".heap"
 DIR_MAGIC = b"HSHMHEAP"
 DIR_VERSION = 1
-# magic, version, max arenas, arena size, claims, growths, large allocations reclaimed and their bytes
+# magic, version, max arenas, arena size, claims, (reserved), large allocations reclaimed and their bytes
 _DIR_HEAD = struct.Struct("<8sIIQQQQQ8x")
 CLAIMS_AT = 24  # u64 in the header: bumped by each claim, so the primary sees new owners cheaply
-GROWTHS_AT = 32  # u64s written by the primary only
+# 32: growths, never written (the primary counts its segments); the counters below: by the primary only
 LARGE_RECLAIMED_AT = 40
 LARGE_RECLAIMED_BYTES_AT = 48
 ENTRY = struct.Struct("<QIIIIIIQQQ8x")  # address, state, slot, epoch, pid, claims, -, start, reclaimed n, bytes
@@ -214,10 +215,6 @@ class Directory:
     def counter(self, at: int) -> int:
         return _U64.unpack_from(self.mem, at)[0]  # type: ignore[no-any-return]
 
-    def owner_of(self, i: int) -> Owner:
-        e = self.entry(i)
-        return Owner(e[2], e[3], e[4], e[7])
-
 
 class Arena:
     """One arena's metadata, mapped in this process. ``heap`` is the Heap that owns it here,
@@ -275,17 +272,6 @@ class Arena:
         if rest or i >= _COUNTS[c]:
             return None
         return span * BLOCKS + i, c
-
-    def usage(self) -> tuple[int, int, int]:
-        """(live blocks, their bytes by class size, carved spans): a snapshot, without locks."""
-        count = used = carved = 0
-        for span, c in self.spans():
-            carved += 1
-            states = self.state[span * BLOCKS : span * BLOCKS + _COUNTS[c]].tobytes()
-            n = states.count(LIVE) + states.count(DISOWNED)
-            count += n
-            used += n * CLASS_SIZES[c]
-        return count, used, carved
 
 
 def reclaim_arena(directory: Directory, arena: Arena, locks: ByteLock, wait: float = GATE_WAIT_S) -> tuple[int, int]:
@@ -351,43 +337,35 @@ class Heap:
         self._all_locks: list[ByteLock] = []  # every description this Heap opened, closed in a forked child
         self._large = 0
         self._token = NOBODY  # this process's owner token, for large allocations
-        self.allocations = 0  # made by this Heap (small and large); frees are not counted
         _fork.register(self)
 
     # -- allocating -----------------------------------------------------------------------
 
     def alloc(self, size: int, align: int | None = None) -> Any:
         if size.__class__ is int and 0 < size <= MAX_SMALL and align is None:
-            c = _CLASS_OF[(size + 63) >> 6]
-            try:
-                slot = self._free[c].pop()
-            except IndexError:
-                slot = self._refill(c)
-            arena = slot[2]
-            k = slot[1]
-            arena.slack[k] = _SIZES[c] - size
-            arena.state[k] = 1  # LIVE: the one store that publishes the allocation
-            buf = _new(Buffer)
-            buf.address = slot[0]
-            buf.size = size
-            buf._heap = self
-            buf._slot = slot
-            buf._record = None
-            return buf
-        size, align = _check(size, align, self._table.layout.page_size)
-        k_class = class_for(size, align)
-        if k_class is None:
-            record = self._alloc_large(size, align)
-            return Buffer(self, record.address, size, None, record)
-        c = k_class
+            c = _CLASS_OF[(size + 63) >> 6]  # the common case: no checks but these
+        else:
+            size, align = _check(size, align, self._table.layout.page_size)
+            k_class = class_for(size, align)
+            if k_class is None:
+                record = self._alloc_large(size, align)
+                return Buffer(self, record.address, size, None, record)
+            c = k_class
         try:
             slot = self._free[c].pop()
         except IndexError:
             slot = self._refill(c)
-        arena, k = slot[2], slot[1]
-        arena.slack[k] = CLASS_SIZES[c] - size
-        arena.state[k] = LIVE
-        return Buffer(self, slot[0], size, slot, None)
+        arena = slot[2]
+        k = slot[1]
+        arena.slack[k] = _SIZES[c] - size
+        arena.state[k] = 1  # LIVE: the one store that publishes the allocation
+        buf = _new(Buffer)
+        buf.address = slot[0]
+        buf.size = size
+        buf._heap = self
+        buf._slot = slot
+        buf._record = None
+        return buf
 
     def _refill(self, c: int) -> tuple[int, int, Arena, int]:
         """A free block of class ``c`` for this call: collected, carved, or from another arena.
@@ -473,19 +451,8 @@ class Heap:
     def _claim(self) -> Arena:
         """Own another arena: a free one, else a dead owner's (reclaimed), else a new one (the
         instance grown for it if it has no room and may grow)."""
-        arena: Arena = self._growing(self._claim_once, 2 * ARENA + directory_size(MAX_ARENAS))
+        arena: Arena = growing(self._claim_once, self._grow, 2 * ARENA + directory_size(MAX_ARENAS))
         return arena
-
-    def _growing(self, attempt: Callable[[], Any], need: int) -> Any:
-        """``attempt()``; if the instance has no room for it and may grow, grow it by ``need``
-        bytes (outside the writer lock: the primary takes it to publish the segment) and try again."""
-        try:
-            return attempt()
-        except OutOfMemory as err:
-            if isinstance(err, TableFull) or self._grow is None:
-                raise
-        self._grow(need)  # outside the except: OutOfMemory saying why, if the primary cannot, stands alone
-        return attempt()
 
     def _claim_once(self) -> Arena:
         locks = self._byte_locks()
@@ -624,7 +591,7 @@ class Heap:
     # -- large allocations ---------------------------------------------------------------------
 
     def _alloc_large(self, size: int, align: int) -> ZoneRecord:
-        record: ZoneRecord = self._growing(lambda: self._alloc_large_once(size, align), size + align)
+        record: ZoneRecord = growing(lambda: self._alloc_large_once(size, align), self._grow, size + align)
         self._ensure_mapped(record.address)
         return record
 
@@ -647,8 +614,6 @@ class Heap:
     def _large_record(self, address: int) -> ZoneRecord | None:
         snap = self._table.snapshot()
         starts = snap.starts
-        from bisect import bisect_left
-
         i = bisect_left(starts, address)
         if i < len(starts) and starts[i] == address:
             record = snap.zones[i]
@@ -684,7 +649,8 @@ class Heap:
                             "did nothing", waited=GATE_WAIT_S)
         try:
             s = arena.state[k]
-            if arena.locate(address) != (k, arena.span_class(k // BLOCKS)):
+            found = arena.locate(address)
+            if found is None or found[0] != k:
                 raise _not_live(address, FREE)  # the span was carved again since: a stale handle
             if s == LIVE or s == DISOWNED:
                 arena.state[k] = REMOTE
@@ -742,10 +708,7 @@ class Heap:
             if s != LIVE and s != DISOWNED:
                 raise NotFound(f"the allocation at {address:#x} is not live (freed)", name=f"{address:#x}")
             return Buffer(self, address, CLASS_SIZES[c] - arena.slack[k], (address, k, arena, c), None)
-        record = self._large_record(address)
-        if record is None:
-            self._refresh()
-            record = self._large_record(address)
+        record = self._large_record(address)  # the committed version: a new segment is mapped just below
         if record is None:
             raise NotFound(f"no live allocation of the heap starts at {address:#x}", name=f"{address:#x}")
         self._ensure_mapped(address)
@@ -789,18 +752,13 @@ class Heap:
 
 
 def _check(size: object, align: object, page_size: int) -> tuple[int, int]:
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise InvalidArgument(f"size must be int, not {type(size).__name__}", size=size)
-    if not 0 < size <= 1 << 62:
-        raise InvalidArgument(f"size must be in 1..2**62 bytes, got {size}", size=size)
-    if align is None:
-        return size, DEFAULT_ALIGN
-    if isinstance(align, bool) or not isinstance(align, int):
-        raise InvalidArgument(f"align must be int or None, not {type(align).__name__}", align=align)
-    if align <= 0 or align & (align - 1) or align > page_size:
+    """A zone's checks of size and alignment (:mod:`hugeshmd.shm.zones`), the alignment at most the page size."""
+    size = check_size(size)
+    checked = check_align(align)
+    if checked > page_size:
         raise InvalidArgument(f"align must be a power of two up to the page size ({page_size}), got {align}",
                               align=align)
-    return size, max(align, DEFAULT_ALIGN)
+    return size, checked
 
 
 def _live_large(base: Snapshot, record: ZoneRecord) -> ZoneRecord:
@@ -825,10 +783,3 @@ def _not_live(address: int, state: int) -> InvalidArgument:
 def _arenas_full(count: int) -> Exception:
     return TableFull(f"every one of the heap's {count} arenas is owned by a live process", table="arenas",
                      capacity=count)
-
-
-def find_directory(snap: Snapshot) -> ZoneRecord | None:
-    try:
-        return find(snap, DIRECTORY)
-    except NotFound:
-        return None

@@ -27,6 +27,7 @@ from .heap import (
     _COUNTS,
     ARENA,
     BLOCKS,
+    CLAIMS_AT,
     CLASS_SIZES,
     DIRECTORY,
     DISOWNED,
@@ -126,7 +127,7 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
     except Exception as err:  # noqa: BLE001 - TableCorrupt, said as a violation
         report.violations.append(str(err))
         return report
-    report.claims = directory.counter(24)
+    report.claims = directory.counter(CLAIMS_AT)
     report.reclaimed_allocations = directory.counter(LARGE_RECLAIMED_AT)
     report.reclaimed_bytes = directory.counter(LARGE_RECLAIMED_BYTES_AT)
     for i, entry in directory.entries():

@@ -22,11 +22,9 @@ from ..errors import (
     HugeshmdError,
     InvalidArgument,
     NotFound,
-    OutOfMemory,
     PrimaryStopped,
     PrimaryUnavailable,
     TableCorrupt,
-    TableFull,
 )
 from . import zones
 from .identity import own_start_time, process_alive
@@ -290,13 +288,8 @@ class Secondary:
         name, size, align = check_user_name(name), check_size(size), check_align(align)
         self._check_writable("reserve")
         self._check_primary()
-        try:
-            base, new, record = zones.reserve(self._table, name, size, align, owner=self.owner)
-        except OutOfMemory as err:  # no room: grow the instance if it may, then once more
-            if isinstance(err, TableFull):
-                raise
-            self.grow(size + align)
-            base, new, record = zones.reserve(self._table, name, size, align, owner=self.owner)
+        base, new, record = zones.growing(lambda: zones.reserve(self._table, name, size, align, owner=self.owner),
+                                          self.grow, size + align)
         with self._lock:
             self._check_open()
             if base.generation != self._seen:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from .. import _sys
-from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfMemory
+from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfMemory, TableFull
 from .layout import NAME_MAX, NOBODY, Owner, SegmentRecord, ZoneRecord
 from .snapshot import Snapshot
 from .table import Table
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Zone", "ReadOnlyZone", "check_name", "check_user_name", "RESERVED", "check_size", "check_align", "place",
-    "find", "reserve", "free", "make_zone",
+    "find", "growing", "reserve", "free", "make_zone",
 ]  # fmt: skip
 
 DEFAULT_ALIGN = 64  # a cache line, as DPDK's memzones
@@ -118,6 +118,19 @@ def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf,
         f"the largest free run is {largest} bytes",
         name=name, size=size,
     )
+
+
+def growing(attempt: Callable[[], Any], grow: Callable[[int], object] | None, need: int) -> Any:
+    """``attempt()``; if the instance had no room for it (OutOfMemory, not TableFull) and may grow,
+    ``grow(need)`` (outside any writer lock: the primary takes it to publish the segment) and
+    attempt once more. The grow's own OutOfMemory, saying why it cannot, stands alone."""
+    try:
+        return attempt()
+    except OutOfMemory as err:
+        if isinstance(err, TableFull) or grow is None:
+            raise
+    grow(need)
+    return attempt()
 
 
 def reserve(table: Table, name: str, size: int, align: int, timeout: float | None = None,
