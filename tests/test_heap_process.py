@@ -187,12 +187,12 @@ def test_check_reports_a_broken_rule_and_exits_1(start_primary, prefix, root, wo
     a.ok("alloc", size=64)
     assert check(prefix, root)["ok"]
     arena = a.ok("lookup", name=".arena.0")  # the heap's own zones can be looked up, not reserved
-    a.ok("write", name=".arena.0", offset=1024 + 2 * 1024 + 5, hex="09")  # a state byte no rule allows
+    a.ok("write", name=".arena.0", offset=1024 + 4 * 1024 + 5, hex="09")  # a state byte no rule allows
     report = check(prefix, root)
     assert not report["ok"] and any("unknown state bytes [9]" in v for v in report["violations"]), report
     done = subprocess.run([PYTHON, "-m", "hugeshmd", "check", "--prefix", prefix, "--runtime-root", root],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "violation: arena 0 span 2" in done.stdout, done.stdout
+    assert done.returncode == 1 and "violation: arena 0 span 4" in done.stdout, done.stdout
     assert arena["size"] == 2 << 20
 
 

@@ -38,6 +38,7 @@ from ..shm.heap import (
     arena_name,
     liveness,
     reclaim_arena,
+    release_held,
 )
 from ..shm.identity import process_start_time, process_state
 from ..shm.layout import ZONE_DISOWNED, ZONE_HEAP, ZoneRecord
@@ -233,6 +234,9 @@ class Reclaimer:
                         self._locks.unlock(liveness(i))
                     count += n
                     freed += b
+            n, b = self._release_held(directory, dead)
+            count += n
+            freed += b
         doomed = [z for z in self.table.snapshot().zones if _reclaimable(z) and dead(z.owner.pid, z.owner.start)]
         if doomed:
             with self.table.locked() as base:
@@ -244,6 +248,24 @@ class Reclaimer:
                         if directory is not None:
                             directory.bump(LARGE_RECLAIMED_AT)
                             directory.bump(LARGE_RECLAIMED_BYTES_AT, zone.size)
+        return count, freed
+
+    def _release_held(self, directory: Directory, dead: Any) -> tuple[int, int]:
+        """Free the blocks that workers now gone had received (through channels) and still held."""
+
+        @functools.cache
+        def gone(i: int, claim: int) -> bool:
+            if not 0 <= i < directory.max_arenas:
+                return True
+            e = directory.entry(i)
+            return e[1] == E_FREE or (e[5] & 0x7FFF) != claim or bool(dead(e[4], e[7]))
+
+        count = freed = 0
+        for i, e in directory.entries():
+            if e[0]:
+                n, b = release_held(self._arena(i, e[0]), self._locks, gone, GATE_WAIT_S)
+                count += n
+                freed += b
         return count, freed
 
     def close(self) -> None:

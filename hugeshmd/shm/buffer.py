@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from .heap import Arena, Heap
     from .layout import ZoneRecord
 
-__all__ = ["Buffer"]
+__all__ = ["Buffer", "SENT"]
+
+SENT: Any = type("Sent", (), {"__repr__": lambda self: "SENT", "__slots__": ()})()  # the record of a sent Buffer
 
 
 class Buffer:
@@ -86,7 +88,7 @@ class Buffer:
                 state = arena.state
                 k = slot[1]
                 s = state[k]
-                if s == 1 or s == 2:  # LIVE or DISOWNED
+                if (s == 1 or s == 2) and not arena.holder[k]:  # LIVE or DISOWNED, not handed on
                     state[k] = 0
                     self._slot = None
                     heap._free[slot[3]].append(slot)
@@ -95,8 +97,8 @@ class Buffer:
             self._slot = None
             return
         record = self._record
-        if record is None:
-            raise _freed(self.address)
+        if record is None or record is SENT:
+            raise _freed(self.address, record is SENT)
         self._heap.free_large(record)
         self._record = None
 
@@ -107,18 +109,23 @@ class Buffer:
         slot = self._slot
         if slot is not None:
             self._heap.disown_small(slot)
-        elif self._record is not None:
+        elif self._record is not None and self._record is not SENT:
             self._record = self._heap.disown_large(self._record)
         else:
-            raise _freed(self.address)
+            raise _freed(self.address, self._record is SENT)
 
     def __enter__(self) -> Buffer:
         return self
 
+    @property
+    def sent(self) -> bool:
+        """Whether this handle sent its allocation through a channel (its receiver holds it now)."""
+        return self._record is SENT
+
     def __exit__(self, *exc: object) -> None:
-        """Free the allocation, unless it was freed or disowned (a disowned one is freed only
+        """Free the allocation, unless it was freed, sent or disowned (a disowned one is freed only
         explicitly: it was handed on)."""
-        if self.freed or self.disowned:
+        if self.freed or self.sent or self.disowned:
             return
         self.free()
 
@@ -128,10 +135,10 @@ class Buffer:
         slot, record = self._slot, self._record
         if slot is not None:
             return bool(slot[2].state[slot[1]] == 2)  # DISOWNED
-        return record is not None and bool(record.flags & 2)  # ZONE_DISOWNED
+        return record is not None and record is not SENT and bool(record.flags & 2)  # ZONE_DISOWNED
 
     def __repr__(self) -> str:
-        state = "freed" if self.freed else ("large" if self._record is not None else "small")
+        state = "freed" if self.freed else "sent" if self.sent else "large" if self._record is not None else "small"
         return f"<Buffer at {self.address:#x} size {self.size} {state}>"
 
     def __reduce__(self) -> Any:
@@ -139,8 +146,11 @@ class Buffer:
                         "call shm.buffer(address) on the other side")
 
 
-def _freed(address: int) -> Exception:
+def _freed(address: int, sent: bool = False) -> Exception:
     from ..errors import InvalidArgument
 
+    if sent:
+        return InvalidArgument(f"the allocation at {address:#x} was sent through a channel: its receiver holds "
+                               "it now; nothing was changed", name="address")
     return InvalidArgument(f"the allocation at {address:#x} was already freed through this Buffer; "
                            "nothing was changed", name="address")

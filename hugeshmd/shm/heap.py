@@ -6,11 +6,19 @@ How it is laid out (design and measurements: ``docs/heap-design.md``):
   per arena (its address, its state, its owner's token, what reclaim took from
   it). The first worker that allocates makes it, under the table's writer lock.
 * An **arena** is a zone named ``.arena.<i>`` of :data:`ARENA` bytes (2 MiB,
-  aligned to its size). Its first two 64 KiB spans hold its metadata; the other
-  30 are carved, one at a time, into blocks of one size class (64 B to 64 KiB,
+  aligned to its size). Its first four 64 KiB spans hold its metadata; the other
+  28 are carved, one at a time, into blocks of one size class (64 B to 64 KiB,
   multiples of 64, so every block is 64-byte aligned). Each block has one state
-  byte (:data:`FREE`, :data:`LIVE`, :data:`DISOWNED`, :data:`REMOTE`) and a
-  16-bit *slack* (class size minus the size asked for).
+  byte (:data:`FREE`, :data:`LIVE`, :data:`DISOWNED`, :data:`REMOTE`), a
+  16-bit *slack* (class size minus the size asked for) and a 32-bit *holder*.
+* A block's **holder** is 0 while its arena's owner holds it (all a heap that
+  never hands a buffer on ever sees). A block handed through a channel
+  (:mod:`hugeshmd.shm.channel`) names who holds it now: the channel, at one
+  sequence number (:func:`custody`), or the worker that received it, by that
+  worker's first arena and the claim of it (:func:`worker_holder`). One store
+  moves a block from one holder to the next. A handed block is not its arena
+  owner's: reclaim of that arena keeps it; the primary frees it when its holder
+  dies (:func:`release_held`).
 * A **large** allocation (over 64 KiB, or aligned beyond what a class gives) is
   a zone named ``.h.<pid>.<n>``, flagged ZONE_HEAP, owned by its maker.
 
@@ -58,7 +66,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARENA", "SPAN", "CLASS_SIZES", "MAX_SMALL", "FREE", "LIVE", "DISOWNED", "REMOTE", "DIRECTORY",
-    "Arena", "Directory", "Heap", "liveness", "gate", "reclaim_arena", "class_for",
+    "Arena", "Directory", "Heap", "liveness", "gate", "reclaim_arena", "release_held", "class_for", "custody",
+    "worker_holder", "holder_arena", "CUSTODY",
 ]  # fmt: skip
 
 # -- sizes ---------------------------------------------------------------------------------
@@ -68,7 +77,7 @@ ARENA = 1 << ARENA_SHIFT  # 2 MiB, aligned to its size: an address's arena is ad
 SPAN_SHIFT = 16
 SPAN = 1 << SPAN_SHIFT  # 64 KiB: blocks of one class
 SPANS = ARENA // SPAN  # 32
-META_SPANS = 2  # spans 0 and 1 hold the arena's metadata
+META_SPANS = 4  # spans 0 to 3 hold the arena's metadata
 BLOCKS = SPAN // 64  # state bytes per span: as many as the smallest class has blocks
 CLASS_SIZES = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
                12288, 16384, 24576, 32768, 49152, 65536)
@@ -87,20 +96,21 @@ _RECLAIM = bytes.maketrans(bytes([LIVE, REMOTE]), bytes([FREE, FREE]))  # DISOWN
 
 # -- an arena's metadata (its first META_SPANS spans) ------------------------------------------
 
-ARENA_MAGIC = 0x314E5241  # "ARN1"
+ARENA_MAGIC = 0x324E5241  # "ARN2": with holders (an "ARN1" arena, of version 1, had none)
 _ARENA_HEAD = struct.Struct("<II")  # magic, directory index
 HINT_AT = 64  # one byte, on a line of its own: a counter remote freers bump; the owner only reads it
 CLASS_AT = 128  # one byte per span: 0 unused, else class index + 1
 STATE_AT = 1024  # BLOCKS state bytes per span
 SLACK_AT = STATE_AT + SPANS * BLOCKS  # a u16 per block
-META = SLACK_AT + SPANS * BLOCKS * 2
+HOLDER_AT = SLACK_AT + SPANS * BLOCKS * 2  # a u32 per block: who holds a handed block (0: the owner)
+META = HOLDER_AT + SPANS * BLOCKS * 4
 assert META <= META_SPANS * SPAN
 
 # -- the directory: zone ".heap" --------------------------------------------------------------
 
 DIRECTORY = ".heap"
 DIR_MAGIC = b"HSHMHEAP"
-DIR_VERSION = 1
+DIR_VERSION = 2  # 2: arenas of four metadata spans, with holders
 # magic, version, max arenas, arena size, claims, (reserved), large allocations reclaimed and their bytes
 _DIR_HEAD = struct.Struct("<8sIIQQQQQ8x")
 CLAIMS_AT = 24  # u64 in the header: bumped by each claim, so the primary sees new owners cheaply
@@ -127,6 +137,25 @@ def liveness(i: int) -> int:
 def gate(i: int) -> int:
     """Offset of arena ``i``'s R lock: shared by remote freers, exclusive for reclaim."""
     return _LOCKS_AT + 2 * i + 1
+
+
+CUSTODY = 1 << 31  # a holder word with this bit: a channel holds the block
+
+
+def custody(channel: int, seq: int) -> int:
+    """The holder word of a block that channel ``channel`` holds as its message number ``seq``."""
+    return CUSTODY | (channel & 0xFFF) | ((seq & 0x7FFFF) << 12)
+
+
+def worker_holder(arena: int, claims: int) -> int:
+    """The holder word of a block a worker received: its first arena's index, and the claim
+    of that arena (the directory entry's claims counter) that made it its owner."""
+    return (arena + 1) | ((claims & 0x7FFF) << 16)
+
+
+def holder_arena(word: int) -> tuple[int, int]:
+    """(arena index, claims & 0x7FFF) of a worker's holder word."""
+    return (word & 0xFFFF) - 1, (word >> 16) & 0x7FFF
 
 
 GATE_WAIT_S = 1.0  # a remote free waits this long for a reclaim to finish; a reclaim, for remote frees
@@ -220,14 +249,15 @@ class Arena:
     """One arena's metadata, mapped in this process. ``heap`` is the Heap that owns it here,
     or None: another process's arena (or no one's), freed into remotely."""
 
-    __slots__ = ("index", "base", "meta", "state", "slack", "heap")
+    __slots__ = ("index", "base", "meta", "state", "slack", "holder", "heap")
 
     def __init__(self, index: int, base: int, keepalive: object) -> None:
         self.index = index
         self.base = base
         self.meta = _sys.memory(base, META, keepalive)
         self.state = self.meta[STATE_AT:SLACK_AT]
-        self.slack = self.meta[SLACK_AT:META].cast("H")
+        self.slack = self.meta[SLACK_AT:HOLDER_AT].cast("H")
+        self.holder = self.meta[HOLDER_AT:META].cast("I")
         self.heap: Heap | None = None
 
     @staticmethod
@@ -276,7 +306,9 @@ class Arena:
 
 def reclaim_arena(directory: Directory, arena: Arena, locks: ByteLock, wait: float = GATE_WAIT_S) -> tuple[int, int]:
     """Free every block of ``arena`` that its dead owner still held (LIVE) or that others freed
-    (REMOTE); DISOWNED blocks stay. Call holding its L lock. Idempotent; the (count, bytes) freed.
+    (REMOTE); DISOWNED blocks stay, and so do handed ones (a holder other than the owner: a
+    channel, or a worker that received it). Call holding its L lock. Idempotent; the (count,
+    bytes) freed.
 
     Raises TableBusy if a remote free held the gate for ``wait`` seconds (a frozen freer).
     """
@@ -291,20 +323,66 @@ def reclaim_arena(directory: Directory, arena: Arena, locks: ByteLock, wait: flo
             lo = span * BLOCKS
             hi = lo + _COUNTS[c]
             states = arena.state[lo:hi].tobytes()
-            at = states.find(LIVE)
-            while at >= 0:
-                count += 1
-                freed += CLASS_SIZES[c] - arena.slack[lo + at]
-                at = states.find(LIVE, at + 1)
-            cleared = states.translate(_RECLAIM)
+            holders = arena.meta[HOLDER_AT + 4 * lo : HOLDER_AT + 4 * hi].tobytes()
+            if holders.count(0) == len(holders):  # none handed: the common case, in C
+                at = states.find(LIVE)
+                while at >= 0:
+                    count += 1
+                    freed += CLASS_SIZES[c] - arena.slack[lo + at]
+                    at = states.find(LIVE, at + 1)
+                cleared = states.translate(_RECLAIM)
+            else:  # block by block: a holder frees its handed block without the gate (see _remote_free)
+                kept = bytearray(states)
+                holder, state = arena.holder, arena.state
+                for at, s in enumerate(states):
+                    if s == REMOTE:
+                        kept[at] = FREE
+                        holder[lo + at] = 0
+                        state[lo + at] = FREE
+                    elif s == LIVE and not holder[lo + at]:
+                        kept[at] = FREE
+                        state[lo + at] = FREE
+                        count += 1
+                        freed += CLASS_SIZES[c] - arena.slack[lo + at]
+                cleared = states = bytes(kept)
             if cleared != states:
                 arena.state[lo:hi] = cleared
-            if not cleared.count(DISOWNED) and not any(arena.state[hi : lo + BLOCKS]):
+            if cleared.count(FREE) == len(cleared) and not any(arena.state[hi : lo + BLOCKS]):
                 arena.meta[CLASS_AT + span] = 0  # empty: the span may serve another class
         directory.write(i, state=E_FREE, owner=NOBODY, reclaimed=(count, freed))
         return count, freed
     finally:
         locks.unlock(gate(i))
+
+
+def release_held(arena: Arena, locks: ByteLock, gone: Callable[[int, int], bool],
+                 wait: float = GATE_WAIT_S) -> tuple[int, int]:
+    """Free the blocks of ``arena`` that a worker received and still held when it died:
+    ``gone(arena index, claim)`` says, for a worker's holder word, whether that worker is gone.
+    Like a remote free (under the arena's gate, shared): the arena's owner collects them.
+    Blocks a channel holds are never touched. The (count, bytes) freed; nothing if the gate
+    stayed taken (a reclaim in progress) for ``wait`` seconds: the next look frees them."""
+    raw = arena.meta[HOLDER_AT:META].tobytes()
+    if raw.count(0) == len(raw):
+        return 0, 0
+    words = memoryview(raw).cast("I")
+    doomed = [(k, w) for k, w in enumerate(words) if w and not w & CUSTODY and gone(*holder_arena(w))]
+    if not doomed or not locks.within(gate(arena.index), wait, exclusive=False):
+        return 0, 0
+    count = freed = 0
+    try:
+        for k, w in doomed:
+            s = arena.state[k]
+            if arena.holder[k] == w and (s == LIVE or s == DISOWNED):
+                arena.state[k] = REMOTE
+                count += 1
+                c = arena.span_class(k // BLOCKS)
+                freed += CLASS_SIZES[c] - arena.slack[k] if c >= 0 else 0
+        if count:
+            arena.meta[HINT_AT] = (arena.meta[HINT_AT] + 1) & 0xFF
+    finally:
+        locks.unlock(gate(arena.index))
+    return count, freed
 
 
 # -- the worker's side ----------------------------------------------------------------------------
@@ -337,6 +415,7 @@ class Heap:
         self._all_locks: list[ByteLock] = []  # every description this Heap opened, closed in a forked child
         self._large = 0
         self._token = NOBODY  # this process's owner token, for large allocations
+        self.holder = 0  # this process's holder word (see worker_holder), once it owns an arena
         _fork.register(self)
 
     # -- allocating -----------------------------------------------------------------------
@@ -401,6 +480,7 @@ class Heap:
             if not classes[CLASS_AT + span]:
                 lo = span * BLOCKS
                 arena.state[lo : lo + BLOCKS] = bytes(BLOCKS)
+                classes[HOLDER_AT + 4 * lo : HOLDER_AT + 4 * (lo + BLOCKS)] = bytes(4 * BLOCKS)
                 classes[CLASS_AT + span] = c + 1  # published: the span's states are zero
                 size = CLASS_SIZES[c]
                 base = arena.base + (span << SPAN_SHIFT)
@@ -421,6 +501,7 @@ class Heap:
             at = states.find(REMOTE)
             free = self._free[c]
             while at >= 0:
+                arena.holder[lo + at] = 0  # a handed block its holder freed: the owner's again
                 arena.state[lo + at] = FREE
                 free.append((arena.address_of(span, c, at), lo + at, arena, c))
                 at = states.find(REMOTE, at + 1)
@@ -435,6 +516,7 @@ class Heap:
             for at in range(len(states) - 1, -1, -1):
                 s = states[at]
                 if s == REMOTE:
+                    arena.holder[lo + at] = 0
                     arena.state[lo + at] = FREE
                 if s == FREE or s == REMOTE:
                     free.append((arena.address_of(span, c, at), lo + at, arena, c))
@@ -485,6 +567,8 @@ class Heap:
             except BaseException:  # pragma: no cover - a write to mapped memory; for form's sake
                 locks.unlock(liveness(arena.index))
                 raise
+            if not self._own:  # the first arena, owned for life: it names this process as a holder
+                self.holder = worker_holder(arena.index, directory.entry(arena.index)[5])
         arena.heap = self
         self._own.append(arena)
         self._adopt_free_blocks(arena)
@@ -595,12 +679,17 @@ class Heap:
         self._ensure_mapped(record.address)
         return record
 
+    def owner_token(self) -> Owner:
+        """This process's owner token, for the zones of its large allocations."""
+        owner = self._token
+        if owner.pid != os.getpid():  # made once per process (a forked child makes its own)
+            owner = self._token = self._owner()
+        return owner
+
     def _alloc_large_once(self, size: int, align: int) -> ZoneRecord:
         table = self._table
         pid = os.getpid()
-        owner = self._token
-        if owner.pid != pid:  # made once per process (a forked child makes its own)
-            owner = self._token = self._owner()
+        owner = self.owner_token()
         while True:
             self._large += 1
             name = f".h.{pid}.{self._large}"
@@ -629,6 +718,8 @@ class Heap:
         state = arena.state
         if arena.heap is self:
             s = state[k]
+            if arena.holder[k]:
+                raise _handed(slot[0], arena.holder[k])
             if s == LIVE or s == DISOWNED:
                 state[k] = FREE
                 self._free[slot[3]].append(slot)
@@ -636,12 +727,32 @@ class Heap:
             raise _not_live(slot[0], s)
         self._remote_free(arena, k, slot[0])
 
+    def holder_word(self) -> int:
+        """This process's holder word, claiming its first arena if it owns none yet."""
+        if not self.holder:
+            with self._lock:
+                if not self.holder:
+                    self._claim()
+        return self.holder
+
     def _remote_free(self, arena: Arena, k: int, address: int) -> None:
         """Free a block of an arena this Heap does not own, under the arena's gate.
 
         The gate is taken on a lock description of this thread's own: OFD locks are not counted
         per thread, so on a shared one another thread's unlock would drop this thread's hold,
-        and a claim of this process would walk through it (its reclaim would convert, not wait)."""
+        and a claim of this process would walk through it (its reclaim would convert, not wait).
+
+        A block handed to this process (through a channel) is freed without the gate: this
+        process is the only writer of its state, and reclaim never frees a handed block (it
+        writes such a span block by block, so it cannot write back a stale byte over this one)."""
+        held = arena.holder[k]
+        if held and held == self.holder:
+            s = arena.state[k]
+            if s != LIVE and s != DISOWNED:
+                raise _not_live(address, s)
+            arena.state[k] = REMOTE  # the holder word stays until the owner collects it
+            arena.meta[HINT_AT] = (arena.meta[HINT_AT] + 1) & 0xFF
+            return
         locks = self._thread_locks()
         i = arena.index
         if not locks.within(gate(i), GATE_WAIT_S, exclusive=False):
@@ -652,8 +763,11 @@ class Heap:
             found = arena.locate(address)
             if found is None or found[0] != k:
                 raise _not_live(address, FREE)  # the span was carved again since: a stale handle
+            held = arena.holder[k]
+            if held and held != self.holder:
+                raise _handed(address, held)
             if s == LIVE or s == DISOWNED:
-                arena.state[k] = REMOTE
+                arena.state[k] = REMOTE  # the holder word stays until the owner collects it
                 arena.meta[HINT_AT] = (arena.meta[HINT_AT] + 1) & 0xFF  # after the store: see _collect
                 return
             raise _not_live(address, s)
@@ -675,7 +789,7 @@ class Heap:
 
     def disown_small(self, slot: tuple[int, int, Arena, int]) -> None:
         arena = slot[2]
-        if arena.heap is not self:
+        if arena.heap is not self or arena.holder[slot[1]]:
             raise _not_owner(slot[0])
         if arena.state[slot[1]] != LIVE:
             raise _not_live(slot[0], arena.state[slot[1]])
@@ -749,6 +863,7 @@ class Heap:
             locks.close()
         self._all_locks = []
         self._local = _thread._local()
+        self.holder = 0
 
 
 def _check(size: object, align: object, page_size: int) -> tuple[int, int]:
@@ -778,6 +893,12 @@ def _not_live(address: int, state: int) -> InvalidArgument:
     what = {FREE: "already free", REMOTE: "already freed by another process"}.get(state, f"in state {state}")
     return InvalidArgument(f"no live allocation at {address:#x}: it is {what} (a double free?); "
                            "nothing was changed", name="address")
+
+
+def _handed(address: int, holder: int) -> InvalidArgument:
+    who = "a channel" if holder & CUSTODY else "the worker that received it"
+    return InvalidArgument(f"the allocation at {address:#x} is held by {who}, not by this handle's process; "
+                           "only its holder may free it; nothing was changed", name="address")
 
 
 def _arenas_full(count: int) -> Exception:

@@ -16,9 +16,15 @@ The rules (each broken one is a line of :attr:`HeapReport.violations`):
 * spans 0 and 1 are never carved; a carved span's class is known; every state
   byte is one of the four, and zero past the span's last block and in spans
   not carved; a live block's slack is less than its class size;
-* an arena no one owns holds no LIVE block (reclaim turned them FREE);
-* every zone whose name starts with ``.`` is the heap's: flagged, and named as
-  the directory, an arena or a large allocation.
+* an arena no one owns holds no LIVE block (reclaim turned them FREE) but
+  handed ones (a holder other than the owner);
+* a free block has no holder; a block a channel holds is in that channel, and
+  every message queued in a channel is a block (or a large allocation) the
+  channel holds at that message's number;
+* every zone whose name starts with ``.`` is the heap's or a channel: flagged,
+  and named as the directory, an arena, a large allocation or a channel.
+
+A block held by a worker that is gone is pending: the primary frees it.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from .heap import (
     BLOCKS,
     CLAIMS_AT,
     CLASS_SIZES,
+    CUSTODY,
     DIRECTORY,
     DISOWNED,
     E_FREE,
     ENTRY_STATES,
+    HOLDER_AT,
     LARGE_RECLAIMED_AT,
     LARGE_RECLAIMED_BYTES_AT,
     LIVE,
+    META,
     META_SPANS,
     REMOTE,
     SPAN,
@@ -43,9 +52,11 @@ from .heap import (
     Arena,
     Directory,
     arena_name,
+    custody,
+    holder_arena,
 )
 from .identity import process_alive
-from .layout import ZONE_DISOWNED, ZONE_HEAP, ZONE_HEAP_META
+from .layout import ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, ZONE_HEAP, ZONE_HEAP_META
 from .table import Table
 from .zones import RESERVED
 
@@ -74,6 +85,12 @@ class HeapReport:
         self.reclaimed_allocations = 0
         self.reclaimed_bytes = 0
         self.claims = 0
+        self.handed = 0  # allocations held by a channel or by a worker that received them
+        self.channels = 0
+        self.queued = 0  # messages in channels
+        self._custody: set[int] = set()  # holder words of the messages queued (and one being taken)
+        self._channels: dict[int, memoryview] = {}  # channel indexes: their header words
+        self._directory: Directory | None = None
 
     @property
     def ok(self) -> bool:
@@ -86,7 +103,8 @@ class HeapReport:
             "arena_bytes": self.capacity, "large_allocations": self.large_allocations,
             "large_bytes": self.large_bytes, "disowned": self.disowned,
             "reclaimed_allocations": self.reclaimed_allocations, "reclaimed_bytes": self.reclaimed_bytes,
-            "claims": self.claims, "per_arena": self.arenas,
+            "claims": self.claims, "per_arena": self.arenas, "handed": self.handed, "channels": self.channels,
+            "queued": self.queued,
         }
 
 
@@ -101,16 +119,26 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
         return report
     snap = table.snapshot()
     for zone in snap.zones:
+        if zone.flags & ZONE_CHANNEL:
+            _walk_channel(zone, keepalive, report)
+    for zone in snap.zones:
         if not zone.name.startswith(RESERVED):
             continue
-        if zone.flags & ZONE_HEAP:
+        if zone.flags & ZONE_CHANNEL:
+            if not zone.name.startswith(".ch."):
+                report.violations.append(f"zone {zone.name!r} is flagged as a channel but not named as one")
+        elif zone.flags & ZONE_HEAP:
             if not zone.name.startswith(".h."):
                 report.violations.append(f"zone {zone.name!r} is flagged as a heap allocation but not named as one")
             report.large_allocations += 1
             report.large_bytes += zone.size
             report.allocations += 1
             report.used += zone.size
-            if zone.flags & ZONE_DISOWNED:
+            if zone.flags & ZONE_HANDED:
+                report.handed += 1
+                if (zone.owner.epoch >> 31) != 1 or (zone.owner.epoch & 0xFFF) not in report._channels:
+                    report.violations.append(f"large allocation {zone.name} is in the custody of no channel")
+            elif zone.flags & ZONE_DISOWNED:
                 report.disowned += 1
             elif not process_alive(zone.owner.pid, zone.owner.start):
                 report.pending.append(f"large allocation {zone.name} at {zone.address:#x} ({zone.size} bytes) "
@@ -127,6 +155,7 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
     except Exception as err:  # noqa: BLE001 - TableCorrupt, said as a violation
         report.violations.append(str(err))
         return report
+    report._directory = directory
     report.claims = directory.counter(CLAIMS_AT)
     report.reclaimed_allocations = directory.counter(LARGE_RECLAIMED_AT)
     report.reclaimed_bytes = directory.counter(LARGE_RECLAIMED_BYTES_AT)
@@ -167,6 +196,7 @@ def _walk_arena(directory: Directory, arena: Arena, report: HeapReport, rules: b
         return
     state, pid, start = after[1], after[4], after[7]
     count, used, disowned, carved, live = figures
+    live -= _holders(arena, report, found, rules)
     if state == E_FREE and live:
         found.append(f"arena {i} is owned by no one but holds {live} LIVE blocks (reclaim leaves none)")
     problem = arena.problem()
@@ -181,6 +211,76 @@ def _walk_arena(directory: Directory, arena: Arena, report: HeapReport, rules: b
     report.capacity += (SPANS - META_SPANS) * SPAN
     report.arenas.append({"index": i, "state": ENTRY_STATES[state], "pid": pid if state != E_FREE else None,
                           "allocations": count, "used": used, "spans": carved})
+
+
+def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool) -> int:
+    """Check the holder words of ``arena``'s blocks; the LIVE blocks that are handed."""
+    raw = arena.meta[HOLDER_AT:META].tobytes()
+    if raw.count(0) == len(raw):
+        return 0
+    states = arena.state
+    handed_live = 0
+    directory = report._directory
+    for k, word in enumerate(memoryview(raw).cast("I")):
+        if not word:
+            continue
+        s = states[k]
+        if s == 0:
+            if rules:
+                found.append(f"arena {arena.index} block {k} is free but names a holder ({word:#x})")
+            continue
+        if s == REMOTE:
+            continue  # freed by its holder; its owner collects it
+        report.handed += 1
+        handed_live += s == LIVE
+        if word & CUSTODY:
+            if rules and word not in report._custody and not _queued_now(report, word):
+                found.append(f"arena {arena.index} block {k} is held by channel {word & 0xFFF} at message "
+                             f"{(word >> 12) & 0x7FFFF}, which is not queued there")
+            continue
+        i, claim = holder_arena(word)
+        if directory is None or not 0 <= i < directory.max_arenas:
+            found.append(f"arena {arena.index} block {k} names a holder of no arena ({word:#x})")
+            continue
+        entry = directory.entry(i)
+        if entry[1] == E_FREE or (entry[5] & 0x7FFF) != claim or not process_alive(entry[4], entry[7]):
+            report.pending.append(f"arena {arena.index} block {k} is held by a worker that exited (its arena {i}); "
+                                  "not freed yet")
+    return handed_live
+
+
+def _queued_now(report: HeapReport, word: int) -> bool:
+    """Whether the message ``word`` names is queued in its channel now (it may have been sent since
+    the channel was read: the walk takes no lock)."""
+    from .channel import HEAD_AT, TAIL_AT
+
+    words = report._channels.get(word & 0xFFF)
+    if words is None:
+        return False
+    seq = (word >> 12) & 0x7FFFF
+    head, tail = words[HEAD_AT // 8], words[TAIL_AT // 8]
+    return any((n & 0x7FFFF) == seq for n in range(max(0, head - 1), tail + 1))
+
+
+def _walk_channel(zone: Any, keepalive: object, report: HeapReport) -> None:
+    from .. import _sys
+    from .channel import _HEAD, HEAD_AT, MAGIC, SLOTS_AT, TAIL_AT, channel_size
+
+    mem = _sys.memory(zone.address, zone.size, keepalive)
+    magic, capacity, slots, index = _HEAD.unpack_from(mem, 0)
+    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity) > zone.size:
+        report.violations.append(f"channel zone {zone.name!r} has a bad header")
+        return
+    report.channels += 1
+    words = mem[:SLOTS_AT].cast("Q")
+    report._channels[index] = words
+    head, tail = words[HEAD_AT // 8], words[TAIL_AT // 8]
+    if not head <= tail <= head + capacity:
+        report.violations.append(f"channel {zone.name[4:]!r}: head {head} and tail {tail} out of order")
+        return
+    report.queued += tail - head
+    for seq in range(max(0, head - 1), tail + 1):  # a message half taken, the queue, one half sent
+        report._custody.add(custody(index, seq))
 
 
 def _arena_figures(arena: Arena, found: list[str], rules: bool) -> tuple[int, int, int, int, int]:
