@@ -397,8 +397,9 @@ def metric(samples: Sequence[float], *, baseline: Sequence[float] | None = None,
     """One row of results: the samples' summary, the baseline's median, the ratio, the verdict.
 
     ``target_kind`` is ``max`` (the median must be at most ``target`` seconds),
-    ``ratio`` (median / baseline median must be at most ``target``) or ``min_ratio``
-    (that ratio must be at least ``target``: a throughput against its baseline). In quick mode
+    ``ratio`` (median / baseline median must be at most ``target``), ``min_ratio``
+    (that ratio must be at least ``target``: a throughput against its baseline) or ``min``
+    (the median must be at least ``target``: a rate). In quick mode
     sizes are scaled down, so no verdict is given (``pass`` is None).
     """
     row: dict[str, Any] = summary(samples)
@@ -412,7 +413,7 @@ def metric(samples: Sequence[float], *, baseline: Sequence[float] | None = None,
     verdict = None
     if target is not None and not quick:
         value = row["ratio"] if target_kind in ("ratio", "min_ratio") else row["median"]
-        verdict = value is not None and (value >= target if target_kind == "min_ratio" else value <= target)
+        verdict = value is not None and (value >= target if target_kind in ("min_ratio", "min") else value <= target)
     row["pass"] = verdict
     row["note"] = note
     return row

@@ -33,6 +33,7 @@ BENCHMARKS = {
     "hugepages": "benchmarks.bench_hugepages",
     "adoption": "benchmarks.bench_adoption",
     "heap": "benchmarks.bench_heap",
+    "channel": "benchmarks.bench_channel",
 }
 RESULTS = common.REPO / "benchmarks" / "results"
 
@@ -112,6 +113,8 @@ def _target(row: dict[str, Any]) -> str:
         return f"ratio <= {row['target']:.2f}"
     if row["target_kind"] == "min_ratio":
         return f"ratio >= {row['target']:.2f}"
+    if row["target_kind"] == "min":
+        return f">= {row['target']:,.0f}/s"
     return f"<= {common.format_seconds(row['target'])}"
 
 

@@ -19,6 +19,8 @@ from .errors import (
     AddressUnavailable,
     AdoptionRefused,
     AlreadyExists,
+    ChannelBusy,
+    ChannelTimeout,
     HandleClosed,
     HugepagesUnavailable,
     HugeshmdError,
@@ -63,4 +65,6 @@ __all__ = [
     "KernelRefused",
     "HandleClosed",
     "AdoptionRefused",
+    "ChannelTimeout",
+    "ChannelBusy",
 ]

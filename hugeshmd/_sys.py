@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from collections.abc import Callable
 
 __all__ = [
@@ -56,6 +57,17 @@ __all__ = [
     "install_sigbus_handler",
     "HUGETLBFS_MAGIC",
     "TMPFS_MAGIC",
+    "MUTEX_SIZE",
+    "EOWNERDEAD",
+    "ENOTRECOVERABLE",
+    "mutex_init",
+    "mutex_lock",
+    "mutex_trylock",
+    "mutex_unlock",
+    "mutex_consistent",
+    "mutex_holder",
+    "futex_wait",
+    "futex_wake",
 ]
 
 PROT_NONE = 0x0
@@ -390,3 +402,108 @@ def install_sigbus_handler(claim: Callable[[int], bool]) -> None:
         _raise_errno("sigaction", "SIGBUS")
     _installed.append(callback)
     _callbacks.append(callback)  # never freed: a signal may be on its way to it
+
+
+# -- robust process-shared mutexes and futexes (the channels' locks and waits) ----------------------
+#
+# A robust mutex (pthread_mutexattr_setrobust(3)) is released by the kernel when its holder dies:
+# the thread's robust list, walked at its exit, marks the lock word OWNER_DIED and wakes a waiter,
+# whose lock then returns EOWNERDEAD: it holds the mutex and must repair what the dead holder left
+# half done, then call pthread_mutex_consistent. The lock word's low 30 bits are the holder's
+# thread id (glibc's robust mutexes keep it there, which also makes a frozen holder nameable).
+# Uncontended, lock and unlock are one atomic instruction each in libc; unlock is an exchange
+# (a full barrier on x86-64), which the channels' wake-up protocol relies on.
+
+MUTEX_SIZE = 64  # bytes given to a pthread_mutex_t (40 on x86-64 and aarch64 glibc)
+EOWNERDEAD = 130
+ENOTRECOVERABLE = 131
+_CLOCK_MONOTONIC = 1
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine, 202)
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.pthread_mutexattr_init.argtypes = (ctypes.c_void_p,)
+_libc.pthread_mutexattr_setpshared.argtypes = (ctypes.c_void_p, ctypes.c_int)
+_libc.pthread_mutexattr_setrobust.argtypes = (ctypes.c_void_p, ctypes.c_int)
+_libc.pthread_mutexattr_destroy.argtypes = (ctypes.c_void_p,)
+_libc.pthread_mutex_init.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+_libc.pthread_mutex_consistent.argtypes = (ctypes.c_void_p,)
+mutex_trylock = _libc.pthread_mutex_trylock  # (address) -> 0, EBUSY or EOWNERDEAD: called as is, for speed
+mutex_trylock.argtypes = (ctypes.c_void_p,)
+mutex_unlock = _libc.pthread_mutex_unlock
+mutex_unlock.argtypes = (ctypes.c_void_p,)
+_clocklock = getattr(_libc, "pthread_mutex_clocklock", None)  # glibc 2.30+: a monotonic deadline
+if _clocklock is not None:
+    _clocklock.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec))
+_timedlock = _libc.pthread_mutex_timedlock
+_timedlock.argtypes = (ctypes.c_void_p, ctypes.POINTER(_Timespec))
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def mutex_init(address: int) -> None:
+    """Make a robust, process-shared mutex at ``address`` (MUTEX_SIZE bytes, zeroed)."""
+    attr = ctypes.create_string_buffer(64)
+    for call, args in ((_libc.pthread_mutexattr_init, ()), (_libc.pthread_mutexattr_setpshared, (1,)),
+                       (_libc.pthread_mutexattr_setrobust, (1,))):
+        err = call(attr, *args)
+        if err:
+            raise OSError(err, f"{call.__name__}: {os.strerror(err)}")
+    try:
+        err = _libc.pthread_mutex_init(address, attr)
+        if err:
+            raise OSError(err, f"pthread_mutex_init: {os.strerror(err)}")
+    finally:
+        _libc.pthread_mutexattr_destroy(attr)
+
+
+def mutex_lock(address: int, timeout: float) -> int:
+    """Lock the robust mutex at ``address``, waiting at most ``timeout`` seconds (in the kernel,
+    woken by the unlock). 0, EOWNERDEAD (held now; repair, then :func:`mutex_consistent`),
+    ETIMEDOUT, or ENOTRECOVERABLE."""
+    err = mutex_trylock(address)
+    if err != 16:  # not EBUSY
+        return int(err)
+    if _clocklock is not None:
+        deadline = _deadline(time.monotonic() + timeout)
+        return int(_clocklock(address, _CLOCK_MONOTONIC, ctypes.byref(deadline)))
+    deadline = _deadline(time.time() + timeout)  # pragma: no cover
+    return int(_timedlock(address, ctypes.byref(deadline)))  # pragma: no cover
+
+
+def mutex_consistent(address: int) -> None:
+    err = _libc.pthread_mutex_consistent(address)
+    if err:
+        raise OSError(err, f"pthread_mutex_consistent: {os.strerror(err)}")
+
+
+def mutex_holder(address: int) -> int:
+    """The thread id holding the robust mutex at ``address`` (0: none), read off its lock word."""
+    return ctypes.c_int.from_address(address).value & 0x3FFFFFFF
+
+
+def futex_wait(address: int, expected: int, timeout: float | None) -> None:
+    """Sleep while the 32-bit word at ``address`` holds ``expected``, at most ``timeout`` seconds
+    (None: no limit), until a :func:`futex_wake` on it. Returns at once if the word differs;
+    spurious returns happen: the caller re-checks what it waits for."""
+    ts = None
+    if timeout is not None:
+        whole = int(max(timeout, 0.0))
+        ts = ctypes.byref(_Timespec(whole, int((max(timeout, 0.0) - whole) * 1e9)))
+    _syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, ctypes.c_uint32(expected & 0xFFFFFFFF), ts, None, 0)
+
+
+def futex_wake(address: int, count: int = 0x7FFFFFFF) -> None:
+    """Wake up to ``count`` waiters of the word at ``address``."""
+    _syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, count, None, None, 0)
+
+
+def _deadline(at: float) -> _Timespec:
+    whole = int(at)
+    return _Timespec(whole, int((at - whole) * 1e9))
+
+

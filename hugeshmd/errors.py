@@ -38,6 +38,8 @@ __all__ = [
     "KernelRefused",
     "HandleClosed",
     "AdoptionRefused",
+    "ChannelTimeout",
+    "ChannelBusy",
     "error_for_code",
     "ERRORS",
 ]
@@ -268,10 +270,31 @@ class HandleClosed(HugeshmdError):
         prefix: str | None
 
 
+class ChannelTimeout(HugeshmdError, TimeoutError):
+    """A channel (``channel``) stayed empty (a receive) or full (a send, ``full``) for the whole
+    wait (``waited`` seconds). Nothing was sent or received."""
+
+    code = 21
+    FIELDS = ("channel", "full", "waited")
+    if TYPE_CHECKING:
+        channel: str | None
+        full: bool | None
+        waited: float | None
+
+
+class ChannelBusy(TableBusy):
+    """A channel's producer or consumer lock (of channel ``path``) stayed taken for the whole
+    wait (``waited`` seconds) by ``pid``, which ``stopped`` says is frozen. A holder that dies
+    releases it (the kernel does), and the next taker finishes what it left half done."""
+
+    code = 22
+
+
 ERRORS: tuple[type[HugeshmdError], ...] = (
     HugeshmdError, InvalidArgument, AlreadyExists, NotFound, OutOfMemory, AddressUnavailable,
     PrimaryUnavailable, InstanceLocked, HugepagesUnavailable, TableCorrupt, ProtocolError, TableBusy,
-    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused,
+    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused, ChannelTimeout,
+    ChannelBusy,
 )
 _BY_CODE = {cls.code: cls for cls in ERRORS}
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import struct
 import sys
-import time
+
+from storm import storm
 
 import hugeshmd
 
@@ -121,56 +121,11 @@ def main() -> None:
             shm.reserve(MAILBOX, roles * SLOTS * MAIL.size)
         except hugeshmd.AlreadyExists:
             pass
-    read_end, report = os.pipe()
-    os.set_blocking(read_end, False)
-    rng = random.Random(int(os.environ.get("STORM_SEED", "0")) or None)
-    running: dict[int, int] = {}  # pid -> role
 
-    def spawn(role: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(read_end)
-                worker(prefix, root, role, roles, report)
-            except BaseException as err:  # noqa: BLE001 - say it, then exit without running the zygote's code
-                os.write(report, f"pid {os.getpid()} role {role}: {type(err).__name__}: {err}\n".encode())
-                os._exit(4)
-            os._exit(0)
-        running[pid] = role
+    def work(role: int, report: int) -> None:
+        worker(prefix, root, role, roles, report)
 
-    for role in range(roles):
-        spawn(role)
-    kills = 0
-    bad: list[str] = []
-    deadline = time.monotonic() + seconds
-    while kills < kills_wanted and time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.0005, 0.006))
-        victim = rng.choice(list(running))
-        os.kill(victim, signal.SIGKILL)
-        _, status = os.waitpid(victim, 0)
-        if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
-            bad.append(f"pid {victim} exited with status {status}")
-        kills += 1
-        spawn(running.pop(victim))
-        # a worker that failed on its own exits before its kill: reap it too
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            bad.append(f"pid {pid} exited with status {status}")
-            spawn(running.pop(pid))
-    for pid in list(running):
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    os.close(report)
-    try:
-        said = os.read(read_end, 1 << 20).decode()
-    except BlockingIOError:
-        said = ""
-    result = json.dumps({"kills": kills, "bad": bad, "said": said})
+    result = json.dumps(storm(range(roles), work, kills_wanted, seconds, (0.0005, 0.006)))
     if os.environ.get("STORM_OUT"):
         with open(os.environ["STORM_OUT"], "a") as out:
             out.write(result + "\n")

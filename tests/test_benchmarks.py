@@ -21,7 +21,7 @@ pytestmark = pytest.mark.bench
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("primary_map", "attach", "fresh_worker", "zone_ops", "control_plane", "handoff", "hugepages", "adoption",
-              "heap")
+              "heap", "channel")
 PLOTTED = ("primary_map", "attach", "control_plane", "handoff", "hugepages")
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ROW_KEYS = {"median", "p10", "p90", "min", "max", "n", "unit", "baseline", "baseline_name", "ratio", "target",

@@ -52,7 +52,7 @@ __all__ = [
     "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "META", "META_HEAD",
     "META_AT", "CHANGE", "CHANGE_AT", "CHANGE_INSERT", "CHANGE_REMOVE", "CHANGE_OTHER", "WORKER", "IOVA", "U32",
     "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT",
-    "ADOPTIONS_AT", "NO_SLOT", "ZONE_HEAP", "ZONE_DISOWNED", "ZONE_HEAP_META",
+    "ADOPTIONS_AT", "NO_SLOT", "ZONE_HEAP", "ZONE_DISOWNED", "ZONE_HEAP_META", "ZONE_CHANNEL", "ZONE_HANDED",
     "NOBODY", "Layout", "Owner", "SegmentRecord", "ZoneRecord", "check_segments",
 ]  # fmt: skip
 
@@ -69,7 +69,9 @@ NO_SLOT = 0xFFFFFFFF  # a zone owner that is no registered worker (the primary, 
 # Zone flags. The heap (hugeshmd.shm.heap) keeps its directory and arenas in zones marked
 # ZONE_HEAP_META, and each large allocation in a zone marked ZONE_HEAP (ZONE_DISOWNED once its
 # maker gave it up: it outlives its owner). Their names start with "." (zones.RESERVED).
-ZONE_HEAP, ZONE_DISOWNED, ZONE_HEAP_META = 1, 2, 4
+# A zone marked ZONE_CHANNEL is a channel (hugeshmd.shm.channel); a large allocation marked
+# ZONE_HANDED is in a channel's custody (its owner's epoch is the channel's holder word).
+ZONE_HEAP, ZONE_DISOWNED, ZONE_HEAP_META, ZONE_CHANNEL, ZONE_HANDED = 1, 2, 4, 8, 16
 
 # Static header: written once by the primary, covered by the CRC32 that follows it.
 _HEADER = struct.Struct("<8sIIQQQQIIIIIIIIQQQQQQ64s16s")

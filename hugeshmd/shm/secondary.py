@@ -34,13 +34,14 @@ from .registry import Registry
 from .snapshot import Snapshot
 from .table import DEFAULT_LOCK_TIMEOUT, Table
 from .window import Window
-from .zones import RESERVED, ReadOnlyZone, Zone, check_align, check_size, check_user_name, make_zone
+from .zones import RESERVED, ReadOnlyZone, Zone, check_align, check_name, check_size, check_user_name, make_zone
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
     from .buffer import Buffer
+    from .channel import Channel
     from .heap import Heap
 
 __all__ = ["attach", "Secondary", "Segment", "PrimaryInfo"]
@@ -350,6 +351,21 @@ class Secondary:
         allocation. NotFound if no live allocation starts there (never a view of freed memory)."""
         heap = self._heap or self._make_heap()
         return heap.buffer(address)  # type: ignore[no-any-return]
+
+    def channel(self, name: str, capacity: int | None = None) -> Channel:
+        """The channel ``name`` of this instance, made (with ``capacity`` messages, default 1024)
+        if there is none; any worker may open it, send and receive. See
+        :class:`~hugeshmd.shm.channel.Channel`: ``send``/``recv`` move heap Buffers, and their
+        ownership, from worker to worker, and no worker's death loses or doubles one.
+
+        InvalidArgument for a bad name or capacity (or another capacity than an existing
+        channel's), AccessDenied if read-only, TableFull/OutOfMemory when it does not fit."""
+        from .channel import open_channel
+
+        check_name(name)
+        heap = self._heap or self._make_heap()
+        assert self._window is not None
+        return open_channel(heap, self._table, name, capacity, self._window, self._table.lock_timeout)
 
     def _make_heap(self) -> Heap:
         from .heap import Heap

@@ -1,0 +1,129 @@
+"""Waking the coroutines that ``await channel.arecv()``: one thread per channel in this process.
+
+The thread sleeps on the channel's futex as a receiver does (counted among the
+sleeping receivers, so a sender wakes it), and when a message may be there
+resolves every waiting coroutine's future; each then tries a receive that does
+not wait. However many coroutines wait on a channel, one thread serves them;
+it exits when none is left.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .. import _sys
+from .channel import HEAD_AT, RWAIT_AT, TAIL_AT
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from typing import Any
+
+    from .channel import Channel
+
+__all__ = ["waker_for"]
+
+SLEEP_S = 0.5  # the thread's longest sleep: it notices coroutines that stopped waiting (cancelled)
+
+_wakers: dict[int, Waker] = {}
+_guard = threading.Lock()
+
+
+def waker_for(channel: Channel) -> Waker:
+    with _guard:
+        waker = _wakers.get(id(channel))
+        if waker is None or waker.channel is not channel:
+            waker = _wakers[id(channel)] = Waker(channel)
+        return waker
+
+
+class Waker:
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
+        self._thread: threading.Thread | None = None
+
+    def wait(self, loop: asyncio.AbstractEventLoop, tail: int) -> asyncio.Future[Any]:
+        """A future resolved when a message may have come (None), or with a list of one Buffer
+        (a message a dead receiver left half taken, now this process's)."""
+        future = loop.create_future()
+        with self._lock:
+            self._waiting.append((loop, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"hugeshmd-arecv-{self.channel.name}",
+                                                daemon=True)
+                self._thread.start()
+        return future
+
+    def _pending(self) -> bool:
+        with self._lock:
+            self._waiting = [(loop, f) for loop, f in self._waiting if not f.done() and not loop.is_closed()]
+            if not self._waiting:
+                self._thread = None
+                return False
+            return True
+
+    def _resolve(self, value: Any = None) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        if value is not None and waiting:
+            loop, future = waiting.pop(0)
+            _call(loop, _set, future, value)
+        for loop, future in waiting:
+            _call(loop, _set, future, None)
+
+    def _run(self) -> None:
+        ch = self.channel
+        words, u32 = ch._words, ch._u32
+        while self._pending():
+            try:
+                orphan = ch._lock(ch._clock, False)
+            except Exception as err:  # noqa: BLE001 - a frozen receiver holds the lock: tell the waiters
+                self._fail(err)
+                return
+            try:
+                tail = words[TAIL_AT // 8]
+                ready = bool(orphan) or words[HEAD_AT // 8] != tail
+                if not ready:
+                    u32[RWAIT_AT // 4] += 1
+            finally:
+                _sys.mutex_unlock(ch._clock)
+            if ready:
+                self._resolve(orphan or None)
+                continue
+            try:
+                _sys.futex_wait(ch._address + TAIL_AT, tail, SLEEP_S)
+            finally:
+                try:
+                    orphan = ch._lock(ch._clock, False)
+                    u32[RWAIT_AT // 4] -= 1
+                    _sys.mutex_unlock(ch._clock)
+                except Exception as err:  # noqa: BLE001
+                    self._fail(err)
+                    return
+            self._resolve(orphan or None)
+
+    def _fail(self, err: BaseException) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+            self._thread = None
+        for loop, future in waiting:
+            _call(loop, _fail, future, err)
+
+
+def _call(loop: asyncio.AbstractEventLoop, *call: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(*call)
+    except RuntimeError:  # the loop closed meanwhile: its coroutines wait no more
+        pass
+
+
+def _set(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], err: BaseException) -> None:
+    if not future.done():
+        future.set_exception(err)

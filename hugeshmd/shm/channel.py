@@ -1,0 +1,584 @@
+"""Channels: heap buffers handed from worker to worker, ownership included, through any death.
+
+A channel is a zone named ``.ch.<name>``: a header, then a ring of slots, each
+the address and size of one buffer. Any worker may send and receive, as many
+as like; messages keep the order of each producer. What it moves is ownership:
+a sent buffer is no longer its sender's, and becomes its receiver's.
+
+Who holds a buffer is written in one place, by one store (see
+:mod:`hugeshmd.shm.heap`): a small block's 32-bit *holder* word, a large
+allocation's zone record (a commit). While a buffer is in the ring, its holder
+is the channel at the message's sequence number (:func:`~hugeshmd.shm.heap.custody`);
+a receiver writes its own holder word over that. The primary frees what a dead
+worker held (its arena's reclaim for its own blocks, :func:`~hugeshmd.shm.heap.release_held`
+for the blocks it received), and never a block a channel holds.
+
+The two sides serialize on two robust mutexes, one for producers and one for
+consumers (:mod:`hugeshmd._sys`): the kernel releases a dead holder's, and the
+next taker learns of the death (EOWNERDEAD) and finishes what was half done,
+which is always the last step of one operation:
+
+* **send** under the producer lock: write the slot at ``tail``; make the
+  channel the holder at ``tail``; publish (``tail + 1``). A producer that died
+  after the second step left a slot whose buffer the channel holds at ``tail``:
+  the next producer publishes it (rolls it forward). Before it, the buffer is
+  still the dead producer's, and the primary frees it with the rest.
+* **receive** under the consumer lock: read the slot at ``head``; advance
+  ``head``; make this worker the holder. A consumer that died between the last
+  two left the buffer held by the channel at ``head - 1`` with ``head`` past it:
+  the next consumer takes it as the message it receives. The ring has one slot
+  more than its capacity, so no producer overwrites slot ``head - 1`` meanwhile.
+
+Waits are futex waits on the ``tail`` word (receivers) or the ``head`` word
+(senders), with a bound. A waiter counts itself in under its side's lock and
+releases it (a full barrier in glibc's robust unlock) before sleeping; the
+other side publishes, releases its own lock (a full barrier too), then reads
+the count and wakes: neither can miss the other. A waiter killed asleep leaves
+the count one too high, which costs the other side a futex wake per call
+(about a microsecond) and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from .. import _sys
+from ..errors import ChannelBusy, ChannelTimeout, InvalidArgument, NotFound, TableCorrupt
+from .buffer import SENT, Buffer
+from .heap import (
+    _COUNTS,
+    ARENA,
+    BLOCKS,
+    CLASS_AT,
+    CLASS_SIZES,
+    FREE,
+    META_SPANS,
+    REMOTE,
+    SPAN,
+    SPAN_SHIFT,
+    SPANS,
+    Heap,
+    custody,
+)
+from .layout import NO_SLOT, ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, Owner, ZoneRecord
+from .zones import check_name, place
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+    from .table import Table
+
+__all__ = ["Channel", "PREFIX", "DEFAULT_CAPACITY", "MAX_CAPACITY", "open_channel", "channel_size"]
+
+PREFIX = ".ch."
+DEFAULT_CAPACITY = 1024
+MAX_CAPACITY = 1 << 18  # sequence numbers are kept modulo 2**19 in holder words: far more than a ring
+MAX_CHANNELS = 4096  # channel indexes fit 12 bits of a holder word
+MAGIC = b"HSHMCHN1"
+_HEAD = struct.Struct("<8sIII")  # magic, capacity (messages), slots, index
+PLOCK_AT = 64  # the producers' robust mutex
+TAIL_AT = 128  # u64: messages published; its low half is the receivers' futex word
+CLOCK_AT = 192  # the consumers' robust mutex
+HEAD_AT = 256  # u64: messages taken; its low half is the senders' futex word
+RWAIT_AT = 320  # u32: receivers asleep (counted under the consumer lock)
+SWAIT_AT = 384  # u32: senders asleep (counted under the producer lock)
+SLOTS_AT = 512
+SLOT = struct.Struct("<QQ")  # address, size asked for
+_EBUSY, _ETIMEDOUT = 16, 110
+_TAILW, _HEADW, _RWAIT, _SWAIT = TAIL_AT // 8, HEAD_AT // 8, RWAIT_AT // 4, SWAIT_AT // 4
+_ARENA_MASK = ~(ARENA - 1)
+_SPAN_MASK = SPAN - 1
+_NCLASSES = len(CLASS_SIZES)
+_trylock, _unlock = _sys.mutex_trylock, _sys.mutex_unlock
+_new = object.__new__
+
+
+def channel_size(capacity: int) -> int:
+    return SLOTS_AT + SLOT.size * (capacity + 1)
+
+
+def check_capacity(capacity: object) -> int:
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
+        raise InvalidArgument(f"capacity must be an int in 1..{MAX_CAPACITY}, not {capacity!r}", name="capacity")
+    return capacity
+
+
+def check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < 1e9:
+        raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, not {timeout!r}",
+                              name="timeout")
+    return float(timeout)
+
+
+def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keepalive: object,
+                 lock_timeout: float) -> Channel:
+    """The channel ``name``, made with ``capacity`` (default 1024) if there is none.
+
+    InvalidArgument if it exists with another capacity than one asked for."""
+    check_name(PREFIX + name)
+    zone_name = PREFIX + name
+    record = table.snapshot().by_name.get(zone_name)
+    if record is None:
+        wanted = DEFAULT_CAPACITY if capacity is None else check_capacity(capacity)
+        with table.locked() as base:
+            record = base.by_name.get(zone_name)
+            if record is None:
+                used = {_index_of(z) for z in base.zones if z.flags & ZONE_CHANNEL}
+                index = next((i for i in range(MAX_CHANNELS) if i not in used), None)
+                if index is None:
+                    raise InvalidArgument(f"the instance has {MAX_CHANNELS} channels already", name=name)
+                record = place(base, zone_name, channel_size(wanted), 4096, table.iova_of, flags=ZONE_CHANNEL)
+                heap._ensure_mapped(record.address)
+                _initialize(record.address, record.size, wanted, index)  # a free run, ours until the commit
+                table.commit(base, insert=record)
+    heap._ensure_mapped(record.address)
+    channel = Channel(heap, table, name, record, keepalive, lock_timeout)
+    if capacity is not None and check_capacity(capacity) != channel.capacity:
+        raise InvalidArgument(f"channel {name!r} exists with capacity {channel.capacity}, not {capacity}",
+                              name=name)
+    return channel
+
+
+def _initialize(address: int, size: int, capacity: int, index: int) -> None:
+    _sys.zero(address, size)
+    mem = _sys.memory(address, SLOTS_AT, None)
+    _HEAD.pack_into(mem, 0, b"\0" * 8, capacity, capacity + 1, index)
+    _sys.mutex_init(address + PLOCK_AT)
+    _sys.mutex_init(address + CLOCK_AT)
+    mem[0:8] = MAGIC
+    mem.release()
+
+
+def _index_of(record: ZoneRecord) -> int:
+    """A channel's index, from its header (the channel's memory is mapped wherever its zone is seen)."""
+    return int(_HEAD.unpack_from(_sys.memory(record.address, _HEAD.size, None), 0)[3])
+
+
+class Channel:
+    """A named channel of buffers: ``send``/``send_many`` hand buffers in, ``recv``/``recv_many``
+    take them out (now the receiver's), ``arecv`` awaits one. Made by ``Secondary.channel``."""
+
+    def __init__(self, heap: Heap, table: Table, name: str, record: ZoneRecord, keepalive: object,
+                 lock_timeout: float) -> None:
+        self.name = name
+        self._heap = heap
+        self._table = table
+        self._address = a = record.address
+        self._mem = _sys.memory(a, record.size, keepalive)
+        magic, capacity, slots, index = _HEAD.unpack_from(self._mem, 0)
+        if magic != MAGIC or slots != capacity + 1 or channel_size(capacity) > record.size or index >= MAX_CHANNELS:
+            raise TableCorrupt(f"channel {name!r} at {a:#x} has a bad header ({magic!r}, capacity {capacity}, "
+                               f"{slots} slots, index {index})")
+        self.capacity = capacity
+        self._slots = slots
+        self._index = index
+        self._words = self._mem[:SLOTS_AT].cast("Q")
+        self._u32 = self._mem[:SLOTS_AT].cast("I")
+        self._ring = self._mem[SLOTS_AT : SLOTS_AT + SLOT.size * slots].cast("Q")
+        self._plock, self._clock = a + PLOCK_AT, a + CLOCK_AT
+        self._custody = custody(index, 0)  # | (seq & 0x7FFFF) << 12: the channel's holder word for seq
+        self._lock_timeout = lock_timeout
+        self._waker: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.name!r} capacity {self.capacity}, {len(self)} queued>"
+
+    def __len__(self) -> int:
+        """Messages queued now (a moment's reading)."""
+        w = self._words
+        return int(w[TAIL_AT // 8] - w[HEAD_AT // 8])
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def _lock(self, at: int, producer: bool, err: int = -1) -> list[Buffer]:
+        """Take one side's lock (``err``: what a trylock of it already answered); finishes what a
+        dead holder left half done. The orphan a dead consumer left (a consumer's lock only), to
+        be received first."""
+        if err < 0:
+            err = _sys.mutex_trylock(at)
+        if err == _EBUSY:
+            err = _sys.mutex_lock(at, self._lock_timeout)
+        if err == 0:
+            return []
+        if err == _sys.EOWNERDEAD:
+            try:
+                return self._repair_send() if producer else self._repair_recv()
+            finally:
+                _sys.mutex_consistent(at)
+        if err == _ETIMEDOUT:
+            pid = _sys.mutex_holder(at)
+            from .identity import describe_holder, process_state
+
+            state = process_state(pid) if pid else None
+            raise ChannelBusy(f"channel {self.name!r}: its {'producer' if producer else 'consumer'} lock stayed "
+                              f"taken for {self._lock_timeout:g} s by {describe_holder(pid)}",
+                              path=self.name, pid=pid or None, stopped=state in ("T", "t"),
+                              waited=self._lock_timeout)
+        raise TableCorrupt(f"channel {self.name!r}: its {'producer' if producer else 'consumer'} lock "
+                           f"cannot be taken ({err}: {_strerror(err)})")
+
+    def _repair_send(self) -> list[Buffer]:
+        """A producer died holding the lock: publish its last message if it had handed it over."""
+        t = self._words[TAIL_AT // 8]
+        at = 2 * (t % self._slots)
+        address = self._ring[at]
+        if address and self._holder_of(address) == custody(self._index, t):
+            self._words[TAIL_AT // 8] = t + 1
+            if self._u32[RWAIT_AT // 4]:
+                _sys.futex_wake(self._address + TAIL_AT)
+        return []
+
+    def _repair_recv(self) -> list[Buffer]:
+        """A consumer died holding the lock: the message it took but did not make its own is this
+        receiver's now (returned as its first)."""
+        h = self._words[HEAD_AT // 8]
+        if not h:
+            return []
+        at = 2 * ((h - 1) % self._slots)
+        address, size = self._ring[at], self._ring[at + 1]
+        if not address or self._holder_of(address) != custody(self._index, h - 1):
+            return []
+        return [self._take(address, size, h - 1)]
+
+    # -- who holds a buffer --------------------------------------------------------------
+
+    def _holder_of(self, address: int) -> int:
+        """The holder word of the buffer at ``address`` (a large one's: its custody, or 0)."""
+        heap = self._heap
+        arena = heap._arena_at(address)
+        if arena is not None:
+            found = arena.locate(address)
+            return int(arena.holder[found[0]]) if found is not None else 0
+        record = heap._large_record(address)
+        if record is not None and record.flags & ZONE_HANDED:
+            return int(record.owner.epoch)
+        return 0
+
+    def _take(self, address: int, size: int, seq: int) -> Buffer:
+        """Make this process the holder of message ``seq``'s buffer (the channel holds it)."""
+        heap = self._heap
+        arena = heap._arenas.get(address & _ARENA_MASK)
+        if arena is not None:  # the common case, the checks of Arena.locate inline
+            span = (address - arena.base) >> SPAN_SHIFT
+            c = arena.meta[CLASS_AT + span] - 1 if META_SPANS <= span < SPANS else -1
+            if 0 <= c < _NCLASSES:
+                i, rest = divmod(address & _SPAN_MASK, CLASS_SIZES[c])
+                k = span * BLOCKS + i
+                if not rest and i < _COUNTS[c] and size <= CLASS_SIZES[c]:
+                    s = arena.state[k]
+                    if (s == 1 or s == 2) and arena.holder[k] == self._custody | ((seq & 0x7FFFF) << 12):
+                        arena.holder[k] = 0 if arena.heap is heap else heap.holder
+                        buf = _new(Buffer)
+                        buf.address = address
+                        buf.size = size
+                        buf._heap = heap
+                        buf._slot = (address, k, arena, c)
+                        buf._record = None
+                        return buf
+        arena = heap._arena_at(address)
+        if arena is not None:
+            found = arena.locate(address)
+            if found is None or arena.holder[found[0]] != custody(self._index, seq) or \
+                    size > CLASS_SIZES[found[1]] or arena.state[found[0]] in (FREE, REMOTE):
+                raise self._bad(seq, address)
+            k, c = found
+            arena.holder[k] = 0 if arena.heap is heap else heap.holder_word()
+            return Buffer(heap, address, size, (address, k, arena, c), None)
+        table = self._table
+        with table.locked() as base:
+            record = heap._large_record(address)
+            if record is None or not record.flags & ZONE_HANDED or record.owner.epoch != custody(self._index, seq):
+                raise self._bad(seq, address)
+            owned = record._replace(owner=heap.owner_token(), flags=record.flags & ~(ZONE_HANDED | ZONE_DISOWNED))
+            table.commit(base, remove=record, insert=owned)
+        return Buffer(heap, address, owned.size, None, owned)
+
+    def _hand(self, buf: Buffer, seq: int) -> None:
+        """Make the channel the holder of ``buf`` as message ``seq`` (one store, or one commit)."""
+        word = custody(self._index, seq)
+        slot = buf._slot
+        if slot is not None:
+            slot[2].holder[slot[1]] = word
+            return
+        record = buf._record
+        assert isinstance(record, ZoneRecord)
+        table = self._table
+        with table.locked() as base:
+            current = base.by_name.get(record.name)
+            if current is None or current.address != record.address:
+                raise InvalidArgument(f"the allocation at {record.address:#x} is no longer live", name="buf")
+            table.commit(base, remove=current,
+                         insert=current._replace(owner=Owner(NO_SLOT, word, 0, 0), flags=current.flags | ZONE_HANDED))
+
+    def _check_held(self, buf: object) -> Buffer:
+        """``buf`` if this process holds it (so it may send it); else InvalidArgument."""
+        if not isinstance(buf, Buffer):
+            raise InvalidArgument(f"a channel sends Buffers (from shm.alloc or a receive), not "
+                                  f"{type(buf).__name__}", name="buf")
+        heap = self._heap
+        if buf._heap is not heap:
+            raise InvalidArgument("this Buffer belongs to another attachment", name="buf")
+        slot = buf._slot
+        if slot is not None:
+            arena, k = slot[2], slot[1]
+            s = arena.state[k]
+            held = arena.holder[k]
+            mine = (arena.heap is heap and not held) or (held and held == heap.holder)
+            if (s == 1 or s == 2) and mine:
+                return buf
+            raise InvalidArgument(f"the allocation at {buf.address:#x} is not this process's to send "
+                                  "(freed, or held by another)", name="buf")
+        if buf._record is SENT:
+            raise InvalidArgument(f"the Buffer at {buf.address:#x} was sent already: its receiver holds it",
+                                  name="buf")
+        if buf._record is None:
+            raise InvalidArgument(f"the Buffer at {buf.address:#x} was freed", name="buf")
+        return buf
+
+    def _bad(self, seq: int, address: int) -> TableCorrupt:
+        return TableCorrupt(f"channel {self.name!r}: message {seq} names {address:#x}, which the channel does "
+                            "not hold; the message was dropped")
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(self, buf: Buffer, timeout: float | None = None) -> None:
+        """Hand ``buf`` over: from now on the channel holds it, then its receiver. Waits while the
+        channel is full, at most ``timeout`` seconds (None: as long as it takes; 0: not at all),
+        then ChannelTimeout, nothing sent."""
+        slot = getattr(buf, "_slot", None)
+        heap = self._heap
+        if slot is None or timeout is not None or buf._heap is not heap:
+            self.send_many((buf,), timeout)  # large, or a wait with a bound, or an error to say
+            return
+        arena, k = slot[2], slot[1]
+        s = arena.state[k]
+        held = arena.holder[k]
+        if not ((s == 1 or s == 2) and ((arena.heap is heap and not held) or (held and held == heap.holder))):
+            self.send_many((buf,), timeout)  # says what is wrong
+            return
+        # the common case, as send_many does it, inline: a small buffer, room in the ring
+        lock = self._plock
+        err = _trylock(lock)
+        if err:
+            self._lock(lock, True, err)
+        words = self._words
+        try:
+            t = words[_TAILW]
+            if t - words[_HEADW] >= self.capacity:
+                t = self._wait_room(t, None, None)
+            at = 2 * (t % self._slots)
+            ring = self._ring
+            ring[at] = buf.address
+            ring[at + 1] = buf.size
+            arena.holder[k] = self._custody | ((t & 0x7FFFF) << 12)  # the channel holds it from here
+            words[_TAILW] = t + 1  # published
+        finally:
+            _unlock(lock)
+        buf._slot = None
+        buf._record = SENT
+        if self._u32[_RWAIT]:
+            _sys.futex_wake(self._address + TAIL_AT)
+
+    def send_many(self, bufs: Iterable[Buffer], timeout: float | None = None) -> int:
+        """Send each of ``bufs`` in order, under one lock; waits for room as :meth:`send` does.
+        Each is sent or not, in order: on ChannelTimeout the ones before were sent (their handles
+        say so: ``buf.sent``); the number sent otherwise (all)."""
+        heap = self._heap
+        checked: list[tuple[Buffer, Any, int]] = []  # (buffer, its arena's holder words or None, index)
+        for buf in bufs:  # all checked before any is sent
+            slot = getattr(buf, "_slot", None)
+            if slot is not None and buf._heap is heap:
+                arena, k = slot[2], slot[1]
+                s = arena.state[k]
+                held = arena.holder[k]
+                if (s == 1 or s == 2) and ((arena.heap is heap and not held) or (held and held == heap.holder)):
+                    checked.append((buf, arena.holder, k))
+                    continue
+            checked.append((self._check_held(buf), None, 0))
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        words, ring, slots, capacity, word = self._words, self._ring, self._slots, self.capacity, self._custody
+        sent = 0
+        lock = self._plock
+        self._lock(lock, True)
+        try:
+            for buf, holders, k in checked:
+                t = words[_TAILW]
+                if t - words[_HEADW] >= capacity:
+                    t = self._wait_room(t, deadline, timeout)
+                at = 2 * (t % slots)
+                ring[at] = buf.address
+                ring[at + 1] = buf.size
+                if holders is not None:
+                    holders[k] = word | ((t & 0x7FFFF) << 12)  # the channel holds it from here
+                else:
+                    self._hand(buf, t)
+                words[_TAILW] = t + 1  # published
+                buf._slot = None
+                buf._record = SENT
+                sent += 1
+        finally:
+            _sys.mutex_unlock(lock)
+            if sent and self._u32[RWAIT_AT // 4]:
+                _sys.futex_wake(self._address + TAIL_AT)
+        return sent
+
+    def _wait_room(self, t: int, deadline: float | None, timeout: float | None) -> int:
+        """Sleep (the producer lock released) until a receiver makes room; the tail then."""
+        words, u32 = self._words, self._u32
+        lock = self._plock
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ChannelTimeout(f"channel {self.name!r} stayed full ({self.capacity} messages) for "
+                                     f"{timeout:g} s; nothing more was sent", channel=self.name, full=True,
+                                     waited=timeout)
+            head = words[HEAD_AT // 8]
+            u32[SWAIT_AT // 4] += 1
+            _sys.mutex_unlock(lock)
+            try:
+                if t - head >= self.capacity:
+                    _sys.futex_wait(self._address + HEAD_AT, head, left if left is None else min(left, 1.0))
+            finally:
+                self._lock(lock, True)
+                u32[SWAIT_AT // 4] -= 1
+            t = words[TAIL_AT // 8]
+            if t - words[HEAD_AT // 8] < self.capacity:
+                return int(t)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> Buffer:
+        """The next buffer, now this process's. Waits while the channel is empty, at most
+        ``timeout`` seconds (None: as long as it takes; 0: not at all), then ChannelTimeout."""
+        heap = self._heap
+        if not heap.holder:
+            return self.recv_many(1, timeout)[0]
+        if timeout is not None:
+            timeout = check_timeout(timeout)
+        lock = self._clock
+        got: Buffer | None = None
+        err = _trylock(lock)
+        if err:
+            orphan = self._lock(lock, False, err)
+            if orphan:
+                got = orphan[0]
+        words = self._words
+        try:
+            if got is None:
+                h = words[_HEADW]
+                if h == words[_TAILW]:
+                    h, orphan = self._wait_message(h, timeout)
+                    if orphan:
+                        got = orphan[0]
+                if got is None:
+                    at = 2 * (h % self._slots)
+                    ring = self._ring
+                    address, size = ring[at], ring[at + 1]
+                    words[_HEADW] = h + 1  # taken: the holder word below makes it ours
+                    got = self._take(address, size, h)
+        finally:
+            _unlock(lock)
+            if self._u32[_SWAIT]:
+                _sys.futex_wake(self._address + HEAD_AT)
+        return got
+
+    def recv_many(self, most: int = 64, timeout: float | None = None) -> list[Buffer]:
+        """Up to ``most`` buffers (at least one: waits for the first as :meth:`recv` does)."""
+        if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+            raise InvalidArgument(f"most must be a positive int, not {most!r}", name="most")
+        timeout = check_timeout(timeout)
+        self._heap.holder_word()  # before the lock: a first claim takes the writer lock, and may grow
+        words, ring, slots = self._words, self._ring, self._slots
+        lock = self._clock
+        got = self._lock(lock, False)
+        try:
+            h = words[HEAD_AT // 8]
+            if not got and h == words[TAIL_AT // 8]:
+                h, got = self._wait_message(h, timeout)
+            tail = words[TAIL_AT // 8]
+            while len(got) < most and h < tail:
+                at = 2 * (h % slots)
+                address, size = ring[at], ring[at + 1]
+                words[HEAD_AT // 8] = h + 1  # taken: the holder word below makes it ours
+                try:
+                    got.append(self._take(address, size, h))
+                except TableCorrupt:
+                    if not got:
+                        raise
+                    break
+                h += 1
+        finally:
+            _sys.mutex_unlock(lock)
+            if got and self._u32[SWAIT_AT // 4]:
+                _sys.futex_wake(self._address + HEAD_AT)
+        return got
+
+    def _wait_message(self, h: int, timeout: float | None) -> tuple[int, list[Buffer]]:
+        """Sleep (the consumer lock released) until a message is published: the head then, and
+        the message a consumer that died meanwhile left half taken, if one did (this one's now)."""
+        words, u32 = self._words, self._u32
+        lock = self._clock
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ChannelTimeout(f"channel {self.name!r} stayed empty for {timeout:g} s", channel=self.name,
+                                     full=False, waited=timeout)
+            tail = words[TAIL_AT // 8]
+            u32[RWAIT_AT // 4] += 1
+            _sys.mutex_unlock(lock)
+            try:
+                if tail == h:
+                    _sys.futex_wait(self._address + TAIL_AT, tail, left if left is None else min(left, 1.0))
+            finally:
+                orphan = self._lock(lock, False)
+                u32[RWAIT_AT // 4] -= 1
+            h = words[HEAD_AT // 8]
+            if orphan or h != words[TAIL_AT // 8]:
+                return int(h), orphan
+
+    async def arecv(self, timeout: float | None = None) -> Buffer:
+        """:meth:`recv` for asyncio: waits without blocking the event loop (one thread per
+        channel in this process watches for messages, however many coroutines wait)."""
+        import asyncio
+
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self.recv(timeout=0)
+            except ChannelTimeout:
+                pass
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ChannelTimeout(f"channel {self.name!r} stayed empty for {timeout:g} s", channel=self.name,
+                                     full=False, waited=timeout)
+            from ._waker import waker_for
+
+            waiter = waker_for(self).wait(asyncio.get_running_loop(), int(self._words[TAIL_AT // 8]))
+            try:
+                got = await asyncio.wait_for(waiter, left)
+            except TimeoutError:
+                continue
+            if got:  # a message a dead receiver left half taken: the waker took it for this coroutine
+                return got[0]  # type: ignore[no-any-return]
+
+
+def _strerror(err: int) -> str:
+    import os
+
+    return os.strerror(err)
+
+
+def find_channel(heap: Heap, table: Table, name: str) -> ZoneRecord:
+    record = table.snapshot().by_name.get(PREFIX + name)
+    if record is None or not record.flags & ZONE_CHANNEL:
+        raise NotFound(f"no channel named {name!r}", name=name)
+    return record
+

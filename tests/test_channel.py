@@ -1,0 +1,388 @@
+"""Unit tests of channels (hugeshmd.shm.channel) in one process.
+
+As in test_heap, a real table in tmp_path over an anonymous mapping of this
+process stands for an instance, and two Heaps over it for two workers. A worker
+that dies holding a channel's lock is a thread that takes the robust mutex and
+exits without releasing it: the kernel's robust-list walk at the thread's exit is
+the same one it does at a process's death, so the next taker gets EOWNERDEAD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_heap import Instance, die
+
+from hugeshmd import _sys
+from hugeshmd.errors import ChannelBusy, ChannelTimeout, InvalidArgument, NotFound
+from hugeshmd.shm.channel import HEAD_AT, SLOT, SLOTS_AT, TAIL_AT, Channel, open_channel
+from hugeshmd.shm.heap import MAX_SMALL, Heap, custody
+from hugeshmd.shm.heapcheck import walk
+from hugeshmd.shm.layout import ZONE_HANDED
+
+pytestmark = pytest.mark.pure
+
+
+@pytest.fixture
+def inst(tmp_path: Any) -> Iterator[Instance]:
+    made = Instance(str(tmp_path / "table"))
+    yield made
+    for h in made.heaps:
+        if h._locks is not None:
+            h._locks.close()
+
+
+def chan(inst: Instance, heap: Heap, capacity: int | None = 8, name: str = "q") -> Channel:
+    return open_channel(heap, inst.table, name, capacity, inst.mm, 1.0)
+
+
+def holder(buf_address: int, heap: Heap) -> int:
+    arena = heap._arena_at(buf_address)
+    assert arena is not None
+    found = arena.locate(buf_address)
+    assert found is not None
+    return int(arena.holder[found[0]])
+
+
+def checked(inst: Instance) -> Any:
+    report = walk(inst.table, inst.mm)
+    assert report.ok, report.violations
+    return report
+
+
+def held_by_dead(report: Any) -> list[str]:
+    """The checker's pending lines about blocks held by dead workers (these tests' workers have
+    made-up start times, so the checker takes every arena owner for dead: those lines are ignored)."""
+    return [p for p in report.pending if "held by a worker that exited" in p]
+
+
+# -- moving buffers ----------------------------------------------------------------------------
+
+
+def test_a_sent_buffer_is_the_receivers_and_no_longer_the_senders(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b, None)
+    buf = a.alloc(100)
+    buf.view()[:5] = b"hello"
+    ca.send(buf)
+    assert buf.sent and not buf.freed
+    assert holder(buf.address, a) == custody(ca._index, 0)
+    with pytest.raises(InvalidArgument, match="sent through a channel"):
+        buf.free()
+    with pytest.raises(InvalidArgument, match="sent already"):
+        ca.send(buf)
+    got = cb.recv(timeout=0)
+    assert (got.address, got.size, bytes(got.view()[:5])) == (buf.address, 100, b"hello")
+    assert holder(got.address, a) == b.holder != 0
+    assert checked(inst).handed == 1
+    with pytest.raises(InvalidArgument, match="held by the worker that received it"):
+        a.buffer(got.address).free()  # the maker, through a stale handle: refused, nothing changed
+    got.free()  # the holder frees it (remotely, into a's arena)
+    report = checked(inst)
+    assert (report.handed, report.allocations) == (0, 0)
+
+
+def test_a_buffer_that_comes_back_to_its_maker_is_plainly_its_own_again(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+    cb.send(_roundtrip(ca, cb, a.alloc(64)))
+    back = ca.recv(0)
+    assert holder(back.address, a) == 0
+    back.free()  # the owner's fast path
+    assert checked(inst).allocations == 0
+
+
+def _roundtrip(ca: Channel, cb: Channel, buf: Any) -> Any:
+    ca.send(buf)
+    return cb.recv(0)
+
+
+def test_large_buffers_move_by_their_zone_records_owner(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+    big = a.alloc(MAX_SMALL + 1)
+    big.view()[-3:] = b"end"
+    ca.send(big)
+    record = inst.table.snapshot().by_name[_large_name(inst, big.address)]
+    assert record.flags & ZONE_HANDED and record.owner.pid == 0
+    assert checked(inst).handed == 1
+    got = cb.recv(0)
+    assert got._record.owner == b.owner_token() and not got._record.flags & ZONE_HANDED
+    assert bytes(got.view()[-3:]) == b"end"
+    got.free()
+    assert checked(inst).large_allocations == 0
+
+
+def _handle_of_freed(heap: Heap, address: int) -> Any:
+    """A Buffer handle whose block was freed through another handle (a stale handle)."""
+    from hugeshmd.shm.buffer import Buffer
+
+    arena = heap._arena_at(address)
+    assert arena is not None
+    found = arena.locate(address)
+    assert found is not None
+    return Buffer(heap, address, 64, (address, found[0], arena, found[1]), None)
+
+
+def _large_name(inst: Instance, address: int) -> str:
+    return next(z.name for z in inst.table.snapshot().zones if z.address == address)
+
+
+def test_order_is_kept_and_batches_move_many(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a, 64), chan(inst, b, None)
+    bufs = [a.alloc(64) for _ in range(40)]
+    for n, buf in enumerate(bufs):
+        struct.pack_into("<Q", buf.view(), 0, n)
+    assert ca.send_many(bufs[:30]) == 30
+    for buf in bufs[30:]:
+        ca.send(buf)
+    assert len(cb) == 40
+    got = cb.recv_many(25) + cb.recv_many(100)
+    assert [struct.unpack_from("<Q", g.view())[0] for g in got] == list(range(40))
+    for g in got:
+        g.free()
+    assert checked(inst).allocations == 0
+
+
+def test_full_and_empty_wait_their_timeout_then_say_so(inst: Instance) -> None:
+    a = inst.heap()
+    ca = chan(inst, a, 2)
+    with pytest.raises(ChannelTimeout, match="stayed empty") as empty:
+        ca.recv(timeout=0.05)
+    assert empty.value.full is False and empty.value.channel == "q"
+    ca.send_many([a.alloc(64), a.alloc(64)])
+    extra = a.alloc(64)
+    t0 = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="stayed full"):
+        ca.send(extra, timeout=0.05)
+    assert time.monotonic() - t0 >= 0.05
+    assert not extra.sent and len(ca) == 2  # nothing sent
+    with pytest.raises(ChannelTimeout):
+        ca.send(extra, timeout=0)
+
+
+def test_a_blocked_receiver_wakes_when_a_sender_sends(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(cb.recv(timeout=5)))
+    t.start()
+    while not ca._u32[320 // 4]:  # the receiver counted itself asleep
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    ca.send(a.alloc(64))
+    t.join(5)
+    assert got and time.monotonic() - t0 < 1.0
+
+
+def test_a_blocked_sender_wakes_when_a_receiver_makes_room(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a, 1), chan(inst, b, None)
+    ca.send(a.alloc(64))
+    second = a.alloc(64)
+    t = threading.Thread(target=ca.send, args=(second, 5))
+    t.start()
+    while not ca._u32[384 // 4]:
+        time.sleep(0.001)
+    cb.recv(0)
+    t.join(5)
+    assert second.sent
+
+
+def test_arecv_waits_without_blocking_the_loop(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+
+    async def main() -> tuple[Any, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        ticker = asyncio.ensure_future(tick())
+        threading.Timer(0.1, lambda: ca.send(a.alloc(64))).start()
+        got = await cb.arecv(timeout=5)
+        ticker.cancel()
+        with pytest.raises(ChannelTimeout):
+            await cb.arecv(timeout=0.05)
+        return got, ticks
+
+    got, ticks = asyncio.run(main())
+    assert got.size == 64 and ticks > 10
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_arguments_are_refused_and_change_nothing(inst: Instance) -> None:
+    a = inst.heap()
+    ca = chan(inst, a, 4)
+    with pytest.raises(InvalidArgument, match="capacity 4"):
+        chan(inst, a, 5)
+    for capacity in (0, -1, True, 1 << 19, "8"):
+        with pytest.raises(InvalidArgument):
+            chan(inst, a, capacity, name="other")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        ca.send(b"bytes")  # type: ignore[arg-type]
+    freed = a.alloc(64)
+    freed.free()
+    with pytest.raises(InvalidArgument, match="was freed"):
+        ca.send(freed)
+    other = a.buffer(a.alloc(64).address)
+    other.free()  # freed through another handle: this one is stale
+    with pytest.raises(InvalidArgument, match="not this process's"):
+        ca.send(_handle_of_freed(a, other.address))
+    for timeout in (-1, "1", True):
+        with pytest.raises(InvalidArgument):
+            ca.recv(timeout=timeout)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        ca.recv_many(0)
+    assert len(ca) == 0 and checked(inst).allocations == 0
+    from hugeshmd.shm.channel import find_channel
+
+    with pytest.raises(NotFound):
+        find_channel(a, inst.table, "nope")
+
+
+# -- deaths ------------------------------------------------------------------------------------------
+
+
+def _die_holding(lock: int, steps: Any) -> None:
+    """A thread that takes ``lock``, does ``steps``, and exits holding it (the kernel marks it
+    OWNER_DIED at the thread's exit, as at a process's)."""
+
+    def run() -> None:
+        assert _sys.mutex_lock(lock, 1) == 0
+        steps()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+
+
+def test_a_producer_that_died_after_handing_over_has_its_message_published(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+    buf = a.alloc(64)
+
+    def half_send() -> None:
+        t = ca._words[TAIL_AT // 8]
+        SLOT.pack_into(ca._mem, SLOTS_AT + SLOT.size * (t % ca._slots), buf.address, buf.size)
+        ca._hand(buf, t)  # the channel holds it; the tail was not moved
+
+    _die_holding(ca._plock, half_send)
+    assert len(cb) == 0
+    ca.send(a.alloc(64))  # the next producer publishes the dead one's message first
+    got = cb.recv_many(10)
+    assert [g.address for g in got][0] == buf.address and len(got) == 2
+    assert holder(buf.address, a) == b.holder
+
+
+def test_a_producer_that_died_before_handing_over_keeps_its_buffer(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+    buf = a.alloc(64)
+
+    def half_send() -> None:
+        t = ca._words[TAIL_AT // 8]
+        SLOT.pack_into(ca._mem, SLOTS_AT + SLOT.size * (t % ca._slots), buf.address, buf.size)
+
+    _die_holding(ca._plock, half_send)
+    other = a.alloc(64)
+    ca.send(other)
+    assert [g.address for g in cb.recv_many(10)] == [other.address]
+    assert holder(buf.address, a) == 0  # still the maker's, freed with its arena if it dies
+    buf.free()
+
+
+def test_a_consumer_that_died_mid_receive_leaves_the_message_to_the_next(inst: Instance) -> None:
+    a, b, c = inst.heap(), inst.heap(), inst.heap()
+    ca, cb, cc = chan(inst, a), chan(inst, b), chan(inst, c)
+    first, second = a.alloc(64), a.alloc(64)
+    ca.send_many([first, second])
+
+    def half_recv() -> None:
+        h = cb._words[HEAD_AT // 8]
+        cb._words[HEAD_AT // 8] = h + 1  # taken, but not made its own
+
+    _die_holding(cb._clock, half_recv)
+    got = cc.recv(0)
+    assert got.address == first.address and holder(got.address, a) == c.holder
+    assert cc.recv(0).address == second.address
+    assert checked(inst).handed == 2
+
+
+def test_the_primary_frees_what_a_dead_receiver_held_and_nothing_a_channel_holds(inst: Instance) -> None:
+    from hugeshmd.daemon.reclaim import Reclaimer
+
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+    held = [a.alloc(64) for _ in range(3)]
+    queued = a.alloc(128)
+    ca.send_many(held)
+    received = cb.recv_many(3)
+    ca.send(queued)
+    die(b)
+    report = walk(inst.table, inst.mm)
+    assert report.ok and len(held_by_dead(report)) == 3
+    reclaimer = Reclaimer(inst.table, inst.mm)
+    try:
+        token = inst.directory().entry(b.holder - 1 & 0xFFFF)[4:8]
+        count, _ = reclaimer.reclaim(token[0], token[3])
+    finally:
+        reclaimer.close()
+    assert count >= 3
+    report = checked(inst)
+    assert held_by_dead(report) == [] and report.handed == 1 and report.queued == 1
+    assert [r.address for r in received] == [h.address for h in held]
+    c = inst.heap()
+    assert chan(inst, c).recv(0).address == queued.address  # the queued one was kept
+
+
+def test_a_frozen_lock_holder_costs_a_bounded_wait_naming_it(inst: Instance) -> None:
+    a, b = inst.heap(), inst.heap()
+    ca = chan(inst, a)
+    cb = open_channel(b, inst.table, "q", None, inst.mm, 0.1)
+    release = threading.Event()
+    taken = threading.Event()
+
+    def hold() -> None:
+        _sys.mutex_lock(ca._clock, 1)
+        taken.set()
+        release.wait(5)
+        _sys.mutex_unlock(ca._clock)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    taken.wait(5)
+    try:
+        with pytest.raises(ChannelBusy, match="consumer lock stayed taken") as busy:
+            cb.recv(timeout=0)
+        assert busy.value.pid
+    finally:
+        release.set()
+        t.join()
+
+
+def test_the_checker_sees_a_free_block_that_names_a_holder(inst: Instance) -> None:
+    a = inst.heap()
+    buf = a.alloc(64)
+    buf.free()
+    arena = a._arena_at(buf.address)
+    assert arena is not None
+    found = arena.locate(buf.address)
+    assert found is not None
+    arena.holder[found[0]] = 12345
+    report = walk(inst.table, inst.mm)
+    assert any("is free but names a holder" in v for v in report.violations)
+    arena.holder[found[0]] = 0

@@ -1,0 +1,121 @@
+"""Channels between real processes: a producer and a consumer, a kill -9 storm on several of each,
+and channels that outlive a primary's kill -9 with their contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+
+import pytest
+from conftest import HERE, needs_hugepages, run_python, spawn_worker
+from test_heap_process import settled
+
+pytestmark = [needs_hugepages, pytest.mark.process]
+
+HUGE = ("--memory", "64M", "--huge-pages", "on")
+
+
+def drain(prefix: str, root: str, *names: str) -> int:
+    """Receive and free every message left in the channels ``names``; how many."""
+    code = f"""
+        import hugeshmd
+        n = 0
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            for name in {list(names)!r}:
+                ch = shm.channel(name)
+                while True:
+                    try:
+                        got = ch.recv_many(256, timeout=0)
+                    except hugeshmd.ChannelTimeout:
+                        break
+                    for buf in got:
+                        buf.free()
+                    n += len(got)
+        print(n)
+    """
+    return int(run_python(textwrap.dedent(code), root).stdout.strip().splitlines()[-1])
+
+
+def test_a_producer_hands_buffers_to_a_consumer_in_order(start_primary, prefix, root):
+    start_primary(*HUGE)
+    consumer = spawn_worker(["-c", textwrap.dedent(f"""
+        import struct, sys, hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            ch = shm.channel("jobs", 16)
+            print("ready", flush=True)
+            seen = []
+            while len(seen) < 2000:
+                for buf in ch.recv_many(64, timeout=20):
+                    seen.append(struct.unpack_from("<Q", buf.view())[0])
+                    buf.free()
+            print(seen == list(range(2000)), flush=True)
+    """)], root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert consumer.stdout is not None
+    assert consumer.stdout.readline().strip() == "ready"
+    run_python(textwrap.dedent(f"""
+        import struct, hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            ch = shm.channel("jobs", 16)
+            for n in range(2000):
+                buf = shm.alloc(64 if n % 10 else 100_000)
+                struct.pack_into("<Q", buf.view(), 0, n)
+                ch.send(buf, timeout=20)
+    """), root)
+    out, err = consumer.communicate(timeout=60)
+    assert out.strip() == "True", err
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    assert report["figures"]["allocations"] == 0, report["figures"]
+
+
+def test_a_storm_of_kill_9_on_producers_and_consumers_loses_and_doubles_nothing(start_primary, prefix, root):
+    start_primary("--memory", "128M", "--huge-pages", "on")
+    kills = os.environ.get("STORM_KILLS", "400")
+    storm = spawn_worker([str(HERE / "channel_storm.py"), prefix, root, "2", "2", kills, "60"], root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = storm.communicate(timeout=180)
+    assert storm.returncode == 0, err
+    result = json.loads(out)
+    assert result["bad"] == [] and result["said"] == "", result
+    assert result["kills"] >= 100, result
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    left = drain(prefix, root, "work", "back")  # every queued message can be received
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    figures = report["figures"]
+    # Nothing is lost for good: with every worker dead and the channels drained, no allocation
+    # is left (what dead producers made and dead consumers held was freed by the primary).
+    assert (figures["allocations"], figures["handed"], figures["queued"]) == (0, 0, 0), (figures, left)
+
+
+def test_channels_and_their_contents_survive_a_primary_kill_9(start_primary, prefix, root):
+    first = start_primary(*HUGE)
+    run_python(textwrap.dedent(f"""
+        import hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            ch = shm.channel("kept", 8)
+            for n, size in enumerate((64, 5000, 200_000)):
+                buf = shm.alloc(size)
+                buf.view()[:4] = bytes([n]) * 4
+                ch.send(buf)
+    """), root)  # the sender exits: the channel holds what it sent
+    first.stop(signal.SIGKILL)
+    second = start_primary(*HUGE)
+    assert "adopted prefix" in second.text, second.text
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["figures"]["queued"] == 3, report
+    got = run_python(textwrap.dedent(f"""
+        import hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            ch = shm.channel("kept")
+            got = ch.recv_many(8, timeout=5)
+            print([(b.size, bytes(b.view()[:4]).hex()) for b in got])
+            for b in got:
+                b.free()
+    """), root).stdout.strip().splitlines()[-1]
+    assert got == "[(64, '00000000'), (5000, '01010101'), (200000, '02020202')]"
+    assert settled(prefix, root)["figures"]["allocations"] == 0
