@@ -25,6 +25,7 @@ from .errors import (
     InstanceLocked,
     InvalidArgument,
     KernelRefused,
+    LibraryMissing,
     NotFound,
     OutOfMemory,
     PrimaryStopped,
@@ -63,4 +64,5 @@ __all__ = [
     "KernelRefused",
     "HandleClosed",
     "AdoptionRefused",
+    "LibraryMissing",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "KernelRefused",
     "HandleClosed",
     "AdoptionRefused",
+    "LibraryMissing",
     "error_for_code",
     "ERRORS",
 ]
@@ -268,10 +269,24 @@ class HandleClosed(HugeshmdError):
         prefix: str | None
 
 
+class LibraryMissing(HugeshmdError, ImportError):
+    """An optional library that this call needs could not be loaded: ``name`` (``torch``,
+    ``pyarrow``, ``libcudart``), looked for at ``path`` (every place, ``;``-separated, where it
+    searched files); install it, for instance with hugeshmd's pip ``extra``. An ImportError too,
+    so ``except ImportError`` catches it as it would a missing module."""
+
+    code = 19
+    FIELDS = ("name", "path", "extra")
+    if TYPE_CHECKING:
+        name: str | None
+        path: str | None
+        extra: str | None
+
+
 ERRORS: tuple[type[HugeshmdError], ...] = (
     HugeshmdError, InvalidArgument, AlreadyExists, NotFound, OutOfMemory, AddressUnavailable,
     PrimaryUnavailable, InstanceLocked, HugepagesUnavailable, TableCorrupt, ProtocolError, TableBusy,
-    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused,
+    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused, LibraryMissing,
 )
 _BY_CODE = {cls.code: cls for cls in ERRORS}
 

@@ -17,4 +17,8 @@ a primary that is not up yet.
 * :mod:`.window`: the reserved address range, segments mapped inside.
 * :mod:`.zones`: named zones, placement, the Zone objects.
 * :mod:`.secondary`: ``attach`` and the worker's handle.
+
+Loaded only when asked for, never by ``import hugeshmd``:
+
+* :mod:`.interop`: zero-copy PyTorch tensors and Arrow buffers (``.torch()``, ``.arrow()``).
 """
