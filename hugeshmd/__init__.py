@@ -19,6 +19,7 @@ from .errors import (
     AddressUnavailable,
     AdoptionRefused,
     AlreadyExists,
+    CudaError,
     HandleClosed,
     HugepagesUnavailable,
     HugeshmdError,
@@ -65,4 +66,5 @@ __all__ = [
     "HandleClosed",
     "AdoptionRefused",
     "LibraryMissing",
+    "CudaError",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "HandleClosed",
     "AdoptionRefused",
     "LibraryMissing",
+    "CudaError",
     "error_for_code",
     "ERRORS",
 ]
@@ -283,10 +284,24 @@ class LibraryMissing(HugeshmdError, ImportError):
         extra: str | None
 
 
+class CudaError(HugeshmdError, RuntimeError):
+    """The CUDA runtime refused a call: ``cuda_error`` is its ``cudaError_t`` (the message gives
+    its name and cudaGetErrorString's text), for ``segment`` (``address``, ``size``) where the
+    call was about one. No driver or no device (35, 100) means this host cannot pin for a GPU."""
+
+    code = 20
+    FIELDS = ("cuda_error", "segment", "address", "size")
+    if TYPE_CHECKING:
+        cuda_error: int | None
+        segment: int | None
+        address: int | None
+        size: int | None
+
+
 ERRORS: tuple[type[HugeshmdError], ...] = (
     HugeshmdError, InvalidArgument, AlreadyExists, NotFound, OutOfMemory, AddressUnavailable,
     PrimaryUnavailable, InstanceLocked, HugepagesUnavailable, TableCorrupt, ProtocolError, TableBusy,
-    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused, LibraryMissing,
+    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused, LibraryMissing, CudaError,
 )
 _BY_CODE = {cls.code: cls for cls in ERRORS}
 

@@ -21,4 +21,6 @@ a primary that is not up yet.
 Loaded only when asked for, never by ``import hugeshmd``:
 
 * :mod:`.interop`: zero-copy PyTorch tensors and Arrow buffers (``.torch()``, ``.arrow()``).
+* :mod:`.cuda`: the instance's segments registered with CUDA (``cuda_register``), over
+  :mod:`hugeshmd._cudart`.
 """
