@@ -33,6 +33,7 @@ BENCHMARKS = {
     "hugepages": "benchmarks.bench_hugepages",
     "adoption": "benchmarks.bench_adoption",
     "heap": "benchmarks.bench_heap",
+    "cuda": "benchmarks.bench_cuda",
 }
 RESULTS = common.REPO / "benchmarks" / "results"
 
