@@ -34,6 +34,7 @@ BENCHMARKS = {
     "adoption": "benchmarks.bench_adoption",
     "heap": "benchmarks.bench_heap",
     "channel": "benchmarks.bench_channel",
+    "cuda": "benchmarks.bench_cuda",
 }
 RESULTS = common.REPO / "benchmarks" / "results"
 

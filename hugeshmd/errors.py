@@ -40,6 +40,8 @@ __all__ = [
     "AdoptionRefused",
     "ChannelTimeout",
     "ChannelBusy",
+    "LibraryMissing",
+    "CudaError",
     "error_for_code",
     "ERRORS",
 ]
@@ -270,6 +272,34 @@ class HandleClosed(HugeshmdError):
         prefix: str | None
 
 
+class LibraryMissing(HugeshmdError, ImportError):
+    """An optional library that this call needs could not be loaded: ``name`` (``torch``,
+    ``pyarrow``, ``libcudart``), looked for at ``path`` (every place, ``;``-separated, where it
+    searched files); install it, for instance with hugeshmd's pip ``extra``. An ImportError too,
+    so ``except ImportError`` catches it as it would a missing module."""
+
+    code = 19
+    FIELDS = ("name", "path", "extra")
+    if TYPE_CHECKING:
+        name: str | None
+        path: str | None
+        extra: str | None
+
+
+class CudaError(HugeshmdError, RuntimeError):
+    """The CUDA runtime refused a call: ``cuda_error`` is its ``cudaError_t`` (the message gives
+    its name and cudaGetErrorString's text), for ``segment`` (``address``, ``size``) where the
+    call was about one. No driver or no device (35, 100) means this host cannot pin for a GPU."""
+
+    code = 20
+    FIELDS = ("cuda_error", "segment", "address", "size")
+    if TYPE_CHECKING:
+        cuda_error: int | None
+        segment: int | None
+        address: int | None
+        size: int | None
+
+
 class ChannelTimeout(HugeshmdError, TimeoutError):
     """A channel (``channel``) stayed empty (a receive) or full (a send, ``full``) for the whole
     wait (``waited`` seconds). Nothing was sent or received."""
@@ -293,8 +323,8 @@ class ChannelBusy(TableBusy):
 ERRORS: tuple[type[HugeshmdError], ...] = (
     HugeshmdError, InvalidArgument, AlreadyExists, NotFound, OutOfMemory, AddressUnavailable,
     PrimaryUnavailable, InstanceLocked, HugepagesUnavailable, TableCorrupt, ProtocolError, TableBusy,
-    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused, ChannelTimeout,
-    ChannelBusy,
+    AccessDenied, KernelRefused, TableFull, PrimaryStopped, HandleClosed, AdoptionRefused, LibraryMissing, CudaError,
+    ChannelTimeout, ChannelBusy,
 )
 _BY_CODE = {cls.code: cls for cls in ERRORS}
 

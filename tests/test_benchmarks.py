@@ -21,7 +21,7 @@ pytestmark = pytest.mark.bench
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("primary_map", "attach", "fresh_worker", "zone_ops", "control_plane", "handoff", "hugepages", "adoption",
-              "heap", "channel")
+              "heap", "channel", "cuda")
 PLOTTED = ("primary_map", "attach", "control_plane", "handoff", "hugepages")
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ROW_KEYS = {"median", "p10", "p90", "min", "max", "n", "unit", "baseline", "baseline_name", "ratio", "target",
@@ -48,6 +48,10 @@ def test_quick_run_of_every_benchmark(tmp_path: Path) -> None:
     assert set(report["benchmarks"]) == set(BENCHMARKS)
     for name, result in report["benchmarks"].items():
         assert result["name"] == name
+        if result.get("skipped"):  # cuda, without a GPU: said so, no figures
+            assert result["metrics"] == {} and result["notes"][0].startswith(f"skipped: {result['skipped']}"), result
+            assert f"note ({name}): skipped" in done.stdout
+            continue
         assert result["metrics"], name
         for key, row in result["metrics"].items():
             where = f"{name}/{key}"

@@ -2,7 +2,8 @@
 
 Floors, from the bottom (see the README's Development section):
 
-* base: ``errors``, ``sizes``, ``_sys`` (the only ctypes user), ``_fork``;
+* base: ``errors``, ``sizes``, ``_sys`` (ctypes: the kernel), ``_cudart`` (ctypes: the CUDA runtime,
+  loaded only to pin for a GPU), ``_fork``;
 * ``shm`` (and the package's ``__init__``, the public API): the worker's
   floor, which ``import hugeshmd`` loads: the standard
   library and the base, nothing else (no ZeroMQ, msgpack or posix_ipc);
@@ -27,7 +28,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hugeshmd"
 FLOORS = ["base", "shm", "wire", "daemon", "host", "top"]
-BASE = {"errors", "sizes", "_sys", "_fork"}
+BASE = {"errors", "sizes", "_sys", "_cudart", "_fork"}
+NOT_AT_IMPORT = {"hugeshmd._cudart", "hugeshmd.shm.cuda", "hugeshmd.shm.interop"}  # loaded when asked for
 THIRD_PARTY = {"zmq": "wire", "msgpack": "wire", "posix_ipc": "daemon"}  # the lowest floor that may use each
 LAZY_UPWARD = {("shm.secondary", "wire.client")}
 
@@ -129,14 +131,18 @@ def test_module_level_imports_make_no_cycle() -> None:
 
 
 @pytest.mark.process
-def test_import_hugeshmd_loads_no_zmq_msgpack_posix_ipc_numpy_or_logging() -> None:
+def test_import_hugeshmd_loads_no_zmq_msgpack_posix_ipc_numpy_torch_arrow_cuda_or_logging() -> None:
     """The fence: a worker that only attaches and looks up pays for nothing else (logging alone
-    costs a fresh worker 12 ms)."""
+    costs a fresh worker 12 ms; torch, seconds). No CUDA binding, and no libcudart mapped."""
     code = ("import sys, hugeshmd\n"
-            "print(' '.join(m for m in ('zmq', 'msgpack', 'posix_ipc', 'numpy', 'logging', 'typing') "
-            "if m in sys.modules))\n"
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith('hugeshmd.'))))")
+            "print(' '.join(m for m in ('zmq', 'msgpack', 'posix_ipc', 'numpy', 'torch', 'pyarrow', 'logging', "
+            "'typing') if m in sys.modules))\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('hugeshmd.'))))\n"
+            "print(sum('libcudart' in line for line in open('/proc/self/maps')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout.splitlines()
     assert out[0] == ""
-    assert all(name.split(".")[1] in {"shm", *BASE} for name in out[1].split()), out[1]
+    loaded = set(out[1].split())
+    assert all(name.split(".")[1] in {"shm", *BASE} for name in loaded), out[1]
+    assert loaded.isdisjoint(NOT_AT_IMPORT), out[1]
+    assert out[2] == "0"

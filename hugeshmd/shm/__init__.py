@@ -17,4 +17,10 @@ a primary that is not up yet.
 * :mod:`.window`: the reserved address range, segments mapped inside.
 * :mod:`.zones`: named zones, placement, the Zone objects.
 * :mod:`.secondary`: ``attach`` and the worker's handle.
+
+Loaded only when asked for, never by ``import hugeshmd``:
+
+* :mod:`.interop`: zero-copy PyTorch tensors and Arrow buffers (``.torch()``, ``.arrow()``).
+* :mod:`.cuda`: the instance's segments registered with CUDA (``cuda_register``), over
+  :mod:`hugeshmd._cudart`.
 """

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     import numpy
+    import pyarrow
+    import torch as _torch
 
     from .heap import Arena, Heap
     from .layout import ZoneRecord
@@ -72,6 +74,21 @@ class Buffer:
         from .zones import _ndarray
 
         return _ndarray(self.view(), f"{self.address:#x}", self.size, dtype, shape)  # type: ignore[no-any-return]
+
+    def torch(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> _torch.Tensor:
+        """A PyTorch CPU tensor over the allocation, sharing its memory (torch is imported here), of
+        ``dtype`` (a ``torch.dtype`` or its name) and ``shape`` (default: flat, as many as fit).
+        LibraryMissing without PyTorch; InvalidArgument if ``shape`` needs more bytes than it has."""
+        from .interop import tensor
+
+        return tensor(self.view(), f"{self.address:#x}", dtype, shape)
+
+    def arrow(self) -> pyarrow.Buffer:
+        """A ``pyarrow.Buffer`` over the allocation, sharing its memory (pyarrow is imported here;
+        LibraryMissing without it). Immutable on Arrow's side: write through ``view()``."""
+        from .interop import arrow_buffer
+
+        return arrow_buffer(self.address, self.size, self)
 
     def free(self) -> None:
         """Give the allocation back; any process may free any allocation.

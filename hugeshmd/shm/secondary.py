@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from .buffer import Buffer
     from .channel import Channel
+    from .cuda import CudaRegistration
     from .heap import Heap
 
 __all__ = ["attach", "Secondary", "Segment", "PrimaryInfo"]
@@ -194,6 +195,7 @@ class Secondary:
         self._seen = -1
         self.owner: Owner = NOBODY  # this worker's registration: every zone it reserves carries it
         self._heap: Heap | None = None  # made by the first alloc or buffer
+        self._cuda: CudaRegistration | None = None  # made by cuda_register
         self._registry = Registry(table)
         try:
             layout = table.layout
@@ -226,6 +228,7 @@ class Secondary:
 
     def _after_fork(self) -> None:
         self._lock = _thread.RLock()  # another parent thread may have held it at fork
+        self._cuda = None  # the parent's registration: CUDA does not survive fork
 
     def _zone(self, name: str) -> Zone | ReadOnlyZone:
         with self._lock:
@@ -403,6 +406,49 @@ class Secondary:
         self._refresh()
         return next(s for s in self._table.snapshot().segments if s.id == reply["id"])
 
+    # -- pinned for GPU DMA ------------------------------------------------------------------
+
+    def cuda_register(self, device: int | None = None, *, library: str | None = None) -> CudaRegistration:
+        """Register every segment of the instance with the CUDA runtime (``cudaHostRegister``, no
+        torch needed), and every segment mapped here later (growth), so that copies between any
+        zone or buffer and a GPU run at pinned-memory speed. See :mod:`hugeshmd.shm.cuda`.
+
+        Flags ``cudaHostRegisterPortable|Mapped`` (pinned for every device, and mapped into their
+        address space), with ``ReadOnly`` when attached read-only. ``device``: the device whose
+        context registers (default: the calling thread's current one). ``library``: the path of
+        libcudart (default: ``$HUGESHMD_CUDART``, else searched, see :mod:`hugeshmd._cudart`).
+        Calling it again registers what CUDA refused before. Unregistered by
+        :meth:`cuda_unregister` and :meth:`close`. Returns the registration (its ``segments``).
+
+        Raises LibraryMissing when libcudart cannot be loaded (naming where it looked and what
+        to install), CudaError when CUDA refuses (naming the error and the segment; this call
+        leaves nothing registered), PrimaryStopped once the primary stopped, HandleClosed if this
+        Secondary is closed.
+        """
+        from . import cuda
+
+        with self._lock:
+            self._check_open()
+            assert self._window is not None
+            self._refresh()  # every segment published so far is mapped, and then registered
+            if self._cuda is None:
+                self._cuda = cuda.register(self._window, device, library, self.read_only)
+            else:
+                self._cuda.retry()
+            return self._cuda
+
+    def cuda_unregister(self) -> None:
+        """Undo :meth:`cuda_register` (``cudaHostUnregister`` of each segment, once no other
+        Secondary of this process that shares the mappings holds the registration). Idempotent.
+        Zones stay mapped and usable, no longer pinned. CudaError if CUDA refused to unregister
+        a segment (it is no longer counted as registered all the same)."""
+        with self._lock:
+            registration, self._cuda = self._cuda, None
+        if registration is not None:
+            refused = registration.leave()
+            if refused:
+                raise refused[0]
+
     # -- keeping up with the table ----------------------------------------------
 
     def _check_open(self) -> None:
@@ -474,6 +520,9 @@ class Secondary:
                 self._heap.release()
                 self._heap = None
                 self.__dict__.pop("alloc", None)
+            if self._cuda is not None:
+                self._cuda.leave()  # before the mappings may go; what CUDA refuses changes nothing here
+                self._cuda = None
             self._records, self._by_name = {}, {}
             self._generation = (-2,)  # every call now takes the slow path and fails
             self._window = None  # released when the last Zone holding it is gone

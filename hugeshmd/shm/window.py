@@ -16,6 +16,10 @@ import weakref
 from .. import _fork, _sys
 from ..errors import AddressUnavailable
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["Window", "conflicts"]
 
 # The live windows of this process, by what they map: (base, size, instance, writable) -> Window.
@@ -64,6 +68,7 @@ class Window:
         self.size = size
         self.writable = writable  # how segments are mapped: PROT_READ|PROT_WRITE, or PROT_READ
         self.segments: dict[int, tuple[int, int]] = {}  # id -> (address, length)
+        self.watchers: list[Any] = []  # told of each segment mapped and unmapped: see watch()
         self._released = False
 
     @classmethod
@@ -134,6 +139,8 @@ class Window:
             if self.segments.get(segment_id) == (address, length):
                 return
             self._map_fixed(segment_id, address, length, fd, offset)
+            for watcher in list(self.watchers):
+                watcher.mapped(segment_id, address, length)
 
     def _map_fixed(self, segment_id: int, address: int, length: int, fd: int, offset: int) -> None:
         try:
@@ -155,14 +162,34 @@ class Window:
         with _fork.guard:
             found = self.segments.pop(segment_id, None)
             if found is not None:
+                for watcher in list(self.watchers):
+                    watcher.unmapping(segment_id, *found)
                 _sys.unreserve(*found)
 
     def release(self) -> None:
         """Unmap the whole window, segments and reservation. Idempotent."""
         if not self._released:
             self._released = True
+            for segment_id, found in list(self.segments.items()):
+                for watcher in list(self.watchers):
+                    watcher.unmapping(segment_id, *found)
             self.segments.clear()
             _sys.munmap(self.base, self.size)
+
+    def watch(self, watcher: Any) -> None:
+        """Tell ``watcher`` of the segments mapped from now on: ``watcher.mapped(id, address,
+        length)`` just after each mmap, ``watcher.unmapping(id, address, length)`` just before each
+        munmap (a release included). Both are called under the window's map lock and must not
+        raise. Segments already mapped are in ``segments``: see :mod:`hugeshmd.shm.cuda`."""
+        with _fork.guard:
+            if watcher not in self.watchers:
+                self.watchers.append(watcher)
+
+    def unwatch(self, watcher: Any) -> None:
+        """Stop telling ``watcher``. Idempotent."""
+        with _fork.guard:
+            if watcher in self.watchers:
+                self.watchers.remove(watcher)
 
     def __del__(self) -> None:
         try:

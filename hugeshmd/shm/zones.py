@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     import numpy
+    import pyarrow
+    import torch as _torch
 
 __all__ = [
     "Zone", "ReadOnlyZone", "check_name", "check_user_name", "RESERVED", "check_size", "check_align", "place",
@@ -199,25 +201,34 @@ class Zone:
         """
         return _ndarray(memoryview(self), self.name, self.size, dtype, shape)  # type: ignore[no-any-return]
 
+    def torch(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> _torch.Tensor:
+        """A PyTorch CPU tensor over the zone, sharing its memory (torch is imported here), of
+        ``dtype`` (a ``torch.dtype`` or its name) and ``shape`` (default: flat, as many as fit).
+
+        Raises LibraryMissing without PyTorch (``pip install 'hugeshmd[torch]'``),
+        InvalidArgument if ``shape`` needs more bytes than the zone has.
+        """
+        from .interop import tensor
+
+        return tensor(memoryview(self), self.name, dtype, shape)
+
+    def arrow(self) -> pyarrow.Buffer:
+        """A ``pyarrow.Buffer`` over the whole zone, sharing its memory (pyarrow is imported here);
+        it keeps the zone mapped. Immutable on Arrow's side: write through the zone. Raises
+        LibraryMissing without pyarrow (``pip install 'hugeshmd[arrow]'``)."""
+        from .interop import arrow_buffer
+
+        return arrow_buffer(self.address, self.size, self)
+
 
 def _ndarray(view: memoryview, name: str, size: int, dtype: Any, shape: int | tuple[int, ...] | None) -> Any:
-    import numpy
+    from .interop import elements, require
 
+    numpy = require("numpy", ".ndarray()")
     dtype = numpy.dtype(dtype)
-    if shape is None:
-        return numpy.frombuffer(view, dtype=dtype, count=size // dtype.itemsize)
-    dims = (shape,) if isinstance(shape, int) else tuple(shape)
-    count = 1
-    for dim in dims:
-        if dim < 0:
-            raise InvalidArgument(f"negative dimension in shape {dims}", name=name, size=size)
-        count *= dim
-    if count * dtype.itemsize > size:
-        raise InvalidArgument(
-            f"shape {dims} of {dtype} needs {count * dtype.itemsize} bytes; zone {name!r} has {size}",
-            name=name, size=size,
-        )
-    return numpy.frombuffer(view, dtype=dtype, count=count).reshape(dims)
+    dims, count = elements(name, size, dtype.itemsize, shape, dtype)
+    array = numpy.frombuffer(view, dtype=dtype, count=count)
+    return array if shape is None else array.reshape(dims)
 
 
 class ReadOnlyZone:
@@ -258,6 +269,21 @@ class ReadOnlyZone:
     def ndarray(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> numpy.ndarray:
         """A read-only numpy array over the zone (numpy is imported here); as Zone.ndarray."""
         return _ndarray(self.view(), self.name, self.size, dtype, shape)  # type: ignore[no-any-return]
+
+    def torch(self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None) -> _torch.Tensor:
+        """A PyTorch tensor over the zone, for reading: PyTorch has no read-only tensors, and a
+        write through this one is a SIGSEGV (the pages are ``PROT_READ``); ``.clone()`` gives a
+        writable copy. Otherwise as Zone.torch."""
+        from .interop import tensor
+
+        return tensor(self.view(), self.name, dtype, shape)
+
+    def arrow(self) -> pyarrow.Buffer:
+        """A ``pyarrow.Buffer`` over the whole zone (immutable, as every Arrow buffer over foreign
+        memory); as Zone.arrow."""
+        from .interop import arrow_buffer
+
+        return arrow_buffer(self.address, self.size, self)
 
 
 MAX_ZONE_TYPES = 1024
