@@ -98,7 +98,9 @@ _RECLAIM = bytes.maketrans(bytes([LIVE, REMOTE]), bytes([FREE, FREE]))  # DISOWN
 
 ARENA_MAGIC = 0x324E5241  # "ARN2": with holders (an "ARN1" arena, of version 1, had none)
 _ARENA_HEAD = struct.Struct("<II")  # magic, directory index
-HINT_AT = 64  # one byte, on a line of its own: a counter remote freers bump; the owner only reads it
+HINT_AT = 64  # a u32, on a line of its own: a counter remote freers bump; the owner only reads it
+# (a byte wrapped: 256 frees between two looks of the owner, as a pipeline of batches of 32 makes, read
+# as none, and the owner carved new spans while its freed blocks waited)
 CLASS_AT = 128  # one byte per span: 0 unused, else class index + 1
 STATE_AT = 1024  # BLOCKS state bytes per span
 SLACK_AT = STATE_AT + SPANS * BLOCKS  # a u16 per block
@@ -249,7 +251,7 @@ class Arena:
     """One arena's metadata, mapped in this process. ``heap`` is the Heap that owns it here,
     or None: another process's arena (or no one's), freed into remotely."""
 
-    __slots__ = ("index", "base", "meta", "state", "slack", "holder", "heap")
+    __slots__ = ("index", "base", "meta", "state", "slack", "holder", "hint", "heap")
 
     def __init__(self, index: int, base: int, keepalive: object) -> None:
         self.index = index
@@ -258,6 +260,7 @@ class Arena:
         self.state = self.meta[STATE_AT:SLACK_AT]
         self.slack = self.meta[SLACK_AT:HOLDER_AT].cast("H")
         self.holder = self.meta[HOLDER_AT:META].cast("I")
+        self.hint = self.meta[HINT_AT : HINT_AT + 4].cast("I")
         self.heap: Heap | None = None
 
     @staticmethod
@@ -379,7 +382,7 @@ def release_held(arena: Arena, locks: ByteLock, gone: Callable[[int, int], bool]
                 c = arena.span_class(k // BLOCKS)
                 freed += CLASS_SIZES[c] - arena.slack[k] if c >= 0 else 0
         if count:
-            arena.meta[HINT_AT] = (arena.meta[HINT_AT] + 1) & 0xFF
+            arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF
     finally:
         locks.unlock(gate(arena.index))
     return count, freed
@@ -453,7 +456,7 @@ class Heap:
         with self._lock:
             free = self._free[c]
             for arena in self._own:
-                if arena.meta[HINT_AT] != self._hints.get(arena.index):
+                if arena.hint[0] != self._hints.get(arena.index):
                     self._collect(arena)
             try:
                 return free.pop()
@@ -494,21 +497,27 @@ class Heap:
         The hint is a counter that remote freers bump after their store, read here before the
         scan: a free that this scan misses bumps it again, and nothing here writes it (a store of
         ours followed by loads could be passed by the loads, and lose a remote's bump)."""
-        self._hints[arena.index] = arena.meta[HINT_AT]
+        self._hints[arena.index] = arena.hint[0]
+        state, holder = arena.state, arena.holder
         for span, c in arena.spans():
             lo = span * BLOCKS
-            states = arena.state[lo : lo + _COUNTS[c]].tobytes()
+            states = state[lo : lo + _COUNTS[c]].tobytes()
             at = states.find(REMOTE)
-            free = self._free[c]
+            if at < 0:
+                continue
+            append = self._free[c].append
+            size = CLASS_SIZES[c]
+            base = arena.base + (span << SPAN_SHIFT)
             while at >= 0:
-                arena.holder[lo + at] = 0  # a handed block its holder freed: the owner's again
-                arena.state[lo + at] = FREE
-                free.append((arena.address_of(span, c, at), lo + at, arena, c))
+                k = lo + at
+                holder[k] = 0  # a handed block its holder freed: the owner's again
+                state[k] = FREE
+                append((base + at * size, k, arena, c))
                 at = states.find(REMOTE, at + 1)
 
     def _adopt_free_blocks(self, arena: Arena) -> None:
         """Fill the free lists from an arena just claimed (FREE and REMOTE blocks)."""
-        self._hints[arena.index] = arena.meta[HINT_AT]
+        self._hints[arena.index] = arena.hint[0]
         for span, c in arena.spans():
             lo = span * BLOCKS
             states = arena.state[lo : lo + _COUNTS[c]].tobytes()
@@ -751,7 +760,7 @@ class Heap:
             if s != LIVE and s != DISOWNED:
                 raise _not_live(address, s)
             arena.state[k] = REMOTE  # the holder word stays until the owner collects it
-            arena.meta[HINT_AT] = (arena.meta[HINT_AT] + 1) & 0xFF
+            arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF
             return
         locks = self._thread_locks()
         i = arena.index
@@ -768,7 +777,7 @@ class Heap:
                 raise _handed(address, held)
             if s == LIVE or s == DISOWNED:
                 arena.state[k] = REMOTE  # the holder word stays until the owner collects it
-                arena.meta[HINT_AT] = (arena.meta[HINT_AT] + 1) & 0xFF  # after the store: see _collect
+                arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF  # after the store: see _collect
                 return
             raise _not_live(address, s)
         finally:
