@@ -546,3 +546,14 @@ def test_the_primary_reclaims_only_on_proof_of_death() -> None:
     assert not _dead(me, 0)  # a token without a start time: alive while the pid is
     assert _dead(me, start + 1)  # the pid is someone else's now
     assert _dead(2**22 + 12345, 1)  # no such process (above pid_max's default)
+
+
+def test_the_owner_collects_remote_frees_whatever_their_count(inst: Instance) -> None:
+    """1,024 remote frees between two looks of the owner (a multiple of 256, which a byte-wide
+    counter would read as none) are collected: the owner reuses them and carves nothing new."""
+    a, b = inst.heap(), inst.heap()
+    first = [a.alloc(64) for _ in range(1024)]  # one span of 64-byte blocks, exactly
+    for buf in first:
+        b.buffer(buf.address).free()
+    again = [a.alloc(64) for _ in range(1024)]
+    assert sorted(x.address for x in again) == sorted(x.address for x in first)
