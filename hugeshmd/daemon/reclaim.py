@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import HugeshmdError, TableBusy
 from ..shm.heap import (
+    ARENA,
     CLAIMS_AT,
     DIRECTORY,
     E_FREE,
@@ -237,6 +238,9 @@ class Reclaimer:
             n, b = self._release_held(directory, dead)
             count += n
             freed += b
+            n, b = self._release_pins(directory, dead)
+            count += n
+            freed += b
         doomed = [z for z in self.table.snapshot().zones if _reclaimable(z) and dead(z.owner.pid, z.owner.start)]
         if doomed:
             with self.table.locked() as base:
@@ -267,6 +271,29 @@ class Reclaimer:
                 count += n
                 freed += b
         return count, freed
+
+    def _release_pins(self, directory: Directory, dead: Any) -> tuple[int, int]:
+        """Drop the pins of workers now gone; free what lost its last pin (hugeshmd.shm.pins)."""
+        from ..shm.pins import release_pins
+
+        def gone(i: int, claim: int) -> bool:
+            if not 0 <= i < directory.max_arenas:
+                return True
+            e = directory.entry(i)
+            return e[1] == E_FREE or (e[5] & 0x7FFF) != claim or bool(dead(e[4], e[7]))
+
+        reclaimer = self
+
+        class _Arenas:  # what release_pins asks of a heap: the arena holding an address
+            @staticmethod
+            def _arena_at(address: int) -> Arena | None:
+                base = address & ~(ARENA - 1)
+                for i, e in directory.entries():
+                    if e[0] == base:
+                        return reclaimer._arena(i, base)
+                return None
+
+        return release_pins(_Arenas(), self.table, self._keepalive, gone, GATE_WAIT_S)
 
     def close(self) -> None:
         for fd in self._watched:

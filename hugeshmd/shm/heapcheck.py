@@ -57,6 +57,7 @@ from .heap import (
 )
 from .identity import process_alive
 from .layout import ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, ZONE_HEAP, ZONE_HEAP_META
+from .pins import PINNED
 from .table import Table
 from .zones import RESERVED
 
@@ -136,14 +137,16 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
             report.used += zone.size
             if zone.flags & ZONE_HANDED:
                 report.handed += 1
-                if (zone.owner.epoch >> 31) != 1 or (zone.owner.epoch & 0xFFF) not in report._channels:
+                word = zone.owner.epoch
+                if word != PINNED and ((word >> 31) != 1 or (word & 0xFFF) not in report._channels):
                     report.violations.append(f"large allocation {zone.name} is in the custody of no channel")
             elif zone.flags & ZONE_DISOWNED:
                 report.disowned += 1
             elif not process_alive(zone.owner.pid, zone.owner.start):
                 report.pending.append(f"large allocation {zone.name} at {zone.address:#x} ({zone.size} bytes) "
                                       f"of pid {zone.owner.pid}, which exited: not reclaimed yet")
-        elif not zone.flags & ZONE_HEAP_META or not (zone.name == DIRECTORY or zone.name.startswith(".arena.")):
+        elif not zone.flags & ZONE_HEAP_META or not (zone.name in (DIRECTORY, ".pins")
+                                                     or zone.name.startswith(".arena.")):
             report.violations.append(f"zone {zone.name!r} has a name of the heap's but is not the heap's")
     record = snap.by_name.get(DIRECTORY)
     if record is None:
@@ -233,6 +236,8 @@ def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool) ->
             continue  # freed by its holder; its owner collects it
         report.handed += 1
         handed_live += s == LIVE
+        if word == PINNED:
+            continue  # its pins hold it (hugeshmd.shm.pins)
         if word & CUSTODY:
             if rules and word not in report._custody and not _queued_now(report, word):
                 found.append(f"arena {arena.index} block {k} is held by channel {word & 0xFFF} at message "

@@ -370,6 +370,32 @@ class Secondary:
         assert self._window is not None
         return open_channel(heap, self._table, name, capacity, self._window, self._table.lock_timeout)
 
+    def empty(self, shape: int | tuple[int, ...], dtype: Any = "float64") -> Any:
+        """A numpy array in the shared heap that pickles as a handle, not a copy: sent through
+        ``multiprocessing.Queue``, ``Pipe`` or ``ProcessPoolExecutor``, the receiver gets the same
+        memory (it attaches the instance if it has not). The memory lives while any process holds
+        the array (or a view of it), or a pickled copy not yet received; see
+        :mod:`hugeshmd.shm.pins` for the rules. numpy is imported here."""
+        from .pins import new_array
+
+        return new_array(self, self._pins(), shape, dtype, zero=False)
+
+    def zeros(self, shape: int | tuple[int, ...], dtype: Any = "float64") -> Any:
+        """As :meth:`empty`, filled with zeros."""
+        from .pins import new_array
+
+        return new_array(self, self._pins(), shape, dtype, zero=True)
+
+    def _pins(self) -> Any:
+        pins = self.__dict__.get("_pin_table")
+        if pins is None:
+            from .pins import Pins
+
+            heap = self._heap or self._make_heap()
+            assert self._window is not None
+            pins = self._pin_table = Pins(heap, self._table, self._window, self._table.lock_timeout)
+        return pins
+
     def _make_heap(self) -> Heap:
         from .heap import Heap
 
