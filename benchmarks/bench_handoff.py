@@ -17,6 +17,11 @@ over the data) and *read*. Each tool is used as its users use it:
   own, owned by the producer) and fills ``buf.ndarray()``; the address goes over
   the pipe; the consumer's ``buffer(address)`` gives a handle, reads, and the
   producer frees it. Peer figures stay relative to the zone path.
+* **hugeshmd array**: the producer's ``shm.empty(n, "uint64")`` (a shared array:
+  a large heap allocation owned by its pins), filled and ``put`` on a
+  ``multiprocessing.Queue`` as is: it pickles as a handle of about 170 bytes;
+  the consumer's ``get`` gives an array over the same memory. The producer drops
+  its array after the put; the memory goes when the consumer drops its own.
 * **shared_memory**: ``multiprocessing.shared_memory.SharedMemory(create=True)``,
   an ndarray over its buffer; the name goes over the pipe; the consumer opens
   it by name; the producer unlinks it after. 4 KiB pages in /dev/shm, new
@@ -72,7 +77,7 @@ from .common import (
 
 SIZES = (1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
 QUICK_SIZES = (1 * MiB, 4 * MiB)
-METHODS = ("hugeshmd", "hugeshmd heap", "shared_memory", "queue", "plasma")
+METHODS = ("hugeshmd", "hugeshmd heap", "hugeshmd array", "shared_memory", "queue", "plasma")
 PATTERN = 0x0101010101010101
 PLASMA_VENV = REPO / "benchmarks" / ".venv-plasma"
 PLASMA_REQUIREMENTS = ("pyarrow==11.0.0", "numpy<2")
@@ -103,6 +108,7 @@ def run(quick: bool) -> dict[str, Any]:
             notes.append("the hugeshmd primary ran in fallback mode: 4 KiB pages in /dev/shm")
         ours = {"prefix": primary.prefix, "root": primary.root}
         producers = {"hugeshmd": Producer(PYTHON, "hugeshmd", ours), "hugeshmd heap": Producer(PYTHON, "heap", ours),
+                     "hugeshmd array": Producer(PYTHON, "array", ours),
                      "shared_memory": Producer(PYTHON, "shared_memory", {}), "queue": Producer(PYTHON, "queue", {})}
         for producer in producers.values():
             stack.callback(producer.stop)
@@ -385,13 +391,14 @@ class _HugeshmdHeap(_Hugeshmd):
         return buf.ndarray("uint64"), [buf]
 
 
+QUEUED = ("queue", "array")  # the array itself goes on a multiprocessing.Queue
 SIDES: dict[str, Any] = {"hugeshmd": _Hugeshmd, "heap": _HugeshmdHeap, "shared_memory": _SharedMemory,
                          "plasma": _Plasma}
 
 
 def consumer(method: str, request: dict[str, Any], conn: Any, queue: Any) -> None:
     """Receive a handle (or the array, for the queue), read every byte, answer (t_got, t_read, sum)."""
-    side = None if method == "queue" else SIDES[method](request)
+    side = None if method in QUEUED else SIDES[method](request)
     conn.send("ready")
     try:
         while conn.recv() is not None:  # one message per handoff: the handle, or "queue"
@@ -420,10 +427,15 @@ def producer(method: str, request: dict[str, Any]) -> None:
 
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
-    queue = context.Queue() if method == "queue" else None
+    queue = context.Queue() if method in QUEUED else None
     child = context.Process(target=consumer, args=(method, request, child_conn, queue), daemon=True)
     child.start()
-    side = None if method == "queue" else SIDES[method](request)
+    shm = None
+    if method == "array":
+        import hugeshmd
+
+        shm = hugeshmd.attach(request["prefix"], runtime_root=request["root"])
+    side = None if method in QUEUED else SIDES[method](request)
     try:
         if conn.recv() != "ready":
             raise RuntimeError("consumer did not start")
@@ -432,7 +444,7 @@ def producer(method: str, request: dict[str, Any]) -> None:
             size = int(line)
             t0 = time.monotonic()
             if side is None:
-                array = numpy.empty(size // 8, dtype=numpy.uint64)
+                array = numpy.empty(size // 8, dtype=numpy.uint64) if shm is None else shm.empty(size // 8, "uint64")
                 array[:] = PATTERN
                 t_filled = time.monotonic()
                 conn.send("queue")
@@ -463,6 +475,8 @@ def producer(method: str, request: dict[str, Any]) -> None:
             child.kill()
         if side is not None:
             side.close()
+        if shm is not None:
+            shm.close()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--producer"]:

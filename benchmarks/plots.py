@@ -18,7 +18,8 @@ __all__ = ["write_plots", "machine_line", "PLOTTED"]
 
 MiB, GiB = 1 << 20, 1 << 30
 PLOTTED = ("primary_map", "attach", "control_plane", "handoff", "hugepages")
-COLORS = {"hugeshmd": "tab:blue", "hugeshmd heap": "tab:cyan", "shared_memory": "tab:orange", "queue": "tab:red",
+COLORS = {"hugeshmd": "tab:blue", "hugeshmd heap": "tab:cyan", "hugeshmd array": "tab:purple",
+          "shared_memory": "tab:orange", "queue": "tab:red",
           "plasma": "tab:green",
           "bare": "tab:gray", "shm": "tab:orange"}
 
@@ -201,6 +202,7 @@ def _handoff(plt: Any, result: dict[str, Any]) -> Any:
     table = result["details"]["by_size"]
     plasma = "Arrow Plasma 11 " + ("(-h, 2 MiB pages)" if result["params"].get("plasma_hugepages") else "(4 KiB pages)")
     names = {"hugeshmd": "hugeshmd zone", "hugeshmd heap": "hugeshmd heap (alloc, buffer)",
+             "hugeshmd array": "hugeshmd shared array (multiprocessing.Queue)",
              "shared_memory": "multiprocessing.shared_memory",
              "queue": "multiprocessing.Queue (pickle)", "plasma": plasma}
     for method in result["params"]["methods"]:
