@@ -386,3 +386,71 @@ def test_the_checker_sees_a_free_block_that_names_a_holder(inst: Instance) -> No
     report = walk(inst.table, inst.mm)
     assert any("is free but names a holder" in v for v in report.violations)
     arena.holder[found[0]] = 0
+
+
+# -- the pin table of shared arrays (hugeshmd.shm.pins) -----------------------------------------------
+
+
+def _state(heap: Heap, address: int) -> int:
+    arena = heap._arena_at(address)
+    assert arena is not None
+    found = arena.locate(address)
+    assert found is not None
+    return int(arena.state[found[0]])
+
+
+def test_pins_keep_an_allocation_until_the_last_goes(inst: Instance) -> None:
+    from hugeshmd.shm.pins import PINNED, Pins
+
+    a, b = inst.heap(), inst.heap()
+    pa, pb = Pins(a, inst.table, inst.mm, 1.0), Pins(b, inst.table, inst.mm, 1.0)
+    address = pa.make(100)
+    assert holder(address, a) == PINNED
+    token = pa.transit(address)  # a pickled copy in flight
+    pa.unpin(address)  # the maker drops its array: the copy in flight holds it
+    assert _state(a, address) == 1  # LIVE
+    pb.claim(address, token)  # received
+    with pytest.raises(NotFound):
+        pb.transit(address + 64)  # no pin: nothing to send
+    pb.unpin(address)  # the last
+    assert _state(a, address) == 3  # REMOTE: its owner collects it
+    with pytest.raises(NotFound, match="freed before it was received"):
+        pb.claim(address, token)
+    assert checked(inst).allocations == 0
+
+
+def test_a_free_that_a_killed_process_left_half_done_is_finished_by_the_next(inst: Instance) -> None:
+    from hugeshmd.shm.pins import FREEING_AT, Pins
+
+    a, b = inst.heap(), inst.heap()
+    pa, pb = Pins(a, inst.table, inst.mm, 1.0), Pins(b, inst.table, inst.mm, 1.0)
+    address = pa.make(100)
+
+    def half_unpin() -> None:
+        pa._mem[:128].cast("Q")[FREEING_AT // 8] = address  # named, its last pin removed, then killed
+        pa._remove(pa._find(address)[0])
+
+    _die_holding(pa._lock_at, half_unpin)
+    assert _state(a, address) == 1
+    with pb._locked():  # the next taker of the lock finishes it
+        pass
+    assert _state(a, address) == 3 and pa._mem[:128].cast("Q")[FREEING_AT // 8] == 0
+
+
+def test_the_primary_drops_a_dead_processs_pins(inst: Instance) -> None:
+    from hugeshmd.daemon.reclaim import Reclaimer
+    from hugeshmd.shm.pins import Pins
+
+    a, b = inst.heap(), inst.heap()
+    pa, pb = Pins(a, inst.table, inst.mm, 1.0), Pins(b, inst.table, inst.mm, 1.0)
+    shared, alone = pa.make(64), pb.make(64)
+    pb.claim(shared, pa.transit(shared))
+    die(b)
+    reclaimer = Reclaimer(inst.table, inst.mm)
+    try:
+        token = inst.directory().entry((b.holder & 0xFFFF) - 1)[4:8]
+        reclaimer.reclaim(token[0], token[3])
+    finally:
+        reclaimer.close()
+    assert _state(b, alone) == 3  # b's only: freed with its pin
+    assert _state(a, shared) == 1  # a holds it still

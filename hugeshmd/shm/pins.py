@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
+from functools import partial
 
 from .. import _sys
 from ..errors import ChannelBusy, InvalidArgument, NotFound, TableCorrupt, TableFull
@@ -50,6 +51,7 @@ __all__ = ["Pins", "PINS", "PINNED", "release_pins"]
 PINS = ".pins"
 MAGIC = b"HSHMPIN1"
 _HEAD = struct.Struct("<8sI")  # magic, entries
+FREEING_AT = 16  # u64: the allocation an unpin is freeing (its last pin removed), 0 when none
 LOCK_AT = 64
 ENTRIES_AT = 128
 ENTRY = struct.Struct("<QII")  # address, token (0: a holder's pin), holder word (written last; 0: free)
@@ -164,22 +166,26 @@ class Pins:
             mine = self._find(address, token=0, holder=heap.holder)
             if not mine:
                 return
-            self._remove(mine[0])
-            if not self._find(address):
-                _free_pinned(heap, self._table, address)
+            _free_last(heap, self._table, self._mem, lambda: self._remove(mine[0]), address,
+                       lambda: not self._find(address))
 
 
 class _Held:
     """``with pins._locked():`` the pin table's robust mutex, waited for at most the lock timeout."""
 
     def __init__(self, pins: Pins) -> None:
+        self.pins = pins
         self.at = pins._lock_at
         self.timeout = pins._lock_timeout
 
     def __enter__(self) -> None:
         err = _sys.mutex_lock(self.at, self.timeout)
-        if err == _sys.EOWNERDEAD:  # every entry is whole or does not count: nothing to repair
-            _sys.mutex_consistent(self.at)
+        if err == _sys.EOWNERDEAD:  # entries are whole or do not count; a free may be half done
+            try:
+                pins = self.pins
+                _repair(pins._heap, pins._table, pins._mem, lambda address: not pins._find(address))
+            finally:
+                _sys.mutex_consistent(self.at)
         elif err == 110:
             pid = _sys.mutex_holder(self.at)
             raise ChannelBusy(f"the pin table's lock stayed taken for {self.timeout:g} s by pid {pid}",
@@ -198,6 +204,34 @@ def _initialize(address: int, size: int) -> None:
     _sys.mutex_init(address + LOCK_AT)
     mem[0:8] = MAGIC
     mem.release()
+
+
+def _clear(words: memoryview, entries: list[int]) -> None:
+    for i in entries:
+        words[4 * i + 3] = 0
+
+
+def _free_last(heap: Any, table: Table, mem: memoryview, remove: Callable[[], None], address: int,
+               unpinned: Callable[[], bool]) -> tuple[int, int]:
+    """Remove a pin (``remove``) and, if it was the last (``unpinned``), free the allocation. The
+    allocation is named in the header first, so that a process killed between the two steps leaves
+    the next taker of the lock (:func:`_repair`) what to finish."""
+    words = mem[:ENTRIES_AT].cast("Q")
+    words[FREEING_AT // 8] = address
+    remove()
+    freed = _free_pinned(heap, table, address) if unpinned() else (0, 0)
+    words[FREEING_AT // 8] = 0
+    return freed
+
+
+def _repair(heap: Any, table: Table, mem: memoryview, unpinned: Callable[[int], bool]) -> None:
+    """Finish a free that a process killed holding the lock left half done."""
+    words = mem[:ENTRIES_AT].cast("Q")
+    address = words[FREEING_AT // 8]
+    if address:
+        if unpinned(address):
+            _free_pinned(heap, table, address)  # idempotent: it frees only a block its pins still hold
+        words[FREEING_AT // 8] = 0
 
 
 def _set_holder(heap: Heap, table: Table, buf: Any, word: int) -> None:
@@ -251,23 +285,34 @@ def release_pins(heap: Any, table: Table, keepalive: object, gone: Callable[[int
     if bytes(mem[:8]) != MAGIC:
         return 0, 0
     at = record.address + LOCK_AT
+    words = mem[ENTRIES_AT:].cast("I")
+
+    def unpinned(address: int) -> bool:
+        return not any(words[4 * i + 3] and (words[4 * i] | words[4 * i + 1] << 32) == address for i in range(COUNT))
+
     err = _sys.mutex_lock(at, wait)
     if err == _sys.EOWNERDEAD:
-        _sys.mutex_consistent(at)
+        try:
+            _repair(heap, table, mem, unpinned)
+        finally:
+            _sys.mutex_consistent(at)
     elif err:
         return 0, 0  # busy: the next look
     try:
-        words = mem[ENTRIES_AT:].cast("I")
-        doomed: set[int] = set()
+        doomed: dict[int, list[int]] = {}  # address -> the entries of dead holders
         for i in range(COUNT):
             word = words[4 * i + 3]
             if word and not word >> 31 and gone((word & 0xFFFF) - 1, (word >> 16) & 0x7FFF):
-                words[4 * i + 3] = 0
-                doomed.add(words[4 * i] | words[4 * i + 1] << 32)
-        live = {words[4 * i] | words[4 * i + 1] << 32 for i in range(COUNT) if words[4 * i + 3]}
+                doomed.setdefault(words[4 * i] | words[4 * i + 1] << 32, []).append(i)
+        live: dict[int, int] = {}
+        for i in range(COUNT):
+            if words[4 * i + 3]:
+                address = words[4 * i] | words[4 * i + 1] << 32
+                live[address] = live.get(address, 0) + 1
         count = freed = 0
-        for address in doomed - live:
-            n, b = _free_pinned(heap, table, address)
+        for address, entries in doomed.items():
+            n, b = _free_last(heap, table, mem, partial(_clear, words, entries), address,
+                              partial(bool, live[address] == len(entries)))
             count += n
             freed += b
         return count, freed
