@@ -7,12 +7,14 @@ while any process holds it, whoever frees or dies first; freed once the last hol
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import textwrap
 
 import pytest
-from conftest import PYTHON, run_python, spawn_worker
+from conftest import HERE, PYTHON, run_python, spawn_worker
 from test_heap_process import settled
 
 pytest.importorskip("numpy")
@@ -24,8 +26,6 @@ HUGE = ("--memory", "64M", "--huge-pages", "try")
 def py(prefix: str, root: str, body: str) -> str:
     """Run ``body`` as a script (a file: spawned children import its functions) in a fresh worker
     with ``shm`` attached; its stdout."""
-    import os
-
     script = os.path.join(root, "shared_arrays.py")
     with open(script, "w") as f:
         f.write(f"import multiprocessing as mp, pickle, sys, numpy as np, hugeshmd\n"
@@ -148,3 +148,31 @@ def test_a_copy_in_flight_keeps_the_memory_until_received_or_its_sender_exits(st
             print("NotFound", "freed before it was received" in str(err))
     """), root).stdout
     assert out.split() == ["NotFound", "True"], out
+
+
+def test_a_storm_of_kill_9_on_makers_and_takers_frees_every_array_once(start_primary, prefix, root):
+    start_primary("--memory", "128M", "--huge-pages", "on")
+    kills = os.environ.get("STORM_KILLS", "300")
+    storm = spawn_worker([str(HERE / "pins_storm.py"), prefix, root, "2", "2", kills, "60"], root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = storm.communicate(timeout=180)
+    assert storm.returncode == 0, err
+    result = json.loads(out)
+    assert result["bad"] == [] and result["said"] == "", result
+    assert result["kills"] >= 100, result
+    run_python(textwrap.dedent(f"""
+        import hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:  # drop the parcels left
+            ch = shm.channel("parcels")
+            try:
+                while True:
+                    for buf in ch.recv_many(256, timeout=0):
+                        buf.free()
+            except hugeshmd.ChannelTimeout:
+                pass
+    """), root)
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    figures = report["figures"]
+    # Every worker is dead and the parcels are gone: every pin was dropped and every array freed.
+    assert (figures["pins"], figures["allocations"], figures["handed"]) == (0, 0, 0), figures

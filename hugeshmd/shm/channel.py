@@ -432,9 +432,7 @@ class Channel:
     def _wait_room(self, t: int, deadline: float | None, timeout: float | None) -> int:
         """Sleep (the producer lock released) until a receiver makes room; the tail then."""
         words, u32 = self._words, self._u32
-        if timeout != 0 and _spin(words, _HEADW, t - self.capacity):
-            return t
-        lock = self._plock
+        lock = self._plock  # no spin here: a full ring waits for a slower receiver, which needs the CPU
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:

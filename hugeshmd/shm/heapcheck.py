@@ -89,6 +89,7 @@ class HeapReport:
         self.handed = 0  # allocations held by a channel or by a worker that received them
         self.channels = 0
         self.queued = 0  # messages in channels
+        self.pins = 0  # live entries of the pin table (shared arrays held, or in flight)
         self._custody: set[int] = set()  # holder words of the messages queued (and one being taken)
         self._channels: dict[int, memoryview] = {}  # channel indexes: their header words
         self._directory: Directory | None = None
@@ -105,7 +106,7 @@ class HeapReport:
             "large_bytes": self.large_bytes, "disowned": self.disowned,
             "reclaimed_allocations": self.reclaimed_allocations, "reclaimed_bytes": self.reclaimed_bytes,
             "claims": self.claims, "per_arena": self.arenas, "handed": self.handed, "channels": self.channels,
-            "queued": self.queued,
+            "queued": self.queued, "pins": self.pins,
         }
 
 
@@ -160,6 +161,9 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
         return report
     report._directory = directory
     report.claims = directory.counter(CLAIMS_AT)
+    pins = snap.by_name.get(".pins")
+    if pins is not None:
+        _walk_pins(pins, keepalive, directory, report)
     report.reclaimed_allocations = directory.counter(LARGE_RECLAIMED_AT)
     report.reclaimed_bytes = directory.counter(LARGE_RECLAIMED_BYTES_AT)
     for i, entry in directory.entries():
@@ -252,6 +256,28 @@ def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool) ->
             report.pending.append(f"arena {arena.index} block {k} is held by a worker that exited (its arena {i}); "
                                   "not freed yet")
     return handed_live
+
+
+def _walk_pins(zone: Any, keepalive: object, directory: Directory, report: HeapReport) -> None:
+    """Count the live pins; a pin of a worker that is gone is pending (the primary drops it)."""
+    from .. import _sys
+    from .pins import COUNT, ENTRIES_AT, MAGIC
+
+    mem = _sys.memory(zone.address, zone.size, keepalive)
+    if bytes(mem[:8]) != MAGIC:
+        report.violations.append("the pin table is not one (bad magic)")
+        return
+    words = mem[ENTRIES_AT:].cast("I")
+    for i in range(COUNT):
+        word = words[4 * i + 3]
+        if not word:
+            continue
+        report.pins += 1
+        arena, claim = holder_arena(word)
+        entry = directory.entry(arena) if 0 <= arena < directory.max_arenas else None
+        if entry is None or entry[1] == E_FREE or (entry[5] & 0x7FFF) != claim or not process_alive(entry[4], entry[7]):
+            report.pending.append(f"pin {i} of {words[4 * i] | words[4 * i + 1] << 32:#x} is held by a worker that "
+                                  "exited; not dropped yet")
 
 
 def _queued_now(report: HeapReport, word: int) -> bool:
