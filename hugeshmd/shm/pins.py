@@ -391,7 +391,9 @@ def wrap(keeper: _Keeper, offset: int, shape: Any, strides: Any, dtype: Any) -> 
 
 
 def new_array(shm: Any, pins: Pins, shape: Any, dtype: Any, zero: bool) -> Any:
-    import numpy
+    from .interop import require
+
+    numpy = require("numpy", "shm.empty and shm.zeros")
 
     dtype = numpy.dtype(dtype)
     dims = (shape,) if isinstance(shape, int) else tuple(shape)
