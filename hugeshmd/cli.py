@@ -277,6 +277,8 @@ def _format_status(s: dict[str, Any]) -> str:
                      f"{heap['large_allocations']} large ({format_size(heap['large_bytes'])})"),
             ("reclaimed", f"{heap['reclaimed_allocations']} allocations, {format_size(heap['reclaimed_bytes'])}"),
             ("growths", heap.get("growths", 0)),
+            ("channels", f"{heap.get('channels', 0)} ({heap.get('queued', 0)} messages queued), "
+                         f"{heap.get('handed', 0)} allocations handed on, {heap.get('pins', 0)} pins"),
         ]
     return "\n".join(f"{name:<10} {value}" for name, value in rows)
 

@@ -10,7 +10,7 @@ import subprocess
 import textwrap
 
 import pytest
-from conftest import HERE, needs_hugepages, run_python, spawn_worker
+from conftest import HERE, PYTHON, needs_hugepages, run_python, spawn_worker
 from test_heap_process import settled
 
 pytestmark = [needs_hugepages, pytest.mark.process]
@@ -108,6 +108,9 @@ def test_channels_and_their_contents_survive_a_primary_kill_9(start_primary, pre
     assert "adopted prefix" in second.text, second.text
     report = settled(prefix, root)
     assert report["violations"] == [] and report["figures"]["queued"] == 3, report
+    status = subprocess.run([PYTHON, "-m", "hugeshmd", "status", "--prefix", prefix, "--runtime-root", root],
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "channels   1 (3 messages queued), 3 allocations handed on" in status, status
     got = run_python(textwrap.dedent(f"""
         import hugeshmd
         with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:

@@ -86,10 +86,13 @@ def test_label_values_are_escaped() -> None:
 def test_heap_figures_are_exported() -> None:
     heap = {"used": 4096, "free": 8192, "arena_bytes": 12288, "arenas": 2, "arenas_owned": 1, "allocations": 7,
             "large_allocations": 1, "reclaimed_allocations": 10001, "reclaimed_bytes": 2048576, "growths": 2,
+            "handed": 5, "pins": 3, "channels": 2, "queued": 4,
             "per_arena": [{"index": 0, "used": 4000}, {"index": 1, "used": 96}]}
     status = {"mode": "hugepages", "pid": 1, "memory": 1, "used": 0, "free": 1, "page_size": 4096, "segments": 3,
               "zones": 0, "workers": 0, "uptime": 1.5, "requests_by_op": {}, "errors": {}, "refused": 0, "heap": heap}
     samples = parse(render("p", status))
     assert samples['hugeshmd_heap_reclaimed_allocations_total{prefix="p"}'] == 10001
     assert samples['hugeshmd_heap_growths_total{prefix="p"}'] == 2
+    assert samples['hugeshmd_channel_messages_queued{prefix="p"}'] == 4
+    assert samples['hugeshmd_heap_pins{prefix="p"}'] == 3
     assert samples['hugeshmd_heap_arena_used_bytes{prefix="p",arena="1"}'] == 96

@@ -85,6 +85,10 @@ _HEAP = (
      "Allocations freed because their owner died."),
     ("heap_reclaimed_bytes_total", "counter", "reclaimed_bytes", "Bytes freed because their owner died."),
     ("heap_growths_total", "counter", "growths", "Segments added to the instance at run time."),
+    ("heap_handed", "gauge", "handed", "Heap allocations held by a channel or by the worker that received one."),
+    ("heap_pins", "gauge", "pins", "Pins of shared arrays: one per process holding one, one per copy in flight."),
+    ("channels", "gauge", "channels", "Channels of the instance."),
+    ("channel_messages_queued", "gauge", "queued", "Messages waiting in channels, all channels together."),
 )
 
 
