@@ -454,3 +454,21 @@ def test_the_primary_drops_a_dead_processs_pins(inst: Instance) -> None:
         reclaimer.close()
     assert _state(b, alone) == 3  # b's only: freed with its pin
     assert _state(a, shared) == 1  # a holds it still
+
+
+def test_a_damaged_message_left_half_taken_is_dropped_and_the_lock_goes_on(inst: Instance) -> None:
+    a, b, c = inst.heap(), inst.heap(), inst.heap()
+    ca, cb, cc = chan(inst, a), chan(inst, b), chan(inst, c)
+    first, second = a.alloc(64), a.alloc(64)
+    ca.send_many([first, second])
+
+    def half_recv() -> None:
+        h = cb._words[HEAD_AT // 8]
+        cb._ring[2 * (h % cb._slots) + 1] = 1 << 40  # its size, damaged
+        cb._words[HEAD_AT // 8] = h + 1
+
+    _die_holding(cb._clock, half_recv)
+    got = cc.recv(0)  # the damaged one is dropped (the checker keeps seeing it: held by the channel)
+    assert got.address == second.address
+    cc.send(got)
+    assert cc.recv(0).address == second.address  # the lock was given back each time

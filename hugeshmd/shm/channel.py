@@ -208,9 +208,13 @@ class Channel:
             return []
         if err == _sys.EOWNERDEAD:
             try:
-                return self._repair_send() if producer else self._repair_recv()
-            finally:
+                repaired = self._repair_send() if producer else self._repair_recv()
+            except BaseException:
                 _sys.mutex_consistent(at)
+                _sys.mutex_unlock(at)  # held: a repair that failed must not keep the lock
+                raise
+            _sys.mutex_consistent(at)
+            return repaired
         if err == _ETIMEDOUT:
             pid = _sys.mutex_holder(at)
             from .identity import describe_holder, process_state
@@ -244,7 +248,10 @@ class Channel:
         address, size = self._ring[at], self._ring[at + 1]
         if not address or self._holder_of(address) != custody(self._index, h - 1):
             return []
-        return [self._take(address, size, h - 1)]
+        try:
+            return [self._take(address, size, h - 1)]
+        except TableCorrupt:  # not a block the channel holds after all: the message is dropped
+            return []
 
     # -- who holds a buffer --------------------------------------------------------------
 
