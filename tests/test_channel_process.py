@@ -122,3 +122,25 @@ def test_channels_and_their_contents_survive_a_primary_kill_9(start_primary, pre
     """), root).stdout.strip().splitlines()[-1]
     assert got == "[(64, '00000000'), (5000, '01010101'), (200000, '02020202')]"
     assert settled(prefix, root)["figures"]["allocations"] == 0
+
+
+def test_a_storm_goes_through_a_primary_kill_9_and_its_adoption(start_primary, prefix, root):
+    first = start_primary("--memory", "128M", "--huge-pages", "on")
+    storm = spawn_worker([str(HERE / "channel_storm.py"), prefix, root, "2", "2", "1000", "8"], root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        storm.wait(2.0)  # let it run: the storm goes on for 8 s
+    except subprocess.TimeoutExpired:
+        pass
+    first.stop(signal.SIGKILL)  # while workers die and hand buffers around, no primary reclaims
+    second = start_primary("--memory", "128M", "--huge-pages", "on")
+    assert "adopted prefix" in second.text, second.text
+    out, err = storm.communicate(timeout=180)
+    assert storm.returncode == 0, err
+    result = json.loads(out)
+    assert result["bad"] == [] and result["said"] == "", result
+    drain(prefix, root, "work", "back")
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    figures = report["figures"]
+    assert (figures["allocations"], figures["handed"], figures["queued"]) == (0, 0, 0), figures
