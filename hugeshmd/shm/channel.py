@@ -129,7 +129,11 @@ def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keep
         with table.locked() as base:
             record = base.by_name.get(zone_name)
             if record is None:
-                used = {_index_of(z) for z in base.zones if z.flags & ZONE_CHANNEL}
+                used = set()
+                for zone in base.zones:
+                    if zone.flags & ZONE_CHANNEL:
+                        heap._ensure_mapped(zone.address)  # in a segment this process has not met yet, maybe
+                        used.add(_index_of(zone))
                 index = next((i for i in range(MAX_CHANNELS) if i not in used), None)
                 if index is None:
                     raise InvalidArgument(f"the instance has {MAX_CHANNELS} channels already", name=name)

@@ -181,11 +181,14 @@ class _Held:
     def __enter__(self) -> None:
         err = _sys.mutex_lock(self.at, self.timeout)
         if err == _sys.EOWNERDEAD:  # entries are whole or do not count; a free may be half done
+            pins = self.pins
             try:
-                pins = self.pins
                 _repair(pins._heap, pins._table, pins._mem, lambda address: not pins._find(address))
-            finally:
+            except BaseException:
                 _sys.mutex_consistent(self.at)
+                _sys.mutex_unlock(self.at)  # held: a repair that failed must not keep the lock
+                raise
+            _sys.mutex_consistent(self.at)
         elif err == 110:
             pid = _sys.mutex_holder(self.at)
             raise ChannelBusy(f"the pin table's lock stayed taken for {self.timeout:g} s by pid {pid}",
@@ -294,8 +297,11 @@ def release_pins(heap: Any, table: Table, keepalive: object, gone: Callable[[int
     if err == _sys.EOWNERDEAD:
         try:
             _repair(heap, table, mem, unpinned)
-        finally:
+        except BaseException:
             _sys.mutex_consistent(at)
+            _sys.mutex_unlock(at)
+            raise
+        _sys.mutex_consistent(at)
     elif err:
         return 0, 0  # busy: the next look
     try:
