@@ -144,3 +144,36 @@ def test_a_storm_goes_through_a_primary_kill_9_and_its_adoption(start_primary, p
     assert report["violations"] == [] and report["pending"] == [], report
     figures = report["figures"]
     assert (figures["allocations"], figures["handed"], figures["queued"]) == (0, 0, 0), figures
+
+
+def test_arecv_works_in_a_forked_child_of_a_process_whose_waker_runs(start_primary, prefix, root):
+    start_primary(*HUGE)
+    out = run_python(textwrap.dedent(f"""
+        import asyncio, os, threading, time, hugeshmd
+        from hugeshmd.shm._waker import waker_for
+        shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+        ch = shm.channel("forked", 8)
+
+        async def wait_one(delay, timeout):
+            if delay is not None:
+                threading.Timer(delay, lambda: ch.send(shm.alloc(64))).start()
+            got = await ch.arecv(timeout=timeout)
+            got.free()
+            return got.size
+
+        waiting = threading.Thread(target=lambda: print("parent", asyncio.run(wait_one(None, 30)), flush=True))
+        waiting.start()  # the parent's waker thread runs while the fork happens
+        while waker_for(ch)._thread is None:
+            time.sleep(0.001)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if asyncio.run(wait_one(0.2, 3)) == 64 else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        ch.send(shm.alloc(64))  # the parent's own waiter
+        waiting.join(30)
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+    """), root).stdout.split()
+    assert out == ["parent", "64", "child", "0"], out

@@ -9,6 +9,7 @@ it exits when none is left.
 
 from __future__ import annotations
 
+import os
 import threading
 
 from .. import _sys
@@ -25,15 +26,18 @@ __all__ = ["waker_for"]
 
 SLEEP_S = 0.5  # the thread's longest sleep: it notices coroutines that stopped waiting (cancelled)
 
-_wakers: dict[int, Waker] = {}
+_wakers: dict[tuple[int, int], Waker] = {}
 _guard = threading.Lock()
 
 
 def waker_for(channel: Channel) -> Waker:
+    """The waker of ``channel`` in this process (a forked child makes its own: threads do not
+    survive fork, so its parent's waker would never run there)."""
+    key = (os.getpid(), id(channel))
     with _guard:
-        waker = _wakers.get(id(channel))
+        waker = _wakers.get(key)
         if waker is None or waker.channel is not channel:
-            waker = _wakers[id(channel)] = Waker(channel)
+            waker = _wakers[key] = Waker(channel)
         return waker
 
 
