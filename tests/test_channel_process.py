@@ -155,8 +155,8 @@ def test_arecv_works_in_a_forked_child_of_a_process_whose_waker_runs(start_prima
         ch = shm.channel("forked", 8)
 
         async def wait_one(delay, timeout):
-            if delay is not None:
-                threading.Timer(delay, lambda: ch.send(shm.alloc(64))).start()
+            if delay is not None:  # two: the parent's waiter may take one
+                threading.Timer(delay, lambda: ch.send_many([shm.alloc(64), shm.alloc(64)])).start()
             got = await ch.arecv(timeout=timeout)
             got.free()
             return got.size
@@ -171,9 +171,17 @@ def test_arecv_works_in_a_forked_child_of_a_process_whose_waker_runs(start_prima
                 os._exit(0 if asyncio.run(wait_one(0.2, 3)) == 64 else 3)
             except BaseException:
                 os._exit(4)
-        _, status = os.waitpid(pid, 0)
+        deadline = time.monotonic() + 20
+        while True:  # bounded: a child stuck for good is killed, and says so by its status
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+            time.sleep(0.01)
+        code = os.waitstatus_to_exitcode(status)
         ch.send(shm.alloc(64))  # the parent's own waiter
         waiting.join(30)
-        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        print("child", code, flush=True)
     """), root).stdout.split()
     assert out == ["parent", "64", "child", "0"], out
