@@ -257,13 +257,7 @@ class Reclaimer:
     def _release_held(self, directory: Directory, dead: Any) -> tuple[int, int]:
         """Free the blocks that workers now gone had received (through channels) and still held."""
 
-        @functools.cache
-        def gone(i: int, claim: int) -> bool:
-            if not 0 <= i < directory.max_arenas:
-                return True
-            e = directory.entry(i)
-            return e[1] == E_FREE or (e[5] & 0x7FFF) != claim or bool(dead(e[4], e[7]))
-
+        gone = _holder_gone(directory, dead)
         count = freed = 0
         for i, e in directory.entries():
             if e[0]:
@@ -276,12 +270,7 @@ class Reclaimer:
         """Drop the pins of workers now gone; free what lost its last pin (hugeshmd.shm.pins)."""
         from ..shm.pins import release_pins
 
-        def gone(i: int, claim: int) -> bool:
-            if not 0 <= i < directory.max_arenas:
-                return True
-            e = directory.entry(i)
-            return e[1] == E_FREE or (e[5] & 0x7FFF) != claim or bool(dead(e[4], e[7]))
-
+        gone = _holder_gone(directory, dead)
         reclaimer = self
 
         class _Arenas:  # what release_pins asks of a heap: the arena holding an address
@@ -304,6 +293,20 @@ class Reclaimer:
 
 
 GATE_WAIT_S = 0.02  # the primary's loop waits no longer for a remote free to leave an arena's gate
+
+
+def _holder_gone(directory: Directory, dead: Any) -> Any:
+    """Whether the worker of a holder word's (arena, claim) is gone: the arena has no owner, another
+    claim of it, or a dead owner (``dead(pid, start)``). Cached: a few holders hold everything."""
+
+    @functools.cache
+    def gone(i: int, claim: int) -> bool:
+        if not 0 <= i < directory.max_arenas:
+            return True
+        e = directory.entry(i)
+        return e[1] == E_FREE or (e[5] & 0x7FFF) != claim or bool(dead(e[4], e[7]))
+
+    return gone
 
 
 def _exited(pidfd: int) -> bool:

@@ -254,7 +254,7 @@ def _set_holder(heap: Heap, table: Table, buf: Any, word: int) -> None:
 
 def _free_pinned(heap: Heap, table: Table, address: int) -> tuple[int, int]:
     """Free an allocation whose last pin went (call under the pin table's lock); (1, bytes) or (0, 0)."""
-    arena = heap._arena_at(address) if hasattr(heap, "_arena_at") else None
+    arena = heap._arena_at(address)
     if arena is not None:
         found = arena.locate(address)
         if found is None:
