@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -557,3 +559,36 @@ def test_the_owner_collects_remote_frees_whatever_their_count(inst: Instance) ->
         b.buffer(buf.address).free()
     again = [a.alloc(64) for _ in range(1024)]
     assert sorted(x.address for x in again) == sorted(x.address for x in first)
+
+
+@pytest.mark.process
+def test_an_entry_being_rewritten_never_reads_as_empty_in_another_process(inst: Instance) -> None:
+    """``buffer()`` finds arenas in the directory without a lock, while claims and reclaims
+    rewrite entries. No read may see an entry empty meanwhile: ``struct.pack_into`` zeroes its
+    target before it fills it, and a writer killed in that window left an arena in no entry,
+    its blocks unfindable (the heap storm found it). Another process rewrites an entry with its
+    own values while this one reads it."""
+    inst.heap().alloc(64)  # claims an arena: its entry is written
+    directory = inst.directory()
+    i, entry = next((i, e) for i, e in directory.entries() if e[0])
+    child = os.fork()
+    if child == 0:
+        try:
+            for _ in range(200_000):
+                directory.write(i, state=entry[1], reclaimed=(0, 0))
+        finally:
+            os._exit(0)
+    reads = empty = 0
+    deadline = time.monotonic() + 60
+    try:
+        while os.waitpid(child, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+            for _ in range(1000):
+                empty += directory.entry(i)[0] != entry[0]
+            reads += 1000
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass  # it ended, and was reaped above
+    assert reads and empty == 0, f"{empty} of {reads} reads saw the entry without its arena"

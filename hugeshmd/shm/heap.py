@@ -120,11 +120,11 @@ CLAIMS_AT = 24  # u64 in the header: bumped by each claim, so the primary sees n
 LARGE_RECLAIMED_AT = 40
 LARGE_RECLAIMED_BYTES_AT = 48
 ENTRY = struct.Struct("<QIIIIIIQQQ8x")  # address, state, slot, epoch, pid, claims, -, start, reclaimed n, bytes
+assert ENTRY.size == 64 and _DIR_HEAD.size % 8 == 0  # Directory.write stores each field in its own aligned word
 E_FREE, E_OWNED, E_RECLAIMING = 0, 1, 2
 ENTRY_STATES = {E_FREE: "free", E_OWNED: "owned", E_RECLAIMING: "reclaiming"}
 MAX_ARENAS = 4096
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
+_MASK64 = 2**64 - 1
 
 # -- the arena locks: bytes of the table file far past its end -------------------------------
 
@@ -195,11 +195,14 @@ def directory_size(max_arenas: int) -> int:
 class Directory:
     """The directory's bytes, mapped in this process."""
 
-    __slots__ = ("mem", "max_arenas", "address")
+    __slots__ = ("mem", "max_arenas", "address", "_u32", "_u64")
 
     def __init__(self, record: ZoneRecord, keepalive: object) -> None:
         self.address = record.address
         self.mem = _sys.memory(record.address, record.size, keepalive)
+        whole = record.size & ~7  # the zone is 4096-aligned: these are aligned word views
+        self._u32 = self.mem[:whole].cast("I")  # each store through them is one aligned store
+        self._u64 = self.mem[:whole].cast("Q")
         magic, version, count, arena = _DIR_HEAD.unpack_from(self.mem, 0)[:4]
         if magic != DIR_MAGIC or version != DIR_VERSION or arena != ARENA or directory_size(count) > record.size:
             raise TableCorrupt(f"the heap's directory at {record.address:#x} is not one (magic {magic!r}, "
@@ -225,26 +228,32 @@ class Directory:
 
     def write(self, i: int, *, address: int | None = None, state: int | None = None, owner: Owner | None = None,
               reclaimed: tuple[int, int] | None = None) -> None:
-        """Change entry ``i`` (its L holder only). The state is written last."""
-        at = _DIR_HEAD.size + i * ENTRY.size
-        old = list(ENTRY.unpack_from(self.mem, at))
+        """Change entry ``i`` (its L holder only), field by field, the state last.
+
+        Each field is one aligned store, never ``struct.pack_into``: it zeroes its whole target
+        before it writes the fields, so a process reading the entry meanwhile (``buffer()``
+        looks for arenas without a lock) could see no arena there, and a holder killed in
+        between left the entry empty for good, its arena lost (found by the heap storm).
+        """
+        q = (_DIR_HEAD.size + i * ENTRY.size) // 8  # the entry, in u64 words (ENTRY's layout)
+        w = 2 * q  # and in u32 words
+        u32, u64 = self._u32, self._u64
         if address is not None:
-            old[0] = address
+            u64[q] = address
         if owner is not None:
-            old[2], old[3], old[4], old[7] = owner.slot, owner.epoch, owner.pid, owner.start
-            old[5] = (old[5] + 1) & 0xFFFFFFFF
+            u32[w + 3], u32[w + 4], u32[w + 5], u64[q + 4] = owner.slot, owner.epoch, owner.pid, owner.start
+            u32[w + 6] = (u32[w + 6] + 1) & 0xFFFFFFFF  # claims
         if reclaimed is not None:
-            old[8] += reclaimed[0]
-            old[9] += reclaimed[1]
-        ENTRY.pack_into(self.mem, at, *old)  # with the old state: the new one is written last
+            u64[q + 5] = (u64[q + 5] + reclaimed[0]) & _MASK64
+            u64[q + 6] = (u64[q + 6] + reclaimed[1]) & _MASK64
         if state is not None:
-            _U32.pack_into(self.mem, at + 8, state)
+            u32[w + 2] = state
 
     def bump(self, at: int, by: int = 1) -> None:
-        _U64.pack_into(self.mem, at, (_U64.unpack_from(self.mem, at)[0] + by) & (2**64 - 1))
+        self._u64[at // 8] = (self._u64[at // 8] + by) & _MASK64
 
     def counter(self, at: int) -> int:
-        return _U64.unpack_from(self.mem, at)[0]  # type: ignore[no-any-return]
+        return self._u64[at // 8]
 
 
 class Arena:

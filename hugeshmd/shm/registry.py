@@ -67,7 +67,8 @@ class Registry:
             if found is not None:
                 slot, epoch = found
                 owner = Owner(slot, (epoch + 1) & 0xFFFFFFFF, pid, start)
-                WORKER.pack_into(table.memory, self._at(slot), pid, owner.epoch, start)
+                at = self._at(slot)  # one copy of packed bytes, never pack_into (see hugeshmd.shm.table)
+                table.memory[at : at + WORKER.size] = WORKER.pack(pid, owner.epoch, start)
                 return owner
         raise TableFull(f"the worker table is full ({table.layout.max_workers} live workers); "
                         "start the primary with a larger max_workers",
@@ -79,7 +80,8 @@ class Registry:
         with table.locked():
             pid, epoch, _ = WORKER.unpack_from(table.memory, self._at(owner.slot))
             if (pid, epoch) == (owner.pid, owner.epoch):
-                WORKER.pack_into(table.memory, self._at(owner.slot), 0, epoch, 0)
+                at = self._at(owner.slot)
+                table.memory[at : at + WORKER.size] = WORKER.pack(0, epoch, 0)
 
     def holds(self, owner: Owner) -> bool:
         """Whether ``owner``'s registration is still the one in its entry (it has not detached,

@@ -41,6 +41,12 @@ Some facts about how it stays consistent without a lock a dead process can keep:
 * The worker registry (:mod:`hugeshmd.shm.registry`) is updated in place under
   the same lock without a generation bump; a torn entry only ever reads as a
   dead worker.
+* Nothing that another process may read at the same time is written with
+  ``struct.pack_into``: CPython's pack_into zeroes its whole target before it
+  writes the fields, so a reader could see zeros that were never the value,
+  and a writer killed in between leaves them. Shared bytes are written as one
+  copy of bytes packed beforehand (a slice assignment: memcpy), or a word at a
+  time through a cast memoryview (one aligned store each).
 
 The bytes themselves (structs, offsets, the format version) are declared in
 :mod:`hugeshmd.shm.layout`, and nowhere else.
@@ -267,8 +273,8 @@ class Table:
 
     def set_state(self, state: int, pid: int, start: int = 0) -> None:
         """Record the primary's state and identity (pid and start time)."""
-        U64.pack_into(self._mm, OWNER_START_AT, start)
-        STATE.pack_into(self._mm, STATE_AT, state, pid)
+        self._mm[OWNER_START_AT : OWNER_START_AT + U64.size] = U64.pack(start)
+        self._mm[STATE_AT : STATE_AT + STATE.size] = STATE.pack(state, pid)
 
     def owner(self) -> tuple[int, int]:
         """(pid, start time) of the primary that last set the state."""
@@ -303,7 +309,7 @@ class Table:
     def count_adoption(self) -> int:
         """One more adoption (by the primary now starting); the new count."""
         count = self.adoptions() + 1
-        U32.pack_into(self._mm, ADOPTIONS_AT, count)
+        self._mm[ADOPTIONS_AT : ADOPTIONS_AT + U32.size] = U32.pack(count)
         return count
 
     def snapshot(self) -> Snapshot:
