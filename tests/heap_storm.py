@@ -49,7 +49,9 @@ def where(shm: object, address: int) -> str:
         heap = shm._heap  # type: ignore[attr-defined]
         arena = heap._arena_at(address)
         if arena is None:
-            return "in no arena"
+            directory = heap.directory()
+            entries = [(i, hex(e[0]), e[1], e[4], e[5]) for i, e in directory.entries() if any(e)] if directory else []
+            return f"in no arena; the directory's entries (index, address, state, pid, claims): {entries}"
         entry = heap.directory().entry(arena.index)
         span = (address - arena.base) >> 16
         state = arena.state[span * 1024 : span * 1024 + 1024].tobytes()
