@@ -548,6 +548,29 @@ def test_the_primary_reclaims_only_on_proof_of_death() -> None:
     assert not _dead(me, 0)  # a token without a start time: alive while the pid is
     assert _dead(me, start + 1)  # the pid is someone else's now
     assert _dead(2**22 + 12345, 1)  # no such process (above pid_max's default)
+    assert _dead(0, 0)  # no process at all (signal 0 to pid 0 would reach this process's group)
+
+
+def test_an_arena_whose_reclaimer_died_before_its_last_store_is_settled_by_the_primary(inst: Instance) -> None:
+    """A reclaim ends by writing the entry's owner (nobody), then its state (free). A reclaimer
+    killed between the two leaves a reclaiming entry of pid 0: the primary finishes it."""
+    from hugeshmd.daemon.reclaim import Reclaimer
+
+    a = inst.heap()
+    a.alloc(64)
+    die(a)
+    directory = inst.directory()
+    directory.write(0, state=heapmod.E_RECLAIMING)
+    directory.write(0, owner=heapmod.NOBODY)  # killed here: no state store
+    assert walk(inst.table, inst.mm).pending  # an owner that is gone, not yet reclaimed
+    reclaimer = Reclaimer(inst.table, inst.mm)
+    try:
+        reclaimer.reclaim_dead()
+    finally:
+        reclaimer.close()
+    assert directory.entry(0)[1] == E_FREE
+    report = walk(inst.table, inst.mm)
+    assert report.ok and report.pending == [], report
 
 
 def test_the_owner_collects_remote_frees_whatever_their_count(inst: Instance) -> None:

@@ -317,7 +317,11 @@ def _exited(pidfd: int) -> bool:
 def _dead(pid: int, start: int) -> bool:
     """Whether the process (pid, start) is gone for sure. A process that /proc does not show
     (hidepid, another pid namespace) but that signal 0 finds counts as alive: never reclaim
-    on doubt. A zombie is dead; a pid now held by another process (start differs) is gone."""
+    on doubt. A zombie is dead; a pid now held by another process (start differs) is gone.
+    Pid 0 is no process (an entry a reclaimer killed mid-write left without its owner; and
+    signal 0 to pid 0 would test this process's group)."""
+    if pid <= 0:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
