@@ -200,7 +200,8 @@ class Directory:
     def __init__(self, record: ZoneRecord, keepalive: object) -> None:
         self.address = record.address
         self.mem = _sys.memory(record.address, record.size, keepalive)
-        whole = record.size & ~7  # the zone is 4096-aligned: these are aligned word views
+        whole = record.size & ~7  # the zone is 4096-aligned: aligned word views, in the machine's byte
+        # order, which is ENTRY's little-endian on the x86-64 this runs on (see hugeshmd.shm.table on TSO)
         self._u32 = self.mem[:whole].cast("I")  # each store through them is one aligned store
         self._u64 = self.mem[:whole].cast("Q")
         magic, version, count, arena = _DIR_HEAD.unpack_from(self.mem, 0)[:4]
