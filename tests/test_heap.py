@@ -615,3 +615,42 @@ def test_an_entry_being_rewritten_never_reads_as_empty_in_another_process(inst: 
         except (ProcessLookupError, ChildProcessError):
             pass  # it ended, and was reaped above
     assert reads and empty == 0, f"{empty} of {reads} reads saw the entry without its arena"
+
+
+def test_buffer_of_a_large_allocation_is_right_while_another_thread_allocates(inst: Instance) -> None:
+    """``buffer()`` of a live large allocation, while another thread of the process commits
+    allocations placed before it: never NotFound, never another allocation's buffer (it looked
+    in an index that the other thread's commit was changing: 31 NotFound in 650,000 lookups)."""
+    import sys
+    import threading
+
+    h = inst.heap()
+    first, target, _last = (h.alloc(100_000) for _ in range(3))
+    first.free()  # a hole before the target, which the other thread's allocations fill
+    stop = threading.Event()
+    wrong: list[str] = []
+
+    def churn() -> None:
+        while not stop.is_set():
+            h.alloc(70_000).free()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    other = threading.Thread(target=churn)
+    other.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and len(wrong) < 5:
+            for _ in range(1000):
+                try:
+                    got = h.buffer(target.address)
+                except NotFound as err:
+                    wrong.append(str(err))
+                    continue
+                if got.address != target.address:
+                    wrong.append(f"a buffer at {got.address:#x}")
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(interval)
+    assert wrong == []
