@@ -7,6 +7,13 @@ They are built on first use, in O(n). A writer's commit then *moves* them into
 the next snapshot and updates them for the one zone that changed, so a
 reserve or free costs O(gaps) plus memmoves, not a pass over every zone. The
 snapshot they were taken from rebuilds them if it is asked again.
+
+So code outside the writer lock must not hold on to an index of a snapshot
+while it uses it: another thread's commit may be changing that very list or
+dict for the next version. It reads ``zones`` (an immutable tuple), or makes
+one lookup in ``by_name`` (one dict read, atomic in CPython). A search of
+``starts`` that the next commit shifted under it once read a live large
+allocation as none (:meth:`hugeshmd.shm.heap.Heap._large_record`).
 """
 
 from __future__ import annotations
