@@ -1,4 +1,5 @@
-"""The package's floors, held: what each may import, the worker's fence, no import cycles.
+"""The package's floors, held: what each may import, the worker's fence, no import cycles; and no
+struct.pack_into on memory that other processes read.
 
 Floors, from the bottom (see the README's Development section):
 
@@ -128,6 +129,26 @@ def test_module_level_imports_make_no_cycle() -> None:
 
     for module in sorted(graph):
         visit(module, [])
+
+
+PACK_INTO_ALLOWED = {"initialize", "_initialize", "write_iovas"}  # memory no other process can read yet
+
+
+def test_no_shared_memory_is_written_with_pack_into_outside_initialisers() -> None:
+    """``struct.pack_into`` zeroes its target before it writes the fields: another process
+    reading meanwhile sees zeros that were never the value, and a writer killed in between leaves
+    them (a heap directory entry lost so; see hugeshmd.shm.table). Only code that fills memory no
+    one can read yet (a zone before its commit) may use it."""
+    found = []
+    for module, path in modules().items():
+        tree = ast.parse(path.read_text())
+        for function in ast.walk(tree):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and function.name not in PACK_INTO_ALLOWED:
+                for node in ast.walk(function):
+                    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                            and node.func.attr == "pack_into"):
+                        found.append(f"hugeshmd.{module}.{function.name}, line {node.lineno}")
+    assert found == []
 
 
 @pytest.mark.process
