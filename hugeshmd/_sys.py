@@ -36,6 +36,12 @@ import os
 import time
 from collections.abc import Callable
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported at run time (import hugeshmd stays light)
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
+
 __all__ = [
     "PAGE_SIZE",
     "MAP_FAILED",
@@ -65,6 +71,7 @@ __all__ = [
     "mutex_trylock",
     "mutex_unlock",
     "mutex_consistent",
+    "mutex_repaired",
     "mutex_holder",
     "futex_wait",
     "futex_wake",
@@ -479,6 +486,20 @@ def mutex_consistent(address: int) -> None:
     err = _libc.pthread_mutex_consistent(address)
     if err:
         raise OSError(err, f"pthread_mutex_consistent: {os.strerror(err)}")
+
+
+def mutex_repaired(address: int, repair: Callable[[], _T]) -> _T:
+    """For a lock that answered EOWNERDEAD (so it is held): ``repair()`` what the dead holder left
+    half done, then mark the mutex consistent; what the repair returned. A repair that raises gives
+    the lock back (consistent, and unlocked) before its error goes on: it must not keep the lock."""
+    try:
+        repaired = repair()
+    except BaseException:
+        mutex_consistent(address)
+        mutex_unlock(address)
+        raise
+    mutex_consistent(address)
+    return repaired
 
 
 def mutex_holder(address: int) -> int:

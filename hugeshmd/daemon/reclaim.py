@@ -37,6 +37,7 @@ from ..shm.heap import (
     Arena,
     Directory,
     arena_name,
+    holder_gone,
     liveness,
     reclaim_arena,
     release_held,
@@ -296,15 +297,11 @@ GATE_WAIT_S = 0.02  # the primary's loop waits no longer for a remote free to le
 
 
 def _holder_gone(directory: Directory, dead: Any) -> Any:
-    """Whether the worker of a holder word's (arena, claim) is gone: the arena has no owner, another
-    claim of it, or a dead owner (``dead(pid, start)``). Cached: a few holders hold everything."""
+    """:func:`holder_gone` of (arena, claim), cached: a few holders hold everything."""
 
     @functools.cache
     def gone(i: int, claim: int) -> bool:
-        if not 0 <= i < directory.max_arenas:
-            return True
-        e = directory.entry(i)
-        return e[1] == E_FREE or (e[5] & 0x7FFF) != claim or bool(dead(e[4], e[7]))
+        return holder_gone(directory, i, claim, dead)
 
     return gone
 

@@ -211,14 +211,7 @@ class Channel:
         if err == 0:
             return []
         if err == _sys.EOWNERDEAD:
-            try:
-                repaired = self._repair_send() if producer else self._repair_recv()
-            except BaseException:
-                _sys.mutex_consistent(at)
-                _sys.mutex_unlock(at)  # held: a repair that failed must not keep the lock
-                raise
-            _sys.mutex_consistent(at)
-            return repaired
+            return _sys.mutex_repaired(at, self._repair_send if producer else self._repair_recv)
         if err == _ETIMEDOUT:
             pid = _sys.mutex_holder(at)
             from .identity import describe_holder, process_state

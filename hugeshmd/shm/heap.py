@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ARENA", "SPAN", "CLASS_SIZES", "MAX_SMALL", "FREE", "LIVE", "DISOWNED", "REMOTE", "DIRECTORY",
     "Arena", "Directory", "Heap", "liveness", "gate", "reclaim_arena", "release_held", "class_for", "custody",
-    "worker_holder", "holder_arena", "CUSTODY",
+    "worker_holder", "holder_arena", "holder_gone", "CUSTODY",
 ]  # fmt: skip
 
 # -- sizes ---------------------------------------------------------------------------------
@@ -160,6 +160,15 @@ def worker_holder(arena: int, claims: int) -> int:
 def holder_arena(word: int) -> tuple[int, int]:
     """(arena index, claims & 0x7FFF) of a worker's holder word."""
     return (word & 0xFFFF) - 1, (word >> 16) & 0x7FFF
+
+
+def holder_gone(directory: Directory, i: int, claim: int, dead: Callable[[int, int], bool]) -> bool:
+    """Whether the worker named by a holder word's (arena ``i``, ``claim``) is gone: the arena is
+    no arena, has no owner, another claim of it, or an owner that ``dead(pid, start)`` says is."""
+    if not 0 <= i < directory.max_arenas:
+        return True
+    e = directory.entry(i)
+    return e[1] == E_FREE or (e[5] & 0x7FFF) != claim or bool(dead(e[4], e[7]))
 
 
 GATE_WAIT_S = 1.0  # a remote free waits this long for a reclaim to finish; a reclaim, for remote frees

@@ -54,6 +54,7 @@ from .heap import (
     arena_name,
     custody,
     holder_arena,
+    holder_gone,
 )
 from .identity import process_alive
 from .layout import ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, ZONE_HEAP, ZONE_HEAP_META
@@ -251,8 +252,7 @@ def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool) ->
         if directory is None or not 0 <= i < directory.max_arenas:
             found.append(f"arena {arena.index} block {k} names a holder of no arena ({word:#x})")
             continue
-        entry = directory.entry(i)
-        if entry[1] == E_FREE or (entry[5] & 0x7FFF) != claim or not process_alive(entry[4], entry[7]):
+        if holder_gone(directory, i, claim, _exited):
             report.pending.append(f"arena {arena.index} block {k} is held by a worker that exited (its arena {i}); "
                                   "not freed yet")
     return handed_live
@@ -273,11 +273,13 @@ def _walk_pins(zone: Any, keepalive: object, directory: Directory, report: HeapR
         if not word:
             continue
         report.pins += 1
-        arena, claim = holder_arena(word)
-        entry = directory.entry(arena) if 0 <= arena < directory.max_arenas else None
-        if entry is None or entry[1] == E_FREE or (entry[5] & 0x7FFF) != claim or not process_alive(entry[4], entry[7]):
+        if holder_gone(directory, *holder_arena(word), _exited):
             report.pending.append(f"pin {i} of {words[4 * i] | words[4 * i + 1] << 32:#x} is held by a worker that "
                                   "exited; not dropped yet")
+
+
+def _exited(pid: int, start: int) -> bool:
+    return not process_alive(pid, start)
 
 
 def _queued_now(report: HeapReport, word: int) -> bool:

@@ -35,7 +35,7 @@ from functools import partial
 
 from .. import _sys
 from ..errors import ChannelBusy, InvalidArgument, NotFound, TableCorrupt, TableFull
-from .heap import DISOWNED, LIVE, REMOTE, Heap, custody
+from .heap import CUSTODY, DISOWNED, LIVE, REMOTE, Heap, custody, holder_arena
 from .layout import NO_SLOT, ZONE_HANDED, ZONE_HEAP_META, Owner
 from .zones import place
 
@@ -182,13 +182,8 @@ class _Held:
         err = _sys.mutex_lock(self.at, self.timeout)
         if err == _sys.EOWNERDEAD:  # entries are whole or do not count; a free may be half done
             pins = self.pins
-            try:
-                _repair(pins._heap, pins._table, pins._mem, lambda address: not pins._find(address))
-            except BaseException:
-                _sys.mutex_consistent(self.at)
-                _sys.mutex_unlock(self.at)  # held: a repair that failed must not keep the lock
-                raise
-            _sys.mutex_consistent(self.at)
+            _sys.mutex_repaired(self.at, lambda: _repair(pins._heap, pins._table, pins._mem,
+                                                         lambda address: not pins._find(address)))
         elif err == 110:
             pid = _sys.mutex_holder(self.at)
             raise ChannelBusy(f"the pin table's lock stayed taken for {self.timeout:g} s by pid {pid}",
@@ -295,20 +290,14 @@ def release_pins(heap: Any, table: Table, keepalive: object, gone: Callable[[int
 
     err = _sys.mutex_lock(at, wait)
     if err == _sys.EOWNERDEAD:
-        try:
-            _repair(heap, table, mem, unpinned)
-        except BaseException:
-            _sys.mutex_consistent(at)
-            _sys.mutex_unlock(at)
-            raise
-        _sys.mutex_consistent(at)
+        _sys.mutex_repaired(at, lambda: _repair(heap, table, mem, unpinned))
     elif err:
         return 0, 0  # busy: the next look
     try:
         doomed: dict[int, list[int]] = {}  # address -> the entries of dead holders
         for i in range(COUNT):
             word = words[4 * i + 3]
-            if word and not word >> 31 and gone((word & 0xFFFF) - 1, (word >> 16) & 0x7FFF):
+            if word and not word & CUSTODY and gone(*holder_arena(word)):
                 doomed.setdefault(words[4 * i] | words[4 * i + 1] << 32, []).append(i)
         live: dict[int, int] = {}
         for i in range(COUNT):
