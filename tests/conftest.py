@@ -89,6 +89,27 @@ def kill_session(proc: subprocess.Popen[str]) -> None:
     proc.wait()
 
 
+def start_storm(script: str, prefix: str, root: str, *args: str) -> subprocess.Popen[str]:
+    """Start the kill -9 storm ``tests/<script>`` (see tests/storm.py) on ``prefix``, its output piped."""
+    return spawn_worker([str(HERE / script), prefix, root, *args], root, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
+
+
+def storm_result(storm: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
+    """The JSON line of a storm (:func:`start_storm`) once it ended, asserted clean: it exited 0,
+    no worker exited other than by the storm's SIGKILL, and none said anything. A storm still
+    running after ``timeout`` seconds is killed with its session (its workers too), and fails."""
+    try:
+        out, err = storm.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(storm)
+        raise
+    assert storm.returncode == 0, err
+    result: dict[str, Any] = json.loads(out)
+    assert result["bad"] == [] and result["said"] == "", result
+    return result
+
+
 def run_python(code: str, root: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh worker process (:func:`spawn_worker`) for instances under ``root``;
     its output, once it exited or timed out. The session is killed whole after it: code that

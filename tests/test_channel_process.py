@@ -3,14 +3,13 @@ and channels that outlive a primary's kill -9 with their contents."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import textwrap
 
 import pytest
-from conftest import HERE, PYTHON, needs_hugepages, run_python, spawn_worker
+from conftest import PYTHON, needs_hugepages, run_python, spawn_worker, start_storm, storm_result
 from test_heap_process import settled
 
 pytestmark = [needs_hugepages, pytest.mark.process]
@@ -74,12 +73,7 @@ def test_a_producer_hands_buffers_to_a_consumer_in_order(start_primary, prefix, 
 def test_a_storm_of_kill_9_on_producers_and_consumers_loses_and_doubles_nothing(start_primary, prefix, root):
     start_primary("--memory", "128M", "--huge-pages", "on")
     kills = os.environ.get("STORM_KILLS", "400")
-    storm = spawn_worker([str(HERE / "channel_storm.py"), prefix, root, "2", "2", kills, "60"], root,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = storm.communicate(timeout=180)
-    assert storm.returncode == 0, err
-    result = json.loads(out)
-    assert result["bad"] == [] and result["said"] == "", result
+    result = storm_result(start_storm("channel_storm.py", prefix, root, "2", "2", kills, "60"))
     assert result["kills"] >= 100, result
     report = settled(prefix, root)
     assert report["violations"] == [] and report["pending"] == [], report
@@ -126,8 +120,7 @@ def test_channels_and_their_contents_survive_a_primary_kill_9(start_primary, pre
 
 def test_a_storm_goes_through_a_primary_kill_9_and_its_adoption(start_primary, prefix, root):
     first = start_primary("--memory", "128M", "--huge-pages", "on")
-    storm = spawn_worker([str(HERE / "channel_storm.py"), prefix, root, "2", "2", "1000", "8"], root,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    storm = start_storm("channel_storm.py", prefix, root, "2", "2", "1000", "8")
     try:
         storm.wait(2.0)  # let it run: the storm goes on for 8 s
     except subprocess.TimeoutExpired:
@@ -135,10 +128,7 @@ def test_a_storm_goes_through_a_primary_kill_9_and_its_adoption(start_primary, p
     first.stop(signal.SIGKILL)  # while workers die and hand buffers around, no primary reclaims
     second = start_primary("--memory", "128M", "--huge-pages", "on")
     assert "adopted prefix" in second.text, second.text
-    out, err = storm.communicate(timeout=180)
-    assert storm.returncode == 0, err
-    result = json.loads(out)
-    assert result["bad"] == [] and result["said"] == "", result
+    storm_result(storm)
     drain(prefix, root, "work", "back")
     report = settled(prefix, root)
     assert report["violations"] == [] and report["pending"] == [], report

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import HERE, PYTHON, needs_hugepages, run_python, spawn_worker
+from conftest import PYTHON, needs_hugepages, run_python, start_storm, storm_result
 
 pytestmark = [needs_hugepages, pytest.mark.process]
 
@@ -104,12 +104,7 @@ def test_a_forked_child_neither_keeps_its_parents_memory_nor_uses_its_arenas(sta
 
 def test_a_storm_of_kill_9_loses_no_block_and_hands_none_out_twice(start_primary, prefix, root):
     start_primary("--memory", "128M", "--huge-pages", "on")
-    storm = spawn_worker([str(HERE / "heap_storm.py"), prefix, root, "3", "1000", "90"], root,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = storm.communicate(timeout=180)
-    assert storm.returncode == 0, err
-    result = json.loads(out)
-    assert result["bad"] == [] and result["said"] == "", result
+    result = storm_result(start_storm("heap_storm.py", prefix, root, "3", "1000", "90"))
     assert result["kills"] >= 300, result  # a slow machine may not reach 1000 in the time
     report = settled(prefix, root)
     assert report["violations"] == [] and report["pending"] == [], report

@@ -7,14 +7,14 @@ while any process holds it, whoever frees or dies first; freed once the last hol
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import textwrap
 
 import pytest
-from conftest import HERE, PYTHON, run_python, spawn_worker
+from conftest import PYTHON, run_python, spawn_worker, start_storm, storm_result
+from test_channel_process import drain
 from test_heap_process import settled
 
 pytest.importorskip("numpy")
@@ -153,24 +153,9 @@ def test_a_copy_in_flight_keeps_the_memory_until_received_or_its_sender_exits(st
 def test_a_storm_of_kill_9_on_makers_and_takers_frees_every_array_once(start_primary, prefix, root):
     start_primary("--memory", "128M", "--huge-pages", "on")
     kills = os.environ.get("STORM_KILLS", "300")
-    storm = spawn_worker([str(HERE / "pins_storm.py"), prefix, root, "2", "2", kills, "60"], root,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = storm.communicate(timeout=180)
-    assert storm.returncode == 0, err
-    result = json.loads(out)
-    assert result["bad"] == [] and result["said"] == "", result
+    result = storm_result(start_storm("pins_storm.py", prefix, root, "2", "2", kills, "60"))
     assert result["kills"] >= 100, result
-    run_python(textwrap.dedent(f"""
-        import hugeshmd
-        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:  # drop the parcels left
-            ch = shm.channel("parcels")
-            try:
-                while True:
-                    for buf in ch.recv_many(256, timeout=0):
-                        buf.free()
-            except hugeshmd.ChannelTimeout:
-                pass
-    """), root)
+    drain(prefix, root, "parcels")  # drop the parcels left
     report = settled(prefix, root)
     assert report["violations"] == [] and report["pending"] == [], report
     figures = report["figures"]
