@@ -90,12 +90,18 @@ def test_a_flipped_record_is_never_committed_again(start_primary, prefix, root, 
     pair = attached(workers, prefix)
     flip_committed_zone_byte(RuntimePaths(prefix, root).table)
     late = workers()
-    refused = late.call("attach", prefix=prefix, timeout=1)
-    assert refused["error"] == "TableCorrupt" and "checksum of zone record" in refused["message"], refused
+    late.ok("attach", prefix=prefix)  # a new worker checks each zone record when it first reads it
+    assert late.ok("lookup", name="w1")["name"] == "w1"
+    for _ in range(2):  # and again: the damage stays an error, not a crash
+        refused = late.call("lookup", name="w0")
+        assert refused["error"] == "TableCorrupt" and "checksum of the zone record at" in refused["message"], refused
+    refused = late.call("zones")
+    assert refused["error"] == "TableCorrupt" and "checksum of zone record 0" in refused["message"], refused
     assert status(prefix, root).returncode == 1
-    # An attached worker commits the next version from the records it verified, not the flipped bytes:
+    # An attached worker commits the next version from the records it verified, not the flipped bytes,
+    # and the new worker reads that version afresh (not the damaged bytes it had, with the change applied):
     pair[1].ok("reserve", name="heals", size=64)
-    late.ok("attach", prefix=prefix)
+    assert late.ok("lookup", name="w0")["name"] == "w0"
     assert sorted(z["name"] for z in late.ok("zones")["zones"]) == ["heals", "w0", "w1"]
     assert status(prefix, root).returncode == 0
     everyone_lives(primary, pair + [late])

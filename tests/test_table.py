@@ -340,8 +340,41 @@ def test_corrupt_committed_slot_is_detected(table: Table, path: str, reopen, are
     byte = peek(path, offset, 1)[0]
     poke(path, offset, bytes([byte ^ 0x01]))
     with pytest.raises(TableCorrupt, match="generation 1 fails its checks") as info:
-        reopen().snapshot()
+        reopen().snapshot().zones  # noqa: B018 - a zone record is checked when first read, the rest at once
     assert info.value.path == path
+    assert reopen().damage() is not None
+
+
+def test_a_reader_checks_each_zone_record_when_it_reads_it(table: Table, path: str, reopen) -> None:
+    """A fresh reader's version is lazy: a damaged record fails the reads of that record (by
+    name, by address, every record at once), and the others read as before."""
+    commit_zones(table, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
+    at = zones_at(table.layout, table.generation & 1) + records.ZONE.size + 80  # inside b's name
+    poke(path, at, bytes([peek(path, at, 1)[0] ^ 0x01]))
+    snap = reopen().snapshot()
+    assert snap.lazy
+    assert snap.record("a") == zone("a", BASE) and snap.zone_at(BASE + 8192) == zone("c", BASE + 8192)
+    assert snap.record("nothing") is None and snap.zone_at(BASE + 4) is None
+    with pytest.raises(TableCorrupt, match="generation 3 fails its checks: the checksum of the zone record at"):
+        snap.zone_at(BASE + 4096)
+    with pytest.raises(TableCorrupt, match="the checksum of zone record 1"):
+        snap.zones  # noqa: B018
+    assert snap.lazy and snap.record("a") == zone("a", BASE)  # still usable where it is whole
+    assert "the checksum of zone record 1" in (reopen().damage() or "")
+
+
+def test_a_first_decode_checks_only_the_records_it_reads(big: Table, reopen, monkeypatch) -> None:
+    """What keeps attach to a table of many zones fast: the records are checked as they are read."""
+    commit_zones(big, *(zone(f"z{i:02d}", BASE + i * 4096) for i in range(40)))
+    checked: list[bytes] = []
+    real = table_code._check_zone
+    monkeypatch.setattr(table_code, "_check_zone", lambda chunk, *a: checked.append(chunk) or real(chunk, *a))
+    snap = reopen().snapshot()
+    assert checked == []
+    assert snap.record("z07") == zone("z07", BASE + 7 * 4096) and snap.record("z07") is snap.record("z07")
+    assert snap.zone_at(BASE + 9 * 4096) == zone("z09", BASE + 9 * 4096)
+    assert len(checked) == 2
+    assert [z.name for z in snap.zones] == [f"z{i:02d}" for i in range(40)] and len(checked) == 40
 
 
 def test_garbage_in_the_inactive_slot_is_harmless(table: Table, path: str, reopen) -> None:
@@ -645,7 +678,7 @@ def test_swapped_records_are_corrupt_though_every_crc_still_matches(table: Table
         f.seek(at)
         f.write(second + first)  # each record keeps its own CRC, and the sum is the same
     with pytest.raises(TableCorrupt, match="generation 2 fails its checks"):
-        reopen().snapshot()
+        reopen().snapshot().zones  # noqa: B018 - the order is checked with every record
 
 
 def test_a_table_dropped_without_close_is_no_longer_guarded(path: str) -> None:
@@ -703,13 +736,20 @@ def test_a_reader_one_commit_behind_applies_the_change_instead_of_decoding(table
     assert reopen().snapshot() == follower.snapshot()  # and equal to what a fresh decode finds
 
 
-def test_changes_applied_at_random_equal_a_fresh_decode(table: Table, reopen) -> None:
-    """Random inserts and removes, a follower applying each: always what a fresh decode says."""
+@pytest.mark.parametrize("lazy", [False, True])
+def test_changes_applied_at_random_equal_a_fresh_decode(table: Table, reopen, lazy: bool) -> None:
+    """Random inserts and removes, a follower applying each: always what a fresh decode says.
+    A lazy follower (a reader that never asks for every record) applies them to the records'
+    bytes and its index of names, and stays lazy."""
     import random
 
     rng = random.Random(9)
     follower = reopen()
-    follower.snapshot()
+    follower.snapshot().record("z0")  # builds the name index the changes then carry along
+    if lazy:
+        decodes: list[int] = []
+        real = follower._decode
+        follower._decode = lambda generation, trust=True: decodes.append(generation) or real(generation, trust)
     live: list[ZoneRecord] = []
     for step in range(300):
         with table.locked() as base:
@@ -725,9 +765,18 @@ def test_changes_applied_at_random_equal_a_fresh_decode(table: Table, reopen) ->
         if step % 3 == 0:
             continue  # let the follower fall one more behind now and then
         got = follower.snapshot()
+        if lazy:
+            fresh = reopen().snapshot()
+            assert got.lazy and got.generation == fresh.generation and got.zone_bytes == fresh.zone_bytes
+            assert all(got.record(z.name) == z and got.zone_at(z.address) == z for z in live)
+            names = {z.name for z in live}
+            assert all(got.record(f"z{i}") is None for i in range(step) if f"z{i}" not in names)
+            continue
         assert got == reopen().snapshot()
         assert sorted(got.by_name) == sorted(z.name for z in live)
         assert got.gaps == reopen().snapshot().gaps  # the moved indexes stay right
+    if lazy:
+        assert decodes == []  # every change applied, none decoded
 
 
 def test_a_damaged_change_record_damages_its_generation_for_every_reader(table: Table, reopen, path: str) -> None:
@@ -753,9 +802,9 @@ def test_a_change_that_contradicts_the_version_before_falls_back_to_a_decode(tab
     with table.locked() as base:
         table.commit(base, insert=zone("inside", BASE + 4096))  # commit() places nothing: it trusts its caller
     with pytest.raises(TableCorrupt, match="overlap"):
-        follower.snapshot()
+        follower.snapshot().zones  # noqa: B018 - decoded lazily: the order is checked with every record
     with pytest.raises(TableCorrupt, match="overlap"):
-        reopen().snapshot()
+        reopen().snapshot().zones  # noqa: B018
 
 
 def test_a_reader_applying_a_change_leaves_the_version_before_whole(table: Table, reopen) -> None:
@@ -786,7 +835,7 @@ def test_a_first_decode_of_many_records_names_the_one_that_fails(big: Table, reo
     at = zones_at(table.layout, table.generation & 1) + 7 * records.ZONE.size + 40
     poke(path, at, b"\x01")  # inside record 7's name: its CRC no longer matches
     with pytest.raises(TableCorrupt, match="the checksum of zone record 7"):
-        reopen().snapshot()
+        reopen().snapshot().zones  # noqa: B018
 
 
 def test_a_first_decode_rejects_a_record_outside_its_segment_among_many(big: Table, reopen) -> None:
@@ -796,4 +845,6 @@ def test_a_first_decode_rejects_a_record_outside_its_segment_among_many(big: Tab
     with table.locked() as base:  # commit() trusts its caller: a forger's record, with a valid CRC
         table.commit(base, insert=zone("outside", BASE + (8 << 20)))
     with pytest.raises(TableCorrupt, match="zone record 20 .* lies outside its segment"):
-        reopen().snapshot()
+        reopen().snapshot().zones  # noqa: B018
+    with pytest.raises(TableCorrupt, match="zone record .* lies outside its segment"):
+        reopen().snapshot().record("outside")

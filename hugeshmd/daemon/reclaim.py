@@ -72,7 +72,7 @@ class Reclaimer:
 
     def directory(self) -> Directory | None:
         if self._directory is None:
-            record = self.table.snapshot().by_name.get(DIRECTORY)
+            record = self.table.snapshot().record(DIRECTORY)
             if record is None:
                 return None
             try:

@@ -123,7 +123,7 @@ def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keep
     InvalidArgument if it exists with another capacity than one asked for."""
     check_name(PREFIX + name)
     zone_name = PREFIX + name
-    record = table.snapshot().by_name.get(zone_name)
+    record = table.snapshot().record(zone_name)
     if record is None:
         wanted = DEFAULT_CAPACITY if capacity is None else check_capacity(capacity)
         with table.locked() as base:
@@ -601,7 +601,7 @@ def _strerror(err: int) -> str:
 
 
 def find_channel(heap: Heap, table: Table, name: str) -> ZoneRecord:
-    record = table.snapshot().by_name.get(PREFIX + name)
+    record = table.snapshot().record(PREFIX + name)
     if record is None or not record.flags & ZONE_CHANNEL:
         raise NotFound(f"no channel named {name!r}", name=name)
     return record

@@ -46,10 +46,8 @@ killed at any instruction leaves the heap consistent:
 from __future__ import annotations
 
 import _thread
-import operator
 import os
 import struct
-from bisect import bisect_left
 
 from .. import _fork, _sys
 from ..errors import InvalidArgument, NotFound, TableBusy, TableCorrupt, TableFull
@@ -126,7 +124,6 @@ E_FREE, E_OWNED, E_RECLAIMING = 0, 1, 2
 ENTRY_STATES = {E_FREE: "free", E_OWNED: "owned", E_RECLAIMING: "reclaiming"}
 MAX_ARENAS = 4096
 _MASK64 = 2**64 - 1
-_ADDRESS = operator.itemgetter(1)  # ZoneRecord.address
 
 # -- the arena locks: bytes of the table file far past its end -------------------------------
 
@@ -666,7 +663,7 @@ class Heap:
     def directory(self) -> Directory | None:
         """The directory, if the instance has one (found without the writer lock)."""
         if self._directory is None:
-            record = self._table.snapshot().by_name.get(DIRECTORY)
+            record = self._table.snapshot().record(DIRECTORY)
             if record is None:
                 return None
             self._ensure_mapped(record.address)
@@ -731,18 +728,13 @@ class Heap:
             return record
 
     def _large_record(self, address: int) -> ZoneRecord | None:
-        """The large allocation at ``address`` in the committed version. Searched in the
-        snapshot's zones, never its ``starts`` index: another thread's commit moves that list
-        on to the next version and changes it, so it could disagree with these zones (a live
+        """The large allocation at ``address`` in the committed version. Found with the
+        snapshot's ``zone_at``, never its ``starts`` index: another thread's commit moves that
+        list on to the next version and changes it, so it could disagree with the zones (a live
         allocation then read as none, about once in 20,000 lookups while another thread
         allocated)."""
-        zones = self._table.snapshot().zones
-        i = bisect_left(zones, address, key=_ADDRESS)
-        if i < len(zones):
-            record = zones[i]
-            if record.address == address and record.flags & ZONE_HEAP:
-                return record
-        return None
+        record = self._table.snapshot().zone_at(address)
+        return record if record is not None and record.flags & ZONE_HEAP else None
 
     # -- freeing ---------------------------------------------------------------------------------
 

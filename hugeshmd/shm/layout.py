@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAGIC", "FORMAT", "HEADER_SIZE", "MODE_HUGETLBFS", "MODE_SHM", "STATE_STARTING", "STATE_READY",
-    "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "META", "META_HEAD",
+    "STATE_STOPPING", "STATE_NAMES", "NAME_MAX", "PATH_MAX", "SEGMENT", "ZONE", "ZONE_BODY", "ZONE_KEYS",
+    "ZONE_CHUNKS", "ZONE_WORDS", "META", "META_HEAD",
     "META_AT", "CHANGE", "CHANGE_AT", "CHANGE_INSERT", "CHANGE_REMOVE", "CHANGE_OTHER", "WORKER", "IOVA", "U32",
     "U64", "GEN_AT", "STATE", "STATE_AT", "OWNER_START_AT",
     "ADOPTIONS_AT", "NO_SLOT", "ZONE_HEAP", "ZONE_DISOWNED", "ZONE_HEAP_META", "ZONE_CHANNEL", "ZONE_HANDED",
@@ -100,6 +101,12 @@ SEGMENT = struct.Struct("<IIQQQQiIQII192s")
 # owner start time, created, name length, name, crc32 of the rest
 ZONE = struct.Struct("<QQQQIIIIIIQQB63sI4x")
 ZONE_BODY = ZONE.size - 8  # what the record's crc32 covers
+# Read straight from a run of zone records, without decoding them: the padded name field of each
+# (names hold no NUL, so the padding is unambiguous), each record's bytes, and the words per record
+# (the address is a record's first word, its size the second).
+ZONE_KEYS = struct.Struct(f"<{ZONE_BODY - NAME_MAX}x{NAME_MAX}s{ZONE.size - ZONE_BODY}x")
+ZONE_CHUNKS = struct.Struct(f"{ZONE.size}s")
+ZONE_WORDS = ZONE.size // 8
 CHANGE = struct.Struct(f"<QII{ZONE.size}s")
 CHANGE_AT = (1024, 1024 + 256)  # two 256-byte slots in the header's dynamic area
 

@@ -70,7 +70,7 @@ class Pins:
         self._heap = heap
         self._table = table
         self._lock_timeout = lock_timeout
-        record = table.snapshot().by_name.get(PINS)
+        record = table.snapshot().record(PINS)
         if record is None:
             with table.locked() as base:
                 record = base.by_name.get(PINS)
@@ -276,7 +276,7 @@ def release_pins(heap: Any, table: Table, keepalive: object, gone: Callable[[int
     """The primary's part: remove the pins of workers that are gone (``gone(arena, claim)`` of a
     holder word) and free what lost its last pin. ``heap`` finds arenas by address (``_arena_at``).
     Nothing if there is no pin table; (count, bytes) freed."""
-    record = table.snapshot().by_name.get(PINS)
+    record = table.snapshot().record(PINS)
     if record is None:
         return 0, 0
     mem = _sys.memory(record.address, record.size, keepalive)

@@ -51,6 +51,14 @@ Segment = SegmentRecord
 GROW_TIMEOUT = 60.0  # seconds a worker waits for the primary to map and populate a new segment
 
 
+def _still(snap: Snapshot, name: str, record: ZoneRecord) -> bool:
+    """Whether ``snap`` still has the zone ``name`` as ``record`` (a damaged record: no)."""
+    try:
+        return snap.record(name) == record
+    except TableCorrupt:
+        return False  # the next lookup of it says why
+
+
 def _primary_info() -> Any:
     """The PrimaryInfo type, made on first use: a namedtuple costs a fresh worker 0.2 ms to make."""
     global PrimaryInfo
@@ -190,8 +198,9 @@ class Secondary:
         self._window: Window | None = None
         self._generation: Sequence[int] = (-2,)
         self._segments_generation = -1
-        self._records: dict[str, ZoneRecord] = {}  # every zone at generation _seen
+        self._snap: Snapshot | None = None  # the version at generation _seen: its records, looked up by name
         self._by_name: dict[str, Zone | ReadOnlyZone] = {}  # the Zone objects made so far, made on first lookup
+        self._made_of: dict[str, ZoneRecord] = {}  # the record each of them was made of
         self._seen = -1
         self.owner: Owner = NOBODY  # this worker's registration: every zone it reserves carries it
         self._heap: Heap | None = None  # made by the first alloc or buffer
@@ -235,11 +244,11 @@ class Secondary:
             self._check_open()
             zone = self._by_name.get(name)
             if zone is None:
-                record = self._records.get(name)
+                record = self._snap.record(name) if self._snap is not None else None
                 if record is None:
                     raise NotFound(f"no zone named {name!r}", name=name)
-                zone = self._by_name[name] = (ReadOnlyZone(record, self._window) if self.read_only
-                                              else make_zone(record, self._window))
+                zone = (ReadOnlyZone(record, self._window) if self.read_only else make_zone(record, self._window))
+                self._made_of[name], self._by_name[name] = record, zone
             return zone
 
     @property
@@ -248,9 +257,8 @@ class Secondary:
         if self._generation[0] != self._seen:
             self._refresh()
         with self._lock:
-            records = sorted((r for r in self._records.values() if not r.name.startswith(RESERVED)),
-                             key=lambda r: r.address)
-            return [self._zone(r.name) for r in records]
+            records = self._snap.zones if self._snap is not None else ()
+            return [self._zone(r.name) for r in records if not r.name.startswith(RESERVED)]
 
     @property
     def segments(self) -> list[Segment]:
@@ -298,15 +306,15 @@ class Secondary:
             self._check_open()
             if base.generation != self._seen:
                 self._refresh()
-                if self._records.get(name) == record:
+                if self._snap is not None and self._snap.record(name) == record:
                     zone = self._zone(name)
                     assert isinstance(zone, Zone)  # not read-only: _check_writable passed
                     return zone
                 # freed by another process since (the name may even be someone else's
                 # zone by now): still, the zone we committed is what we return
                 return make_zone(record, self._window)
-            self._records[name] = record
-            zone = self._by_name[name] = make_zone(record, self._window)
+            zone = make_zone(record, self._window)
+            self._snap, self._made_of[name], self._by_name[name] = new, record, zone
             self._seen = new.generation
             return zone
 
@@ -326,7 +334,8 @@ class Secondary:
             if base.generation != self._seen:
                 self._refresh()
                 return
-            self._records.pop(name, None)
+            self._snap = new
+            self._made_of.pop(name, None)
             self._by_name.pop(name, None)
             self._seen = new.generation
 
@@ -489,10 +498,9 @@ class Secondary:
             snap = self._table.snapshot()
             if snap.segments_generation != self._segments_generation:
                 self._apply_segments(snap)
-            records = self._table.zones_by_name(snap)
-            old = self._records
-            self._by_name = {n: z for n, z in self._by_name.items() if records.get(n) == old.get(n)}
-            self._records = records
+            made_of = {n: r for n, r in self._made_of.items() if _still(snap, n, r)}
+            self._by_name = {n: z for n, z in self._by_name.items() if n in made_of}
+            self._snap, self._made_of = snap, made_of
             self._seen = snap.generation
 
     def _apply_segments(self, snap: Snapshot) -> None:
@@ -549,7 +557,7 @@ class Secondary:
             if self._cuda is not None:
                 self._cuda.leave()  # before the mappings may go; what CUDA refuses changes nothing here
                 self._cuda = None
-            self._records, self._by_name = {}, {}
+            self._snap, self._by_name, self._made_of = None, {}, {}
             self._generation = (-2,)  # every call now takes the slow path and fails
             self._window = None  # released when the last Zone holding it is gone
             self._table.close()
@@ -561,7 +569,7 @@ class Secondary:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._window is None else f"{len(self._records)} zones"
+        state = "closed" if self._window is None else repr(self._snap)
         return f"<Secondary prefix={self.prefix!r} base={self._table.layout.base:#x} {state}>"
 
     def __del__(self) -> None:

@@ -88,10 +88,10 @@ def check_align(align: object) -> int:
 
 def find(snapshot: Snapshot, name: str) -> ZoneRecord:
     """The zone called ``name`` in ``snapshot``; NotFound if none."""
-    try:
-        return snapshot.by_name[name]
-    except KeyError:
-        raise NotFound(f"no zone named {name!r}", name=name) from None
+    record = snapshot.record(name)
+    if record is None:
+        raise NotFound(f"no zone named {name!r}", name=name)
+    return record
 
 
 IovaOf = Callable[[SegmentRecord, int], int]
