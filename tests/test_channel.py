@@ -10,6 +10,7 @@ the same one it does at a process's death, so the next taker gets EOWNERDEAD.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import threading
 import time
@@ -20,8 +21,19 @@ import pytest
 from test_heap import Instance, die
 
 from hugeshmd import _sys
-from hugeshmd.errors import ChannelBusy, ChannelTimeout, InvalidArgument, NotFound
-from hugeshmd.shm.channel import HEAD_AT, SLOT, SLOTS_AT, TAIL_AT, Channel, open_channel
+from hugeshmd.errors import ChannelBusy, ChannelTimeout, HandleClosed, InvalidArgument, NotFound
+from hugeshmd.shm.channel import (
+    CLOCK_AT,
+    HEAD_AT,
+    REMOVER_AT,
+    SLOT,
+    SLOTS_AT,
+    TAIL_AT,
+    Channel,
+    Openings,
+    open_channel,
+    remove_channel,
+)
 from hugeshmd.shm.heap import MAX_SMALL, Heap, custody
 from hugeshmd.shm.heapcheck import walk
 from hugeshmd.shm.layout import ZONE_HANDED
@@ -248,10 +260,8 @@ def test_bad_arguments_are_refused_and_change_nothing(inst: Instance) -> None:
     with pytest.raises(InvalidArgument):
         ca.recv_many(0)
     assert len(ca) == 0 and checked(inst).allocations == 0
-    from hugeshmd.shm.channel import find_channel
-
     with pytest.raises(NotFound):
-        find_channel(a, inst.table, "nope")
+        remove_channel(a, inst.table, "nope", inst.mm, 1.0)
 
 
 # -- deaths ------------------------------------------------------------------------------------------
@@ -472,3 +482,127 @@ def test_a_damaged_message_left_half_taken_is_dropped_and_the_lock_goes_on(inst:
     assert got.address == second.address
     cc.send(got)
     assert cc.recv(0).address == second.address  # the lock was given back each time
+
+
+# -- removing a channel ------------------------------------------------------------------------------
+
+
+def worker(inst: Instance) -> Heap:
+    """A Heap with a real registration in the table's worker registry (this process, alive), as
+    an attached worker has: the channels it opens count as open until it closes them."""
+    from hugeshmd.shm.identity import own_start_time
+    from hugeshmd.shm.registry import Registry
+
+    owner = Registry(inst.table).register(os.getpid(), own_start_time())
+    made = Heap(inst.table, inst.mm, inst.base, inst_segment(inst), lambda: owner, inst.table.snapshot)
+    made.openings = Openings()
+    inst.heaps.append(made)
+    return made
+
+
+def inst_segment(inst: Instance) -> int:
+    return inst.table.snapshot().segments[0].length
+
+
+def opened(inst: Instance, heap: Heap, name: str = "q", capacity: int | None = 8) -> Channel:
+    return open_channel(heap, inst.table, name, capacity, inst.mm, 1.0, heap.openings)
+
+
+def test_a_channel_is_removed_with_every_buffer_it_held(inst: Instance) -> None:
+    a = worker(inst)
+    ca = opened(inst, a)
+    for size in (64, 4096, MAX_SMALL + 1):
+        ca.send(a.alloc(size))
+    ca.close()
+    assert checked(inst).queued == 3 and checked(inst).channels == 1
+    assert remove_channel(a, inst.table, "q", inst.mm, 1.0) == 3
+    report = checked(inst)
+    assert (report.channels, report.allocations, report.large_allocations, report.pending) == (0, 0, 0, [])
+    assert inst.table.snapshot().record(".ch.q") is None
+    again = opened(inst, a, capacity=4)  # the name is free again: a new, empty channel
+    assert again.capacity == 4 and len(again) == 0
+
+
+def test_a_channel_open_in_a_live_worker_is_not_removed_until_it_closes(inst: Instance) -> None:
+    a, b = worker(inst), worker(inst)
+    ca, ca2 = opened(inst, a), opened(inst, a)
+    ca.send(a.alloc(64))
+    with pytest.raises(ChannelBusy, match=rf"open in 1 live worker\(s\): pid {os.getpid()}.*close its handles"):
+        remove_channel(b, inst.table, "q", inst.mm, 1.0)
+    assert len(ca) == 1 and checked(inst).queued == 1  # nothing changed
+    ca.close()
+    with pytest.raises(ChannelBusy):  # a's other handle still holds it open
+        remove_channel(b, inst.table, "q", inst.mm, 1.0)
+    with ca2:
+        pass
+    assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 1
+    assert checked(inst).allocations == 0
+
+
+def test_a_closed_handle_says_so_and_touches_nothing(inst: Instance) -> None:
+    a = worker(inst)
+    ca = opened(inst, a)
+    ca.close()
+    ca.close()  # idempotent
+    buf = a.alloc(64)
+    for call in (lambda: ca.send(buf), lambda: ca.recv(0), lambda: ca.recv_many(4), lambda: len(ca),
+                 lambda: ca.send_many([buf]), lambda: asyncio.run(ca.arecv(0))):
+        with pytest.raises(HandleClosed, match="'q' is closed"):
+            call()
+    assert "closed" in repr(ca)
+    buf.free()
+
+
+def test_handles_collected_without_close_do_not_keep_a_channel_from_this_process(inst: Instance) -> None:
+    a = worker(inst)
+    opened(inst, a).send(a.alloc(64))  # the handle is dropped at once, never closed
+    import gc
+
+    gc.collect()
+    assert remove_channel(a, inst.table, "q", inst.mm, 1.0) == 1
+
+
+def test_a_dead_workers_handle_does_not_keep_a_channel(inst: Instance) -> None:
+    from hugeshmd.shm.registry import Registry
+
+    a, b = worker(inst), worker(inst)
+    opened(inst, a)
+    Registry(inst.table).unregister(a.owner_token())  # what its death and the next claim of its entry do
+    assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 0
+
+
+def test_a_removal_a_dead_worker_left_is_finished_by_the_next(inst: Instance) -> None:
+    a, b = worker(inst), worker(inst)
+    ca = opened(inst, a)
+    bufs = [a.alloc(64) for _ in range(3)]
+    for buf in bufs:
+        ca.send(buf)
+    ca.close()
+    # The remover marked the channel, took its consumer lock, took one message and died there:
+    ca._words[REMOVER_AT // 8] = (7 + 1) << 32 | 99  # a registration that no longer runs
+
+    def take_one() -> None:
+        h = ca._words[HEAD_AT // 8]
+        ca._words[HEAD_AT // 8] = h + 1
+
+    _die_holding(ca._address + CLOCK_AT, take_one)
+    with pytest.raises(NotFound, match="being removed by a worker that exited"):
+        opened(inst, b)
+    report = walk(inst.table, inst.mm)
+    assert any("remove_channel finishes it" in p for p in report.pending)
+    assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 3
+    report = checked(inst)
+    assert (report.channels, report.allocations, report.pending) == (0, 0, [])
+
+
+def test_a_channel_being_removed_by_a_live_worker_is_neither_opened_nor_removed_twice(inst: Instance) -> None:
+    a, b = worker(inst), worker(inst)
+    opened(inst, a).close()
+    owner = a.owner_token()
+    ca = chan(inst, a)
+    ca._words[REMOVER_AT // 8] = (owner.slot + 1) << 32 | owner.epoch  # a is removing it
+    with pytest.raises(NotFound, match=f"being removed by pid {os.getpid()}"):
+        opened(inst, b)
+    with pytest.raises(ChannelBusy, match="being removed by pid"):
+        remove_channel(b, inst.table, "q", inst.mm, 1.0)
+    assert remove_channel(a, inst.table, "q", inst.mm, 1.0) == 0  # a itself goes on

@@ -9,7 +9,7 @@ import subprocess
 import textwrap
 
 import pytest
-from conftest import PYTHON, needs_hugepages, run_python, spawn_worker, start_storm, storm_result
+from conftest import PYTHON, kill_session, needs_hugepages, run_python, spawn_worker, start_storm, storm_result
 from test_heap_process import settled
 
 pytestmark = [needs_hugepages, pytest.mark.process]
@@ -175,3 +175,97 @@ def test_arecv_works_in_a_forked_child_of_a_process_whose_waker_runs(start_prima
         print("child", code, flush=True)
     """), root).stdout.split()
     assert out == ["parent", "64", "child", "0"], out
+
+
+def test_a_channel_open_in_another_live_worker_is_not_removed(start_primary, prefix, root):
+    start_primary(*HUGE)
+    holder = spawn_worker(["-c", textwrap.dedent(f"""
+        import sys, hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            ch = shm.channel("held", 8)
+            ch.send(shm.alloc(64))
+            print("ready", flush=True)
+            sys.stdin.readline()
+    """)], root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        os.kill(holder.pid, signal.SIGSTOP)  # frozen, it still holds the channel open
+        refused = run_python(textwrap.dedent(f"""
+            import hugeshmd
+            with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+                try:
+                    shm.remove_channel("held")
+                except hugeshmd.ChannelBusy as err:
+                    print(err.pid, err.stopped, err.message)
+        """), root).stdout
+        assert refused.startswith(f"{holder.pid} True channel 'held' is open in 1 live worker(s): pid {holder.pid}")
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(30) == 0  # it detached: its handle is closed
+    finally:
+        kill_session(holder)
+    dropped = run_python(textwrap.dedent(f"""
+        import hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            print(shm.remove_channel("held"))
+    """), root).stdout.strip()
+    assert dropped == "1"
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    assert (report["figures"]["channels"], report["figures"]["allocations"]) == (0, 0), report["figures"]
+
+
+def test_a_remover_killed_at_random_points_loses_nothing_and_the_next_one_finishes(start_primary, prefix, root):
+    """kill -9 of a worker removing a channel of small and large buffers, at a random moment of
+    its removal; the next remove_channel finishes it (or finds it gone), and nothing is lost."""
+    import random
+    import time
+
+    start_primary(*HUGE)
+    rng = random.Random(11)
+    fill = """
+        ch = shm.channel(NAME, 64)
+        for n in range(30):
+            ch.send(shm.alloc(100_000 if n % 7 == 0 else 64 + n))
+        ch.close()
+    """
+    finish = """
+        try:
+            shm.remove_channel(NAME)
+        except hugeshmd.NotFound:
+            pass
+    """
+
+    def step(finishing: str | None, filling: str | None) -> None:
+        code = f"import hugeshmd\nwith hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:\n"
+        for part, name in ((finish, finishing), (fill, filling)):
+            if name is not None:
+                code += textwrap.indent(textwrap.dedent(part).replace("NAME", repr(name)), "    ")
+        run_python(code, root)
+
+    step(None, "c0")
+    rounds = 16
+    for i in range(rounds):
+        remover = spawn_worker(["-c", textwrap.dedent(f"""
+            import sys, hugeshmd
+            with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+                shm.alloc(64).free()  # its arena claimed before the race
+                print("ready", flush=True)
+                sys.stdin.readline()
+                shm.remove_channel("c{i}")
+                print("removed", flush=True)
+        """)], root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert remover.stdout is not None and remover.stdin is not None
+            assert remover.stdout.readline().strip() == "ready"
+            remover.stdin.write("\n")
+            remover.stdin.flush()
+            time.sleep(rng.uniform(0.002, 0.02))  # its removal takes about 5-15 ms from here
+        finally:
+            kill_session(remover)
+        step(f"c{i}", f"c{i + 1}" if i + 1 < rounds else None)
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    assert (report["figures"]["channels"], report["figures"]["allocations"]) == (0, 0), report["figures"]

@@ -29,6 +29,15 @@ which is always the last step of one operation:
   the next consumer takes it as the message it receives. The ring has one slot
   more than its capacity, so no producer overwrites slot ``head - 1`` meanwhile.
 
+A channel is removed (:func:`remove_channel`) only when no live worker has it
+open: each worker-registry entry has a word after the ring, set (to the entry's
+epoch) while that registration holds a handle, under the table's writer lock, as
+the removal checks them. So no process can touch a channel's memory after it went
+back to the heap. The remover marks the channel first (the ``remover`` word: no
+one opens it from then on), takes both locks, frees every buffer the channel
+holds, then commits the zone's removal. A remover killed on the way leaves a
+marked channel that the next ``remove_channel`` finishes.
+
 Waits are futex waits on the ``tail`` word (receivers) or the ``head`` word
 (senders), with a bound. A waiter counts itself in under its side's lock and
 releases it (a full barrier in glibc's robust unlock) before sleeping; the
@@ -42,9 +51,10 @@ from __future__ import annotations
 
 import struct
 import time
+import weakref
 
 from .. import _sys
-from ..errors import ChannelBusy, ChannelTimeout, InvalidArgument, NotFound, TableCorrupt
+from ..errors import ChannelBusy, ChannelTimeout, HandleClosed, InvalidArgument, NotFound, TableCorrupt
 from .buffer import SENT, Buffer
 from .heap import (
     _COUNTS,
@@ -71,20 +81,22 @@ if TYPE_CHECKING:
 
     from .table import Table
 
-__all__ = ["Channel", "PREFIX", "DEFAULT_CAPACITY", "MAX_CAPACITY", "open_channel", "channel_size"]
+__all__ = ["Channel", "PREFIX", "DEFAULT_CAPACITY", "MAX_CAPACITY", "open_channel", "remove_channel", "channel_size",
+           "Openings"]
 
 PREFIX = ".ch."
 DEFAULT_CAPACITY = 1024
 MAX_CAPACITY = 1 << 18  # sequence numbers are kept modulo 2**19 in holder words: far more than a ring
 MAX_CHANNELS = 4096  # channel indexes fit 12 bits of a holder word
-MAGIC = b"HSHMCHN1"
-_HEAD = struct.Struct("<8sIII")  # magic, capacity (messages), slots, index
+MAGIC = b"HSHMCHN2"
+_HEAD = struct.Struct("<8sIIII")  # magic, capacity (messages), slots, index, opener words
 PLOCK_AT = 64  # the producers' robust mutex
 TAIL_AT = 128  # u64: messages published; its low half is the receivers' futex word
 CLOCK_AT = 192  # the consumers' robust mutex
 HEAD_AT = 256  # u64: messages taken; its low half is the senders' futex word
 RWAIT_AT = 320  # u32: receivers asleep (counted under the consumer lock)
 SWAIT_AT = 384  # u32: senders asleep (counted under the producer lock)
+REMOVER_AT = 448  # u64: the worker removing the channel, (registry entry + 1) << 32 | its epoch; 0: no one
 SLOTS_AT = 512
 SLOT = struct.Struct("<QQ")  # address, size asked for
 _EBUSY, _ETIMEDOUT = 16, 110
@@ -97,8 +109,14 @@ _new = object.__new__
 _perf = time.perf_counter
 
 
-def channel_size(capacity: int) -> int:
-    return SLOTS_AT + SLOT.size * (capacity + 1)
+def channel_size(capacity: int, openers: int) -> int:
+    """Bytes of a channel of ``capacity`` messages: the header, the ring (one slot more than
+    the capacity), then one u32 per worker-registry entry (``openers``): who has it open."""
+    return _openers_at(capacity + 1) + 4 * openers
+
+
+def _openers_at(slots: int) -> int:
+    return SLOTS_AT + SLOT.size * slots
 
 
 def check_capacity(capacity: object) -> int:
@@ -116,47 +134,131 @@ def check_timeout(timeout: object) -> float | None:
     return float(timeout)
 
 
-def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keepalive: object,
-                 lock_timeout: float) -> Channel:
-    """The channel ``name``, made with ``capacity`` (default 1024) if there is none.
+class Openings:
+    """The channels one attachment has open: for each (by address), its handles here and the
+    word of this attachment's registry entry in the channel (cleared when the last handle is
+    closed, or at detach). Handles collected without ``close()`` keep it set until detach."""
 
-    InvalidArgument if it exists with another capacity than one asked for."""
+    def __init__(self) -> None:
+        self._by_address: dict[int, tuple[weakref.WeakSet[Channel], memoryview, int]] = {}
+
+    def add(self, channel: Channel, entry: int) -> None:
+        """Count ``channel`` (just opened) as open here; ``entry``: this attachment's registry entry.
+        Call under the table's writer lock (the word is checked under it by removers)."""
+        found = self._by_address.get(channel._address)
+        if found is None:
+            found = self._by_address[channel._address] = (weakref.WeakSet(), channel._openers, entry)
+        found[0].add(channel)
+        channel._opened = found[0]
+        channel._openers[entry] = channel._owner_epoch
+
+    def close(self, channel: Channel) -> None:
+        """``channel`` closed: the last handle of its channel here clears this attachment's word."""
+        found = self._by_address.get(channel._address)
+        if found is None:
+            return
+        handles, words, entry = found
+        handles.discard(channel)
+        if not handles:
+            words[entry] = 0
+            del self._by_address[channel._address]
+
+    def forget_unused(self, address: int) -> bool:
+        """Clear this attachment's word of the channel at ``address`` if no handle of it is open
+        here (all closed or collected); whether none is."""
+        found = self._by_address.get(address)
+        if found is None:
+            return True
+        if found[0]:
+            return False
+        found[1][found[2]] = 0
+        del self._by_address[address]
+        return True
+
+    def close_all(self) -> None:
+        """At detach: every handle closed, every word cleared."""
+        for handles, words, entry in list(self._by_address.values()):
+            for channel in list(handles):
+                channel._opened = None
+                channel.__class__ = _Closed
+            words[entry] = 0
+        self._by_address.clear()
+
+
+def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keepalive: object,
+                 lock_timeout: float, openings: Openings | None = None) -> Channel:
+    """The channel ``name``, made with ``capacity`` (default 1024) if there is none, and counted as
+    open by this process (``openings``: this attachment's) until closed.
+
+    InvalidArgument if it exists with another capacity than one asked for; NotFound if it is
+    being removed."""
     check_name(PREFIX + name)
     zone_name = PREFIX + name
-    record = table.snapshot().record(zone_name)
-    if record is None:
-        wanted = DEFAULT_CAPACITY if capacity is None else check_capacity(capacity)
-        with table.locked() as base:
-            record = base.by_name.get(zone_name)
-            if record is None:
-                used = set()
-                for zone in base.zones:
-                    if zone.flags & ZONE_CHANNEL:
-                        heap._ensure_mapped(zone.address)  # in a segment this process has not met yet, maybe
-                        used.add(_index_of(zone))
-                index = next((i for i in range(MAX_CHANNELS) if i not in used), None)
-                if index is None:
-                    raise InvalidArgument(f"the instance has {MAX_CHANNELS} channels already", name=name)
-                record = place(base, zone_name, channel_size(wanted), 4096, table.iova_of, flags=ZONE_CHANNEL)
-                heap._ensure_mapped(record.address)
-                _initialize(record.address, record.size, wanted, index)  # a free run, ours until the commit
-                table.commit(base, insert=record)
-    heap._ensure_mapped(record.address)
-    channel = Channel(heap, table, name, record, keepalive, lock_timeout)
-    if capacity is not None and check_capacity(capacity) != channel.capacity:
-        raise InvalidArgument(f"channel {name!r} exists with capacity {channel.capacity}, not {capacity}",
-                              name=name)
+    wanted = DEFAULT_CAPACITY if capacity is None else check_capacity(capacity)
+    owner = heap.owner_token()
+    with table.locked() as base:  # a remover checks the opener words under it
+        record = base.record(zone_name)
+        if record is None:
+            used = set()
+            for zone in base.zones:
+                if zone.flags & ZONE_CHANNEL:
+                    heap._ensure_mapped(zone.address)  # in a segment this process has not met yet, maybe
+                    used.add(_index_of(zone))
+            index = next((i for i in range(MAX_CHANNELS) if i not in used), None)
+            if index is None:
+                raise InvalidArgument(f"the instance has {MAX_CHANNELS} channels already", name=name)
+            openers = table.layout.max_workers
+            record = place(base, zone_name, channel_size(wanted, openers), 4096, table.iova_of, flags=ZONE_CHANNEL)
+            heap._ensure_mapped(record.address)
+            _initialize(record.address, record.size, wanted, index, openers)  # a free run, ours until the commit
+            table.commit(base, insert=record)
+        heap._ensure_mapped(record.address)
+        channel = Channel(heap, table, name, record, keepalive, lock_timeout)
+        if capacity is not None and wanted != channel.capacity:
+            raise InvalidArgument(f"channel {name!r} exists with capacity {channel.capacity}, not {capacity}",
+                                  name=name)
+        remover = channel._words[REMOVER_AT // 8]
+        if remover:
+            raise NotFound(f"channel {name!r} is being removed{_by_whom(table, remover)}", name=name)
+        if openings is not None:
+            if not 0 <= owner.slot < len(channel._openers):
+                raise InvalidArgument(f"this worker (registry entry {owner.slot}) cannot open channels", name=name)
+            channel._owner_epoch = owner.epoch or 1
+            openings.add(channel, owner.slot)
     return channel
 
 
-def _initialize(address: int, size: int, capacity: int, index: int) -> None:
+def _initialize(address: int, size: int, capacity: int, index: int, openers: int) -> None:
     _sys.zero(address, size)
     mem = _sys.memory(address, SLOTS_AT, None)
-    _HEAD.pack_into(mem, 0, b"\0" * 8, capacity, capacity + 1, index)
+    _HEAD.pack_into(mem, 0, b"\0" * 8, capacity, capacity + 1, index, openers)
     _sys.mutex_init(address + PLOCK_AT)
     _sys.mutex_init(address + CLOCK_AT)
     mem[0:8] = MAGIC
     mem.release()
+
+
+def _by_whom(table: Table, remover: int) -> str:
+    """", by pid N" for a remover word, with whether it still runs (a dead one's removal is
+    finished by the next remove_channel)."""
+    owner = _registered(table, (remover >> 32) - 1, remover & 0xFFFFFFFF)
+    if owner is None:
+        return " by a worker that exited (remove_channel finishes it)"
+    return f" by pid {owner.pid}"
+
+
+def _registered(table: Table, entry: int, epoch: int) -> Owner | None:
+    """The live worker whose registration is entry ``entry`` at ``epoch`` (as opener and remover
+    words record them; an epoch of 0 is recorded as 1), or None if that registration is gone."""
+    from .identity import process_alive
+    from .layout import WORKER
+
+    if not 0 <= entry < table.layout.max_workers:
+        return None
+    pid, current, start = WORKER.unpack_from(table.memory, table.layout.workers_at + entry * WORKER.size)
+    if not pid or (current or 1) != epoch or not process_alive(pid, start):
+        return None
+    return Owner(entry, current, pid, start)
 
 
 def _index_of(record: ZoneRecord) -> int:
@@ -166,7 +268,9 @@ def _index_of(record: ZoneRecord) -> int:
 
 class Channel:
     """A named channel of buffers: ``send``/``send_many`` hand buffers in, ``recv``/``recv_many``
-    take them out (now the receiver's), ``arecv`` awaits one. Made by ``Secondary.channel``."""
+    take them out (now the receiver's), ``arecv`` awaits one. Made by ``Secondary.channel``;
+    ``close()`` (or a ``with`` block, or detaching) lets go of it: a channel some live worker
+    holds open cannot be removed (``Secondary.remove_channel``)."""
 
     def __init__(self, heap: Heap, table: Table, name: str, record: ZoneRecord, keepalive: object,
                  lock_timeout: float) -> None:
@@ -175,16 +279,20 @@ class Channel:
         self._table = table
         self._address = a = record.address
         self._mem = _sys.memory(a, record.size, keepalive)
-        magic, capacity, slots, index = _HEAD.unpack_from(self._mem, 0)
-        if magic != MAGIC or slots != capacity + 1 or channel_size(capacity) > record.size or index >= MAX_CHANNELS:
+        magic, capacity, slots, index, openers = _HEAD.unpack_from(self._mem, 0)
+        if (magic != MAGIC or slots != capacity + 1 or channel_size(capacity, openers) > record.size
+                or index >= MAX_CHANNELS):
             raise TableCorrupt(f"channel {name!r} at {a:#x} has a bad header ({magic!r}, capacity {capacity}, "
-                               f"{slots} slots, index {index})")
+                               f"{slots} slots, index {index}, {openers} opener words)")
         self.capacity = capacity
         self._slots = slots
         self._index = index
         self._words = self._mem[:SLOTS_AT].cast("Q")
         self._u32 = self._mem[:SLOTS_AT].cast("I")
         self._ring = self._mem[SLOTS_AT : SLOTS_AT + SLOT.size * slots].cast("Q")
+        self._openers = self._mem[_openers_at(slots) : _openers_at(slots) + 4 * openers].cast("I")
+        self._opened: weakref.WeakSet[Channel] | None = None  # this attachment's open handles of it
+        self._owner_epoch = 0
         self._plock, self._clock = a + PLOCK_AT, a + CLOCK_AT
         self._custody = custody(index, 0)  # | (seq & 0x7FFFF) << 12: the channel's holder word for seq
         self._lock_timeout = lock_timeout
@@ -192,6 +300,20 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} capacity {self.capacity}, {len(self)} queued>"
+
+    def close(self) -> None:
+        """Let go of this handle (idempotent): its calls raise HandleClosed from now on. Once this
+        process's last handle of the channel is closed, another worker may remove it."""
+        if self._opened is not None and self._heap.openings is not None:
+            self._heap.openings.close(self)
+        self._opened = None
+        self.__class__ = _Closed
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         """Messages queued now (a moment's reading)."""
@@ -319,6 +441,39 @@ class Channel:
                 raise InvalidArgument(f"the allocation at {record.address:#x} is no longer live", name="buf")
             table.commit(base, remove=current,
                          insert=current._replace(owner=Owner(NO_SLOT, word, 0, 0), flags=current.flags | ZONE_HANDED))
+
+    def _drain(self) -> int:
+        """Free every buffer the channel holds, for its removal: under both locks (finishing what
+        a dead holder of either left), each message taken as a receiver takes it, then freed.
+        How many were freed."""
+        dropped = 0
+        orphans = self._lock(self._plock, True)  # a dead producer's handed-over message: published
+        try:
+            orphans = self._lock(self._clock, False)  # a dead consumer's half-taken message: ours
+            try:
+                for buf in orphans:
+                    buf.free()
+                    dropped += 1
+                words, ring, slots = self._words, self._ring, self._slots
+                h, t = words[HEAD_AT // 8], words[TAIL_AT // 8]
+                while h < t:  # as recv: advance head, then take (a death between: the orphan above)
+                    at = 2 * (h % slots)
+                    address, size = ring[at], ring[at + 1]
+                    words[HEAD_AT // 8] = h + 1
+                    if address:
+                        try:
+                            buf = self._take(address, size, h)
+                        except TableCorrupt:  # not a block the channel holds after all: nothing to free
+                            pass
+                        else:
+                            buf.free()
+                            dropped += 1
+                    h += 1
+            finally:
+                _unlock(self._clock)
+        finally:
+            _unlock(self._plock)
+        return dropped
 
     def _check_held(self, buf: object) -> Buffer:
         """``buf`` if this process holds it (so it may send it); else InvalidArgument."""
@@ -580,6 +735,87 @@ class Channel:
 SPIN_S = 50e-6  # a waiter watches the other side's word this long before it sleeps (see _spin)
 
 
+class _Closed(Channel):
+    """A closed handle (its class once closed): every call raises HandleClosed, and touches
+    nothing (the channel's memory may be another zone's once the channel is removed)."""
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.name!r} closed>"
+
+    def __len__(self) -> int:
+        raise self._closed()
+
+    def _closed(self) -> HandleClosed:
+        return HandleClosed(f"this handle of channel {self.name!r} is closed; open the channel again with "
+                            "shm.channel()", prefix=self.name)
+
+    def send(self, buf: Buffer, timeout: float | None = None) -> None:
+        raise self._closed()
+
+    def send_many(self, bufs: Iterable[Buffer], timeout: float | None = None) -> int:
+        raise self._closed()
+
+    def recv(self, timeout: float | None = None) -> Buffer:
+        raise self._closed()
+
+    def recv_many(self, most: int = 64, timeout: float | None = None) -> list[Buffer]:
+        raise self._closed()
+
+    async def arecv(self, timeout: float | None = None) -> Buffer:
+        raise self._closed()
+
+    def close(self) -> None:
+        pass
+
+
+def remove_channel(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout: float) -> int:
+    """Remove the channel ``name``: every buffer still in it freed, its zone given back to the
+    instance; the number of messages dropped.
+
+    ChannelBusy, changing nothing, while a live worker (this process included) holds a handle
+    of it open, naming them, or while another live worker is removing it. NotFound if there is
+    no such channel. A channel whose remover died on the way is finished here."""
+    check_name(PREFIX + name)
+    zone_name = PREFIX + name
+    owner = heap.owner_token()
+    mine = ((owner.slot + 1) << 32) | (owner.epoch or 1)
+    heap.holder_word()  # before the writer lock: a first claim takes it
+    with table.locked() as base:  # openers register under it: none can come in between
+        record = base.record(zone_name)
+        if record is None or not record.flags & ZONE_CHANNEL:
+            raise NotFound(f"no channel named {name!r}", name=name)
+        heap._ensure_mapped(record.address)
+        channel = Channel(heap, table, name, record, keepalive, lock_timeout)
+        if heap.openings is not None:
+            heap.openings.forget_unused(record.address)  # this process's word, if all its handles are gone
+        words = channel._openers
+        holders = [found for entry in range(len(words)) if words[entry]
+                   and (found := _registered(table, entry, words[entry])) is not None]
+        if holders:
+            from .identity import describe_holder, process_state
+
+            pids = sorted({o.pid for o in holders})
+            here = " (this process among them: close its handles first)" if owner.pid in pids else ""
+            raise ChannelBusy(f"channel {name!r} is open in {len(pids)} live worker(s): "
+                              f"{', '.join(describe_holder(p) for p in pids[:8])}{here}; a channel is removed "
+                              "once every handle of it is closed (Channel.close(), or the worker detaches)",
+                              path=name, pid=pids[0], stopped=process_state(pids[0]) in ("T", "t"), waited=0.0)
+        remover = channel._words[REMOVER_AT // 8]
+        if remover and remover != mine:
+            other = _registered(table, (remover >> 32) - 1, remover & 0xFFFFFFFF)
+            if other is not None:
+                raise ChannelBusy(f"channel {name!r} is being removed by pid {other.pid}", path=name,
+                                  pid=other.pid, stopped=False, waited=0.0)
+        channel._words[REMOVER_AT // 8] = mine  # from now on no one opens it
+    dropped = channel._drain()
+    with table.locked() as base:
+        current = base.record(zone_name)
+        if current is not None and current.address == record.address:
+            table.commit(base, remove=current)
+    channel.__class__ = _Closed
+    return dropped
+
+
 def _spin(words: memoryview, at: int, seen: int) -> bool:
     """Watch ``words[at]`` for at most SPIN_S seconds; whether it moved from ``seen``.
 
@@ -598,11 +834,3 @@ def _strerror(err: int) -> str:
     import os
 
     return os.strerror(err)
-
-
-def find_channel(heap: Heap, table: Table, name: str) -> ZoneRecord:
-    record = table.snapshot().record(PREFIX + name)
-    if record is None or not record.flags & ZONE_CHANNEL:
-        raise NotFound(f"no channel named {name!r}", name=name)
-    return record
-

@@ -437,6 +437,7 @@ class Heap:
         self._large = 0
         self._token = NOBODY  # this process's owner token, for large allocations
         self.holder = 0  # this process's holder word (see worker_holder), once it owns an arena
+        self.openings: Any = None  # the channels open in this attachment (channel.Openings), from the first
         _fork.register(self)
 
     # -- allocating -----------------------------------------------------------------------
@@ -890,6 +891,7 @@ class Heap:
         self._all_locks = []
         self._local = _thread._local()
         self.holder = 0
+        self.openings = None  # the parent's: its handles' words are its registration's, not this child's
 
 
 def _check(size: object, align: object, page_size: int) -> tuple[int, int]:

@@ -297,16 +297,19 @@ def _queued_now(report: HeapReport, word: int) -> bool:
 
 def _walk_channel(zone: Any, keepalive: object, report: HeapReport) -> None:
     from .. import _sys
-    from .channel import _HEAD, HEAD_AT, MAGIC, SLOTS_AT, TAIL_AT, channel_size
+    from .channel import _HEAD, HEAD_AT, MAGIC, REMOVER_AT, SLOTS_AT, TAIL_AT, channel_size
 
     mem = _sys.memory(zone.address, zone.size, keepalive)
-    magic, capacity, slots, index = _HEAD.unpack_from(mem, 0)
-    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity) > zone.size:
+    magic, capacity, slots, index, openers = _HEAD.unpack_from(mem, 0)
+    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity, openers) > zone.size:
         report.violations.append(f"channel zone {zone.name!r} has a bad header")
         return
     report.channels += 1
     words = mem[:SLOTS_AT].cast("Q")
     report._channels[index] = words
+    if words[REMOVER_AT // 8]:
+        report.pending.append(f"channel {zone.name[4:]!r} is being removed, or its remover died on the way "
+                              "(Secondary.remove_channel finishes it)")
     head, tail = words[HEAD_AT // 8], words[TAIL_AT // 8]
     if not head <= tail <= head + capacity:
         report.violations.append(f"channel {zone.name[4:]!r}: head {head} and tail {tail} out of order")

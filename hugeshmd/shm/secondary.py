@@ -370,14 +370,35 @@ class Secondary:
         :class:`~hugeshmd.shm.channel.Channel`: ``send``/``recv`` move heap Buffers, and their
         ownership, from worker to worker, and no worker's death loses or doubles one.
 
+        The handle counts as open until its ``close()`` (or a ``with`` block's end, or this
+        Secondary's close): while any live worker holds one, the channel cannot be removed.
+
         InvalidArgument for a bad name or capacity (or another capacity than an existing
-        channel's), AccessDenied if read-only, TableFull/OutOfMemory when it does not fit."""
-        from .channel import open_channel
+        channel's), AccessDenied if read-only, TableFull/OutOfMemory when it does not fit,
+        NotFound while it is being removed."""
+        from .channel import Openings, open_channel
 
         check_name(name)
         heap = self._heap or self._make_heap()
         assert self._window is not None
-        return open_channel(heap, self._table, name, capacity, self._window, self._table.lock_timeout)
+        if heap.openings is None:
+            heap.openings = Openings()
+        return open_channel(heap, self._table, name, capacity, self._window, self._table.lock_timeout, heap.openings)
+
+    def remove_channel(self, name: str) -> int:
+        """Remove the channel ``name``: the buffers still queued in it are freed, its memory goes
+        back to the instance; the number of messages dropped.
+
+        ChannelBusy, changing nothing, while any live worker (this one included) holds a handle
+        of it open: it names them. NotFound if there is none. A removal that a worker's death
+        interrupted is finished by the next call, by any worker."""
+        from .channel import remove_channel
+
+        check_name(name)
+        self._check_writable("remove_channel")
+        heap = self._heap or self._make_heap()
+        assert self._window is not None
+        return remove_channel(heap, self._table, name, self._window, self._table.lock_timeout)
 
     def empty(self, shape: int | tuple[int, ...], dtype: Any = "float64") -> Any:
         """A numpy array in the shared heap that pickles as a handle, not a copy: sent through
@@ -551,6 +572,8 @@ class Secondary:
             except (OSError, ValueError):
                 pass
             if self._heap is not None:
+                if self._heap.openings is not None:
+                    self._heap.openings.close_all()  # while the channels are mapped: their words are cleared
                 self._heap.release()
                 self._heap = None
                 self.__dict__.pop("alloc", None)
