@@ -347,20 +347,50 @@ def test_corrupt_committed_slot_is_detected(table: Table, path: str, reopen, are
 
 def test_a_reader_checks_each_zone_record_when_it_reads_it(table: Table, path: str, reopen) -> None:
     """A fresh reader's version is lazy: a damaged record fails the reads of that record (by
-    name, by address, every record at once), and the others read as before."""
+    name, by address, every record at once, and any answer that a zone is not there), and the
+    others read as before."""
     commit_zones(table, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
     at = zones_at(table.layout, table.generation & 1) + records.ZONE.size + 80  # inside b's name
     poke(path, at, bytes([peek(path, at, 1)[0] ^ 0x01]))
     snap = reopen().snapshot()
     assert snap.lazy
     assert snap.record("a") == zone("a", BASE) and snap.zone_at(BASE + 8192) == zone("c", BASE + 8192)
-    assert snap.record("nothing") is None and snap.zone_at(BASE + 4) is None
+    for absent in (lambda: snap.record("nothing"), lambda: snap.zone_at(BASE + 4)):
+        with pytest.raises(TableCorrupt, match="the checksum of zone record 1"):
+            absent()  # "no such zone" is not said of a version with a damaged record: its name may be what was hit
     with pytest.raises(TableCorrupt, match="generation 3 fails its checks: the checksum of the zone record at"):
         snap.zone_at(BASE + 4096)
     with pytest.raises(TableCorrupt, match="the checksum of zone record 1"):
         snap.zones  # noqa: B018
     assert snap.lazy and snap.record("a") == zone("a", BASE)  # still usable where it is whole
     assert "the checksum of zone record 1" in (reopen().damage() or "")
+    fresh = reopen().snapshot()
+    with pytest.raises(TableCorrupt, match="the checksum of zone record 1"):
+        fresh.record("b")  # its name is what was flipped: absent is never the answer for a damaged table
+    assert reopen().snapshot().record(123) is None  # type: ignore[arg-type]
+
+
+def test_a_damaged_address_does_not_hide_another_zone(table: Table, path: str, reopen) -> None:
+    commit_zones(table, zone("a", BASE), zone("b", BASE + 4096), zone("c", BASE + 8192))
+    at = zones_at(table.layout, table.generation & 1) + records.ZONE.size + 7  # b's address, its top byte
+    poke(path, at, b"\x7f")
+    snap = reopen().snapshot()
+    assert snap.zone_at(BASE) == zone("a", BASE)
+    with pytest.raises(TableCorrupt, match="generation 3 fails its checks"):
+        snap.zone_at(BASE + 8192)  # the search went astray on b's address: every record is checked
+
+
+def test_a_reader_does_not_keep_damaged_bytes_a_writer_has_healed(table: Table, path: str, reopen) -> None:
+    """A reader copied a version with a flipped record it never read; a writer, which commits
+    from the records it checked, heals the table: the reader then reads the healed records."""
+    commit_zones(table, zone("a", BASE), zone("b", BASE + 4096))
+    at = zones_at(table.layout, table.generation & 1) + records.ZONE.size + 64  # inside b's owner fields
+    poke(path, at, bytes([peek(path, at, 1)[0] ^ 0x04]))
+    follower = reopen()
+    assert follower.snapshot().record("a") == zone("a", BASE)  # b not read: the flip is not seen yet
+    commit_zones(table, zone("c", BASE + 8192))  # the writer's bytes of b are the ones it checked
+    assert reopen().damage() is None
+    assert follower.snapshot().record("b") == zone("b", BASE + 4096)
 
 
 def test_a_first_decode_checks_only_the_records_it_reads(big: Table, reopen, monkeypatch) -> None:

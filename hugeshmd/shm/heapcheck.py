@@ -150,7 +150,7 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
         elif not zone.flags & ZONE_HEAP_META or not (zone.name in (DIRECTORY, ".pins")
                                                      or zone.name.startswith(".arena.")):
             report.violations.append(f"zone {zone.name!r} has a name of the heap's but is not the heap's")
-    record = snap.by_name.get(DIRECTORY)
+    record = snap.record(DIRECTORY)
     if record is None:
         if any(z.name.startswith(".arena.") for z in snap.zones):
             report.violations.append("arena zones exist but the heap has no directory")
@@ -162,13 +162,13 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
         return report
     report._directory = directory
     report.claims = directory.counter(CLAIMS_AT)
-    pins = snap.by_name.get(".pins")
+    pins = snap.record(".pins")
     if pins is not None:
         _walk_pins(pins, keepalive, directory, report)
     report.reclaimed_allocations = directory.counter(LARGE_RECLAIMED_AT)
     report.reclaimed_bytes = directory.counter(LARGE_RECLAIMED_BYTES_AT)
     for i, entry in directory.entries():
-        arena_zone = snap.by_name.get(arena_name(i))
+        arena_zone = snap.record(arena_name(i))
         address, state = entry[0], entry[1]
         report.reclaimed_allocations += entry[8]
         report.reclaimed_bytes += entry[9]

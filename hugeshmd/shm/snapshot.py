@@ -56,7 +56,7 @@ class Snapshot:
     """One committed version of the table: its generation, segments and zones (by address)."""
 
     __slots__ = ("generation", "segments_generation", "segments", "_zones", "zone_bytes", "zone_sum", "_by_name",
-                 "_starts", "_gaps", "_records", "_names")
+                 "_starts", "_gaps", "_records", "_names", "_whole")
 
     def __init__(self, generation: int, segments_generation: int, segments: tuple[SegmentRecord, ...],
                  zones: tuple[ZoneRecord, ...] | None, zone_bytes: bytes | bytearray | None = None,
@@ -75,6 +75,7 @@ class Snapshot:
         self.zone_sum = zone_sum
         self._records = records
         self._names: dict[bytes, bytes] | None = None  # a lazy version's records by padded name
+        self._whole = zones is not None  # every record known good (checked, or carried from a version that was)
         self._by_name: dict[str, ZoneRecord] | None = None
         self._starts: list[int] | None = None
         self._gaps: list[Gap] | None = None
@@ -103,6 +104,7 @@ class Snapshot:
         if zones is None:
             assert self._records is not None  # a lazy version has it
             zones = self._zones = self._records.all(self.raw, self.zone_sum, self.generation)
+            self._whole = True
         return zones
 
     @property
@@ -120,22 +122,29 @@ class Snapshot:
     def record(self, name: str) -> ZoneRecord | None:
         """The zone called ``name``, or None; TableCorrupt if its record fails its checks. Safe
         outside the writer lock (see the module's docstring); a lazy version checks this one
-        record, and builds its index of names (one pass in C) on first use."""
+        record, and builds its index of names (one pass in C) on first use. Before it answers
+        None it checks every record once: a name damaged in its record must not read as absent."""
         names = self._names
         if names is None:
             if self._zones is not None:
                 by_name = self._by_name
                 return (by_name if by_name is not None else self.by_name).get(name)
             names = self._names = _name_index(self.raw)
+        if not isinstance(name, str):
+            return None
         try:
             chunk = names.get(name.encode().ljust(NAME_MAX, b"\0"))
         except UnicodeEncodeError:
             return None
         if chunk is None:
+            self._check_whole()  # TableCorrupt if a record is damaged; the index then holds every name
             return None
         assert self._records is not None  # a version with a name index is, or was, lazy
         record = self._records.one(chunk, self.generation)
-        return record if record.name == name else None
+        if record.name == name:
+            return record
+        self._check_whole()
+        return None
 
     def zone_at(self, address: int) -> ZoneRecord | None:
         """The zone that starts at ``address``, or None; TableCorrupt if its record fails its
@@ -148,10 +157,22 @@ class Snapshot:
         assert self._records is not None  # a lazy version has it
         starts = memoryview(raw).cast("Q")[::ZONE_WORDS]  # the first word of each record; never changes
         i = bisect_left(starts, address)
-        if i == len(starts) or starts[i] != address:
+        if i < len(starts) and starts[i] == address:
+            record = self._records.one(raw[i * ZONE.size : (i + 1) * ZONE.size], self.generation)
+            if record.address == address:
+                return record
+        if self._whole:
             return None
-        record = self._records.one(raw[i * ZONE.size : (i + 1) * ZONE.size], self.generation)
-        return record if record.address == address else None
+        self._check_whole()  # a damaged address could have misdirected the search: all checked, then again
+        return self.zone_at(address)
+
+    def _check_whole(self) -> None:
+        """Check every record of a lazy version (TableCorrupt if one fails), before it answers that
+        something is not there; it stays lazy (a reader's catch-ups stay cheap), known whole."""
+        if not self._whole:
+            assert self._records is not None  # a lazy version has it
+            self._records.all(self.raw, self.zone_sum, self.generation)
+            self._whole = True
 
     # -- derived indexes -----------------------------------------------------------
 
@@ -185,6 +206,7 @@ class Snapshot:
         one's with ``removed`` (one record's bytes) taken out and ``inserted`` put in. Its
         name index is this one's, copied and updated, if this one has built it."""
         new = Snapshot(generation, self.segments_generation, self.segments, None, zone_bytes, zone_sum, self._records)
+        new._whole = self._whole  # what changed was checked: the inserted record whole, the rest is this one's bytes
         names = self._names
         if names is not None:
             names = dict(names)
