@@ -26,6 +26,7 @@ from hugeshmd.shm.channel import (
     CLOCK_AT,
     HEAD_AT,
     REMOVER_AT,
+    RWAIT_AT,
     SLOT,
     SLOTS_AT,
     TAIL_AT,
@@ -606,3 +607,77 @@ def test_a_channel_being_removed_by_a_live_worker_is_neither_opened_nor_removed_
     with pytest.raises(ChannelBusy, match="being removed by pid"):
         remove_channel(b, inst.table, "q", inst.mm, 1.0)
     assert remove_channel(a, inst.table, "q", inst.mm, 1.0) == 0  # a itself goes on
+
+
+def test_close_wakes_a_call_waiting_in_another_thread_and_waits_for_it(inst: Instance) -> None:
+    a, b = worker(inst), worker(inst)
+    ca = opened(inst, a)
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            ca.recv(timeout=30)
+        except BaseException as err:  # noqa: BLE001 - what the waiting call ended with
+            outcome.append(err)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    while not ca._u32[RWAIT_AT // 4]:  # asleep in the kernel
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    ca.close()
+    assert time.monotonic() - t0 < 1.0 and not t.is_alive() and not ca._busy
+    assert len(outcome) == 1 and isinstance(outcome[0], HandleClosed)
+    assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 0  # a's word was cleared once its call returned
+
+
+def test_two_removals_in_one_process_do_not_both_pass(inst: Instance, monkeypatch: Any) -> None:
+    """Threads of one process share its registration, so the remover word cannot tell them
+    apart: they remove one at a time, and the second finds the channel gone."""
+    a = worker(inst)
+    ca = opened(inst, a)
+    for _ in range(3):
+        ca.send(a.alloc(64))
+    ca.close()
+    real = Channel._drain
+
+    def slow(self: Channel) -> int:
+        time.sleep(0.2)  # the first remover is descheduled between marking and draining
+        return real(self)
+
+    monkeypatch.setattr(Channel, "_drain", slow)
+    results: list[Any] = []
+
+    def remove() -> None:
+        try:
+            results.append(remove_channel(a, inst.table, "q", inst.mm, 1.0))
+        except NotFound as err:
+            results.append(err)
+
+    threads = [threading.Thread(target=remove) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=lambda r: isinstance(r, NotFound))[0] == 3
+    assert isinstance(results[0], NotFound) or isinstance(results[1], NotFound)
+    assert checked(inst).allocations == 0
+
+
+def test_an_inherited_handle_records_itself_at_its_first_call_if_its_channel_is_still_there(inst: Instance) -> None:
+    """What a forked child's handles do (Openings.inherit is what the fork calls in the child)."""
+    a, b = worker(inst), worker(inst)
+    ca, cq = opened(inst, a, "p"), opened(inst, a, "q")
+    assert a.openings is not None
+    a.openings.inherit()
+    entry = a.owner_token().slot
+    for ch in (ca, cq):
+        ch._openers[entry] = 0  # the parent let go of both
+    assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 0  # and q was removed meanwhile
+    buf = a.alloc(64)
+    with pytest.raises(HandleClosed):
+        cq.send(buf)  # its channel is gone: it never touches that memory again
+    ca.send(buf)  # p is still there: recorded, and a plain handle again
+    assert type(ca) is Channel and ca._openers[entry] != 0
+    with pytest.raises(ChannelBusy):
+        remove_channel(b, inst.table, "p", inst.mm, 1.0)

@@ -269,3 +269,73 @@ def test_a_remover_killed_at_random_points_loses_nothing_and_the_next_one_finish
     report = settled(prefix, root)
     assert report["violations"] == [] and report["pending"] == [], report
     assert (report["figures"]["channels"], report["figures"]["allocations"]) == (0, 0), report["figures"]
+
+
+def test_a_forked_child_uses_its_inherited_handle_under_its_own_registration(start_primary, prefix, root):
+    """A child forked with an open handle uses it, recorded under a registration of its own at
+    its first call: what the child opens and lets go of never lets go of the parent's."""
+    start_primary(*HUGE)
+    parent = spawn_worker(["-c", textwrap.dedent(f"""
+        import os, sys, hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            ch = shm.channel("f", 8)
+            pid = os.fork()
+            if pid == 0:
+                ch.send(shm.alloc(64))  # the inherited handle, now recorded under the child's registration
+                with shm.channel("f") as own:
+                    own.send(shm.alloc(64))
+                ch.close()
+                shm.close()
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status), flush=True)
+            sys.stdin.readline()
+            ch.send(shm.alloc(64))  # still the parent's to use
+    """)], root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert parent.stdout is not None and parent.stdin is not None
+
+    def remove() -> str:
+        return run_python(textwrap.dedent(f"""
+            import hugeshmd
+            with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+                try:
+                    print(shm.remove_channel("f"))
+                except hugeshmd.ChannelBusy as err:
+                    print("busy", err.pid)
+        """), root).stdout.strip()
+
+    try:
+        assert parent.stdout.readline().strip() == "child 0"
+        assert remove() == f"busy {parent.pid}"
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+        assert parent.wait(30) == 0
+    finally:
+        kill_session(parent)
+    assert remove() == "3"  # the child's two messages and the parent's last
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    assert report["figures"]["allocations"] == 0, report["figures"]
+
+
+def test_detaching_lets_go_of_channels_before_the_registration(start_primary, prefix, root):
+    """A removal must not pass between the two: the words are cleared while the registration still
+    stands, so no removal happens while this process could still write one."""
+    start_primary(*HUGE)
+    out = run_python(textwrap.dedent(f"""
+        import hugeshmd
+        from hugeshmd.shm.registry import Registry
+        seen = []
+        real = Registry.unregister
+        def unregister(self, owner):
+            seen.append(list(words))
+            real(self, owner)
+        Registry.unregister = unregister
+        shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+        ch = shm.channel("d", 8)
+        words = ch._openers
+        assert words[shm.owner.slot] != 0
+        shm.close()
+        print(seen[0][shm.owner.slot] if seen else "never")
+    """), root).stdout.strip()
+    assert out == "0"

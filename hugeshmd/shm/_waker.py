@@ -79,8 +79,19 @@ class Waker:
 
     def _run(self) -> None:
         ch = self.channel
+        busy = ch._busy  # this thread touches the channel: a close() waits for it to stop
+        busy.append(None)
+        try:
+            self._serve(ch)
+        finally:
+            busy.pop()
+
+    def _serve(self, ch: Channel) -> None:
         words, u32 = ch._words, ch._u32
         while self._pending():
+            if ch._shutting:  # the handle was closed: its waiters are told, and the thread stops
+                self._fail(ch._closed())
+                return
             try:
                 orphan = ch._lock(ch._clock, False)
             except Exception as err:  # noqa: BLE001 - a frozen receiver holds the lock: tell the waiters

@@ -50,6 +50,7 @@ the count one too high, which costs the other side a futex wake per call
 from __future__ import annotations
 
 import struct
+import threading
 import time
 import weakref
 
@@ -76,7 +77,7 @@ from .zones import check_name, place
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from typing import Any
 
     from .table import Table
@@ -139,8 +140,14 @@ class Openings:
     word of this attachment's registry entry in the channel (cleared when the last handle is
     closed, or at detach). Handles collected without ``close()`` keep it set until detach."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Callable[[], Owner] | None = None) -> None:
         self._by_address: dict[int, tuple[weakref.WeakSet[Channel], memoryview, int]] = {}
+        self.removing = threading.Lock()  # one removal at a time in this attachment (they share a remover word)
+        self._owner = owner  # this process's registration (a forked child registers its own); None: the heap's
+
+    def owner(self, heap: Heap) -> Owner:
+        """The registration this process's words name."""
+        return heap.owner_token() if self._owner is None else self._owner()
 
     def add(self, channel: Channel, entry: int) -> None:
         """Count ``channel`` (just opened) as open here; ``entry``: this attachment's registry entry.
@@ -175,14 +182,35 @@ class Openings:
         del self._by_address[address]
         return True
 
-    def close_all(self) -> None:
-        """At detach: every handle closed, every word cleared."""
-        for handles, words, entry in list(self._by_address.values()):
+    def close_all(self) -> bool:
+        """At detach: every handle closed (the calls in flight waited for, bounded), the words of
+        the channels whose calls all returned cleared; whether every one was."""
+        clear = True
+        for address, (handles, words, entry) in list(self._by_address.items()):
+            running = False
+            for channel in list(handles):
+                channel.__class__ = _Closed
+                running = channel._shut() or running
+                channel._opened = None
+            if running:
+                clear = False
+                continue
+            words[entry] = 0
+            del self._by_address[address]
+        return clear
+
+    def inherit(self) -> None:
+        """In a forked child: the parent's words (its registration's) are left as they are, and
+        each inherited handle records itself under the child's own registration at its first call
+        (:class:`_Inherited`), if its channel is still there."""
+        for handles, _, _ in self._by_address.values():
             for channel in list(handles):
                 channel._opened = None
-                channel.__class__ = _Closed
-            words[entry] = 0
+                channel._busy = []  # the parent's threads in flight are not this process's
+                channel._shutting = False
+                channel.__class__ = _Inherited
         self._by_address.clear()
+        self.removing = threading.Lock()
 
 
 def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keepalive: object,
@@ -195,7 +223,7 @@ def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keep
     check_name(PREFIX + name)
     zone_name = PREFIX + name
     wanted = DEFAULT_CAPACITY if capacity is None else check_capacity(capacity)
-    owner = heap.owner_token()
+    owner = openings.owner(heap) if openings is not None else heap.owner_token()
     with table.locked() as base:  # a remover checks the opener words under it
         record = base.record(zone_name)
         if record is None:
@@ -278,6 +306,7 @@ class Channel:
         self._heap = heap
         self._table = table
         self._address = a = record.address
+        self._record = record
         self._mem = _sys.memory(a, record.size, keepalive)
         magic, capacity, slots, index, openers = _HEAD.unpack_from(self._mem, 0)
         if (magic != MAGIC or slots != capacity + 1 or channel_size(capacity, openers) > record.size
@@ -293,6 +322,8 @@ class Channel:
         self._openers = self._mem[_openers_at(slots) : _openers_at(slots) + 4 * openers].cast("I")
         self._opened: weakref.WeakSet[Channel] | None = None  # this attachment's open handles of it
         self._owner_epoch = 0
+        self._busy: list[None] = []  # one entry per call in flight on this handle (list ops are atomic)
+        self._shutting = False  # closed: a call waiting on the channel gives up at its next wake
         self._plock, self._clock = a + PLOCK_AT, a + CLOCK_AT
         self._custody = custody(index, 0)  # | (seq & 0x7FFFF) << 12: the channel's holder word for seq
         self._lock_timeout = lock_timeout
@@ -302,12 +333,32 @@ class Channel:
         return f"<Channel {self.name!r} capacity {self.capacity}, {len(self)} queued>"
 
     def close(self) -> None:
-        """Let go of this handle (idempotent): its calls raise HandleClosed from now on. Once this
-        process's last handle of the channel is closed, another worker may remove it."""
-        if self._opened is not None and self._heap.openings is not None:
+        """Let go of this handle (idempotent): its calls raise HandleClosed from now on, and calls
+        that other threads are waiting in give up (HandleClosed) at once. Once this process's
+        last handle of the channel is closed and its calls have returned, another worker may
+        remove the channel. A call still running after this attachment's lock timeout (plus a
+        second) keeps the channel open until detach."""
+        self.__class__ = _Closed  # new calls raise; calls in flight go on in Channel's code
+        if not self._shut() and self._heap.openings is not None:
             self._heap.openings.close(self)
         self._opened = None
-        self.__class__ = _Closed
+
+    def _shut(self) -> bool:
+        """Mark this handle closed, wake the calls waiting in it, and wait (bounded) for every call
+        in flight to return; whether one is still running."""
+        self._shutting = True
+        if not self._busy:
+            return False
+        _sys.futex_wake(self._address + TAIL_AT)
+        _sys.futex_wake(self._address + HEAD_AT)
+        deadline = time.monotonic() + self._lock_timeout + 1.0
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return bool(self._busy)
+
+    def _closed(self) -> HandleClosed:
+        return HandleClosed(f"this handle of channel {self.name!r} is closed; open the channel again with "
+                            "shm.channel()", prefix=self.name)
 
     def __enter__(self) -> Channel:
         return self
@@ -510,83 +561,93 @@ class Channel:
         """Hand ``buf`` over: from now on the channel holds it, then its receiver. Waits while the
         channel is full, at most ``timeout`` seconds (None: as long as it takes; 0: not at all),
         then ChannelTimeout, nothing sent."""
-        slot = getattr(buf, "_slot", None)
-        heap = self._heap
-        if slot is None or timeout is not None or buf._heap is not heap:
-            self.send_many((buf,), timeout)  # large, or a wait with a bound, or an error to say
-            return
-        arena, k = slot[2], slot[1]
-        s = arena.state[k]
-        held = arena.holder[k]
-        if not ((s == 1 or s == 2) and ((arena.heap is heap and not held) or (held and held == heap.holder))):
-            self.send_many((buf,), timeout)  # says what is wrong
-            return
-        # the common case, as send_many does it, inline: a small buffer, room in the ring
-        lock = self._plock
-        err = _trylock(lock)
-        if err:
-            self._lock(lock, True, err)
-        words = self._words
+        busy = self._busy  # calls in flight: close() waits for them before letting go
+        busy.append(None)
         try:
-            t = words[_TAILW]
-            if t - words[_HEADW] >= self.capacity:
-                t = self._wait_room(t, None, None)
-            at = 2 * (t % self._slots)
-            ring = self._ring
-            ring[at] = buf.address
-            ring[at + 1] = buf.size
-            arena.holder[k] = self._custody | ((t & 0x7FFFF) << 12)  # the channel holds it from here
-            words[_TAILW] = t + 1  # published
+            slot = getattr(buf, "_slot", None)
+            heap = self._heap
+            if slot is None or timeout is not None or buf._heap is not heap:
+                self.send_many((buf,), timeout)  # large, or a wait with a bound, or an error to say
+                return
+            arena, k = slot[2], slot[1]
+            s = arena.state[k]
+            held = arena.holder[k]
+            if not ((s == 1 or s == 2) and ((arena.heap is heap and not held) or (held and held == heap.holder))):
+                self.send_many((buf,), timeout)  # says what is wrong
+                return
+            # the common case, as send_many does it, inline: a small buffer, room in the ring
+            lock = self._plock
+            err = _trylock(lock)
+            if err:
+                self._lock(lock, True, err)
+            words = self._words
+            try:
+                t = words[_TAILW]
+                if t - words[_HEADW] >= self.capacity:
+                    t = self._wait_room(t, None, None)
+                at = 2 * (t % self._slots)
+                ring = self._ring
+                ring[at] = buf.address
+                ring[at + 1] = buf.size
+                arena.holder[k] = self._custody | ((t & 0x7FFFF) << 12)  # the channel holds it from here
+                words[_TAILW] = t + 1  # published
+            finally:
+                _unlock(lock)
+            buf._slot = None
+            buf._record = SENT
+            if self._u32[_RWAIT]:
+                _sys.futex_wake(self._address + TAIL_AT)
         finally:
-            _unlock(lock)
-        buf._slot = None
-        buf._record = SENT
-        if self._u32[_RWAIT]:
-            _sys.futex_wake(self._address + TAIL_AT)
+            busy.pop()
 
     def send_many(self, bufs: Iterable[Buffer], timeout: float | None = None) -> int:
         """Send each of ``bufs`` in order, under one lock; waits for room as :meth:`send` does.
         Each is sent or not, in order: on ChannelTimeout the ones before were sent (their handles
         say so: ``buf.sent``); the number sent otherwise (all)."""
-        heap = self._heap
-        checked: list[tuple[Buffer, Any, int]] = []  # (buffer, its arena's holder words or None, index)
-        for buf in bufs:  # all checked before any is sent
-            slot = getattr(buf, "_slot", None)
-            if slot is not None and buf._heap is heap:
-                arena, k = slot[2], slot[1]
-                s = arena.state[k]
-                held = arena.holder[k]
-                if (s == 1 or s == 2) and ((arena.heap is heap and not held) or (held and held == heap.holder)):
-                    checked.append((buf, arena.holder, k))
-                    continue
-            checked.append((self._check_held(buf), None, 0))
-        timeout = check_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        words, ring, slots, capacity, word = self._words, self._ring, self._slots, self.capacity, self._custody
-        sent = 0
-        lock = self._plock
-        self._lock(lock, True)
+        busy = self._busy  # calls in flight: close() waits for them before letting go
+        busy.append(None)
         try:
-            for buf, holders, k in checked:
-                t = words[_TAILW]
-                if t - words[_HEADW] >= capacity:
-                    t = self._wait_room(t, deadline, timeout)
-                at = 2 * (t % slots)
-                ring[at] = buf.address
-                ring[at + 1] = buf.size
-                if holders is not None:
-                    holders[k] = word | ((t & 0x7FFFF) << 12)  # the channel holds it from here
-                else:
-                    self._hand(buf, t)
-                words[_TAILW] = t + 1  # published
-                buf._slot = None
-                buf._record = SENT
-                sent += 1
+            heap = self._heap
+            checked: list[tuple[Buffer, Any, int]] = []  # (buffer, its arena's holder words or None, index)
+            for buf in bufs:  # all checked before any is sent
+                slot = getattr(buf, "_slot", None)
+                if slot is not None and buf._heap is heap:
+                    arena, k = slot[2], slot[1]
+                    s = arena.state[k]
+                    held = arena.holder[k]
+                    if (s == 1 or s == 2) and ((arena.heap is heap and not held) or (held and held == heap.holder)):
+                        checked.append((buf, arena.holder, k))
+                        continue
+                checked.append((self._check_held(buf), None, 0))
+            timeout = check_timeout(timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            words, ring, slots, capacity, word = self._words, self._ring, self._slots, self.capacity, self._custody
+            sent = 0
+            lock = self._plock
+            self._lock(lock, True)
+            try:
+                for buf, holders, k in checked:
+                    t = words[_TAILW]
+                    if t - words[_HEADW] >= capacity:
+                        t = self._wait_room(t, deadline, timeout)
+                    at = 2 * (t % slots)
+                    ring[at] = buf.address
+                    ring[at + 1] = buf.size
+                    if holders is not None:
+                        holders[k] = word | ((t & 0x7FFFF) << 12)  # the channel holds it from here
+                    else:
+                        self._hand(buf, t)
+                    words[_TAILW] = t + 1  # published
+                    buf._slot = None
+                    buf._record = SENT
+                    sent += 1
+            finally:
+                _sys.mutex_unlock(lock)
+                if sent and self._u32[RWAIT_AT // 4]:
+                    _sys.futex_wake(self._address + TAIL_AT)
+            return sent
         finally:
-            _sys.mutex_unlock(lock)
-            if sent and self._u32[RWAIT_AT // 4]:
-                _sys.futex_wake(self._address + TAIL_AT)
-        return sent
+            busy.pop()
 
     def _wait_room(self, t: int, deadline: float | None, timeout: float | None) -> int:
         """Sleep (the producer lock released) until a receiver makes room; the tail then."""
@@ -607,6 +668,8 @@ class Channel:
             finally:
                 self._lock(lock, True)
                 u32[SWAIT_AT // 4] -= 1
+            if self._shutting:  # closed by another thread while this one waited
+                raise self._closed()
             t = words[TAIL_AT // 8]
             if t - words[HEAD_AT // 8] < self.capacity:
                 return int(t)
@@ -616,68 +679,78 @@ class Channel:
     def recv(self, timeout: float | None = None) -> Buffer:
         """The next buffer, now this process's. Waits while the channel is empty, at most
         ``timeout`` seconds (None: as long as it takes; 0: not at all), then ChannelTimeout."""
-        heap = self._heap
-        if not heap.holder:
-            return self.recv_many(1, timeout)[0]
-        if timeout is not None:
-            timeout = check_timeout(timeout)
-        lock = self._clock
-        got: Buffer | None = None
-        err = _trylock(lock)
-        if err:
-            orphan = self._lock(lock, False, err)
-            if orphan:
-                got = orphan[0]
-        words = self._words
+        busy = self._busy  # calls in flight: close() waits for them before letting go
+        busy.append(None)
         try:
-            if got is None:
-                h = words[_HEADW]
-                if h == words[_TAILW]:
-                    h, orphan = self._wait_message(h, timeout)
-                    if orphan:
-                        got = orphan[0]
+            heap = self._heap
+            if not heap.holder:
+                return self.recv_many(1, timeout)[0]
+            if timeout is not None:
+                timeout = check_timeout(timeout)
+            lock = self._clock
+            got: Buffer | None = None
+            err = _trylock(lock)
+            if err:
+                orphan = self._lock(lock, False, err)
+                if orphan:
+                    got = orphan[0]
+            words = self._words
+            try:
                 if got is None:
-                    at = 2 * (h % self._slots)
-                    ring = self._ring
-                    address, size = ring[at], ring[at + 1]
-                    words[_HEADW] = h + 1  # taken: the holder word below makes it ours
-                    got = self._take(address, size, h)
+                    h = words[_HEADW]
+                    if h == words[_TAILW]:
+                        h, orphan = self._wait_message(h, timeout)
+                        if orphan:
+                            got = orphan[0]
+                    if got is None:
+                        at = 2 * (h % self._slots)
+                        ring = self._ring
+                        address, size = ring[at], ring[at + 1]
+                        words[_HEADW] = h + 1  # taken: the holder word below makes it ours
+                        got = self._take(address, size, h)
+            finally:
+                _unlock(lock)
+                if self._u32[_SWAIT]:
+                    _sys.futex_wake(self._address + HEAD_AT)
+            return got
         finally:
-            _unlock(lock)
-            if self._u32[_SWAIT]:
-                _sys.futex_wake(self._address + HEAD_AT)
-        return got
+            busy.pop()
 
     def recv_many(self, most: int = 64, timeout: float | None = None) -> list[Buffer]:
         """Up to ``most`` buffers (at least one: waits for the first as :meth:`recv` does)."""
-        if isinstance(most, bool) or not isinstance(most, int) or most < 1:
-            raise InvalidArgument(f"most must be a positive int, not {most!r}", name="most")
-        timeout = check_timeout(timeout)
-        self._heap.holder_word()  # before the lock: a first claim takes the writer lock, and may grow
-        words, ring, slots = self._words, self._ring, self._slots
-        lock = self._clock
-        got = self._lock(lock, False)
+        busy = self._busy  # calls in flight: close() waits for them before letting go
+        busy.append(None)
         try:
-            h = words[HEAD_AT // 8]
-            if not got and h == words[TAIL_AT // 8]:
-                h, got = self._wait_message(h, timeout)
-            tail = words[TAIL_AT // 8]
-            while len(got) < most and h < tail:
-                at = 2 * (h % slots)
-                address, size = ring[at], ring[at + 1]
-                words[HEAD_AT // 8] = h + 1  # taken: the holder word below makes it ours
-                try:
-                    got.append(self._take(address, size, h))
-                except TableCorrupt:
-                    if not got:
-                        raise
-                    break
-                h += 1
+            if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+                raise InvalidArgument(f"most must be a positive int, not {most!r}", name="most")
+            timeout = check_timeout(timeout)
+            self._heap.holder_word()  # before the lock: a first claim takes the writer lock, and may grow
+            words, ring, slots = self._words, self._ring, self._slots
+            lock = self._clock
+            got = self._lock(lock, False)
+            try:
+                h = words[HEAD_AT // 8]
+                if not got and h == words[TAIL_AT // 8]:
+                    h, got = self._wait_message(h, timeout)
+                tail = words[TAIL_AT // 8]
+                while len(got) < most and h < tail:
+                    at = 2 * (h % slots)
+                    address, size = ring[at], ring[at + 1]
+                    words[HEAD_AT // 8] = h + 1  # taken: the holder word below makes it ours
+                    try:
+                        got.append(self._take(address, size, h))
+                    except TableCorrupt:
+                        if not got:
+                            raise
+                        break
+                    h += 1
+            finally:
+                _sys.mutex_unlock(lock)
+                if got and self._u32[SWAIT_AT // 4]:
+                    _sys.futex_wake(self._address + HEAD_AT)
+            return got
         finally:
-            _sys.mutex_unlock(lock)
-            if got and self._u32[SWAIT_AT // 4]:
-                _sys.futex_wake(self._address + HEAD_AT)
-        return got
+            busy.pop()
 
     def _wait_message(self, h: int, timeout: float | None) -> tuple[int, list[Buffer]]:
         """Sleep (the consumer lock released) until a message is published: the head then, and
@@ -701,6 +774,8 @@ class Channel:
             finally:
                 orphan = self._lock(lock, False)
                 u32[RWAIT_AT // 4] -= 1
+            if self._shutting and not orphan:  # closed by another thread while this one waited
+                raise self._closed()
             h = words[HEAD_AT // 8]
             if orphan or h != words[TAIL_AT // 8]:
                 return int(h), orphan
@@ -745,10 +820,6 @@ class _Closed(Channel):
     def __len__(self) -> int:
         raise self._closed()
 
-    def _closed(self) -> HandleClosed:
-        return HandleClosed(f"this handle of channel {self.name!r} is closed; open the channel again with "
-                            "shm.channel()", prefix=self.name)
-
     def send(self, buf: Buffer, timeout: float | None = None) -> None:
         raise self._closed()
 
@@ -768,6 +839,64 @@ class _Closed(Channel):
         pass
 
 
+class _Inherited(Channel):
+    """A handle a forked child inherited (its class there): its first call records it under the
+    child's own registration, the channel still being the one it was (else HandleClosed), and it
+    is a plain Channel from then on. Until then the parent's word holds the channel, for the
+    parent's handle."""
+
+    def _adopt(self) -> None:
+        openings = self._heap.openings
+        if openings is None:
+            _become(self, _Closed)
+            raise self._closed()
+        owner = openings.owner(self._heap)  # first: a child's first registration takes the writer lock
+        with self._table.locked() as base:
+            if base.record(PREFIX + self.name) != self._record or self._words[REMOVER_AT // 8]:
+                _become(self, _Closed)  # removed since the fork (its memory may be another zone's now)
+                raise self._closed()
+            if not 0 <= owner.slot < len(self._openers):
+                raise InvalidArgument(f"this worker (registry entry {owner.slot}) cannot open channels",
+                                      name=self.name)
+            self._owner_epoch = owner.epoch or 1
+            _become(self, Channel)
+            openings.add(self, owner.slot)
+
+    def __len__(self) -> int:
+        self._adopt()
+        return len(self)
+
+    def send(self, buf: Buffer, timeout: float | None = None) -> None:
+        self._adopt()
+        return self.send(buf, timeout)
+
+    def send_many(self, bufs: Iterable[Buffer], timeout: float | None = None) -> int:
+        self._adopt()
+        return self.send_many(bufs, timeout)
+
+    def recv(self, timeout: float | None = None) -> Buffer:
+        self._adopt()
+        return self.recv(timeout)
+
+    def recv_many(self, most: int = 64, timeout: float | None = None) -> list[Buffer]:
+        self._adopt()
+        return self.recv_many(most, timeout)
+
+    async def arecv(self, timeout: float | None = None) -> Buffer:
+        self._adopt()
+        return await self.arecv(timeout)
+
+    def close(self) -> None:
+        self._opened = None
+        _become(self, _Closed)  # never recorded in this process: nothing to let go of
+
+
+def _become(handle: Channel, kind: type[Channel]) -> None:
+    """Change what ``handle`` is (open, closed, inherited): its class, so the calls of an open
+    one pay nothing for the others' checks."""
+    handle.__class__ = kind
+
+
 def remove_channel(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout: float) -> int:
     """Remove the channel ``name``: every buffer still in it freed, its zone given back to the
     instance; the number of messages dropped.
@@ -776,8 +905,15 @@ def remove_channel(heap: Heap, table: Table, name: str, keepalive: object, lock_
     of it open, naming them, or while another live worker is removing it. NotFound if there is
     no such channel. A channel whose remover died on the way is finished here."""
     check_name(PREFIX + name)
+    if heap.openings is None:
+        heap.openings = Openings()
+    openings = heap.openings
+    with openings.removing:  # a second removal here would pass for this one: one at a time
+        return _remove(heap, table, name, keepalive, lock_timeout, openings.owner(heap))
+
+
+def _remove(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout: float, owner: Owner) -> int:
     zone_name = PREFIX + name
-    owner = heap.owner_token()
     mine = ((owner.slot + 1) << 32) | (owner.epoch or 1)
     heap.holder_word()  # before the writer lock: a first claim takes it
     with table.locked() as base:  # openers register under it: none can come in between
@@ -810,7 +946,7 @@ def remove_channel(heap: Heap, table: Table, name: str, keepalive: object, lock_
     dropped = channel._drain()
     with table.locked() as base:
         current = base.record(zone_name)
-        if current is not None and current.address == record.address:
+        if current == record and channel._words[REMOVER_AT // 8] == mine:  # still the channel this marked
             table.commit(base, remove=current)
     channel.__class__ = _Closed
     return dropped

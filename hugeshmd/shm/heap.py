@@ -891,7 +891,8 @@ class Heap:
         self._all_locks = []
         self._local = _thread._local()
         self.holder = 0
-        self.openings = None  # the parent's: its handles' words are its registration's, not this child's
+        if self.openings is not None:
+            self.openings.inherit()  # the parent's words are its registration's; handles re-record themselves
 
 
 def _check(size: object, align: object, page_size: int) -> tuple[int, int]:

@@ -205,6 +205,7 @@ class Secondary:
         self.owner: Owner = NOBODY  # this worker's registration: every zone it reserves carries it
         self._heap: Heap | None = None  # made by the first alloc or buffer
         self._cuda: CudaRegistration | None = None  # made by cuda_register
+        self._child_owner: Owner | None = None  # a forked child's own registration, for its channel handles
         self._registry = Registry(table)
         try:
             layout = table.layout
@@ -382,7 +383,7 @@ class Secondary:
         heap = self._heap or self._make_heap()
         assert self._window is not None
         if heap.openings is None:
-            heap.openings = Openings()
+            heap.openings = Openings(self._channel_owner)
         return open_channel(heap, self._table, name, capacity, self._window, self._table.lock_timeout, heap.openings)
 
     def remove_channel(self, name: str) -> int:
@@ -392,13 +393,27 @@ class Secondary:
         ChannelBusy, changing nothing, while any live worker (this one included) holds a handle
         of it open: it names them. NotFound if there is none. A removal that a worker's death
         interrupted is finished by the next call, by any worker."""
-        from .channel import remove_channel
+        from .channel import Openings, remove_channel
 
         check_name(name)
         self._check_writable("remove_channel")
         heap = self._heap or self._make_heap()
         assert self._window is not None
+        if heap.openings is None:
+            heap.openings = Openings(self._channel_owner)
         return remove_channel(heap, self._table, name, self._window, self._table.lock_timeout)
+
+    def _channel_owner(self) -> Owner:
+        """The registration that this process's channel handles are recorded under: this
+        Secondary's, or in a forked child one of the child's own (its parent's words must stay
+        the parent's), registered on first use and unregistered at close."""
+        if self.owner.pid == os.getpid():
+            return self.owner
+        with self._lock:
+            mine = self._child_owner
+            if mine is None or mine.pid != os.getpid():
+                mine = self._child_owner = self._registry.register(os.getpid(), own_start_time(), process_alive)
+            return mine
 
     def empty(self, shape: int | tuple[int, ...], dtype: Any = "float64") -> Any:
         """A numpy array in the shared heap that pickles as a handle, not a copy: sent through
@@ -566,14 +581,19 @@ class Secondary:
         with self._lock:
             if self._window is None:
                 return
+            released = True
+            if self._heap is not None and self._heap.openings is not None:
+                # Before unregistering: a removal must not pass while a handle here may still touch
+                # the channel. A call still running after the bounded wait keeps the registration
+                # (and so the channel) until this process exits.
+                released = self._heap.openings.close_all()
             try:
-                if self.owner is not NOBODY and self.owner.pid == os.getpid():
-                    self._registry.unregister(self.owner)
+                for owner in (self.owner, self._child_owner):
+                    if released and owner is not None and owner is not NOBODY and owner.pid == os.getpid():
+                        self._registry.unregister(owner)
             except (OSError, ValueError):
                 pass
             if self._heap is not None:
-                if self._heap.openings is not None:
-                    self._heap.openings.close_all()  # while the channels are mapped: their words are cleared
                 self._heap.release()
                 self._heap = None
                 self.__dict__.pop("alloc", None)
