@@ -19,7 +19,7 @@ from typing import Any
 
 from . import common
 from .plots import PLOTTED, write_plots
-from .run import format_value
+from .run import format_target, format_value
 
 TITLES = {
     "primary_map": "1. Primary mapping time vs the kernel's limit",
@@ -27,6 +27,10 @@ TITLES = {
     "control_plane": "3. Control plane: reserve, lookup, free",
     "handoff": "4. Zero-copy handoff of a numpy array",
     "hugepages": "5. What hugepages buy a reader",
+    "adoption": "6. Restart adoption",
+    "heap": "7. The shared heap (issue 10)",
+    "channel": "8. Channels (issue 11)",
+    "cuda": "9. Pinned for GPU DMA (issue 11)",
     "fresh_worker": "Earlier benchmark: a fresh worker process",
     "zone_ops": "Earlier benchmark: zone operations in one worker",
 }
@@ -73,7 +77,7 @@ def render(report: dict[str, Any], source: str, plots: dict[str, str]) -> str:
         "",
     ]
     out += _findings(report)
-    for name in [*PLOTTED, "fresh_worker", "zone_ops"]:
+    for name in [*PLOTTED, "adoption", "heap", "channel", "cuda", "fresh_worker", "zone_ops"]:
         result = report["benchmarks"].get(name)
         if result is None:
             if name in report.get("errors", {}):
@@ -90,13 +94,16 @@ def render(report: dict[str, Any], source: str, plots: dict[str, str]) -> str:
 
 
 def _table(result: dict[str, Any]) -> list[str]:
-    lines = ["| figure | median | p10 - p90 | n | baseline (same run) | baseline median | ratio |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    lines = ["| figure | median | p10 - p90 | n | baseline (same run) | baseline median | ratio | target |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for key, row in result["metrics"].items():
         ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}"
+        target = format_target(row)
+        if target != "-" and row.get("pass") is not None:
+            target += " **met**" if row["pass"] else " **not met**"
         lines.append(f"| {key} | {format_value(row, 'median')} | {format_value(row, 'p10')} - "
                      f"{format_value(row, 'p90')} | {row['n']} | {row.get('baseline_name') or '-'} | "
-                     f"{format_value(row, 'baseline')} | {ratio} |")
+                     f"{format_value(row, 'baseline')} | {ratio} | {target} |")
     lines.append("")
     return lines
 

@@ -107,7 +107,7 @@ def _plots(report: dict[str, Any], directory: str, stem: str) -> dict[str, str]:
         return {}
 
 
-def _target(row: dict[str, Any]) -> str:
+def format_target(row: dict[str, Any]) -> str:
     if row.get("target") is None:
         return "-"
     if row["target_kind"] == "ratio":
@@ -149,7 +149,7 @@ def format_table(report: dict[str, Any]) -> str:
         for key, row in result["metrics"].items():
             rows.append((name, key, format_value(row, "median"), format_value(row, "p90"),
                          str(row["n"]), row["baseline_name"] or "-", format_value(row, "baseline"),
-                         "-" if row["ratio"] is None else f"{row['ratio']:.2f}", _target(row), _verdict(row)))
+                         "-" if row["ratio"] is None else f"{row['ratio']:.2f}", format_target(row), _verdict(row)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, r in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
