@@ -264,7 +264,8 @@ class AdoptionRefused(HugeshmdError):
 
 
 class HandleClosed(HugeshmdError):
-    """This handle (a Secondary) was closed by its own process: attach again to go on."""
+    """This handle was closed by its own process: a Secondary (attach again to go on; ``prefix``
+    is the instance's), or a Channel (open it again; ``prefix`` is the channel's name)."""
 
     code = 17
     FIELDS = ("prefix",)
