@@ -36,7 +36,8 @@ the removal checks them. So no process can touch a channel's memory after it wen
 back to the heap. The remover marks the channel first (the ``remover`` word: no
 one opens it from then on), takes both locks, frees every buffer the channel
 holds, then commits the zone's removal. A remover killed on the way leaves a
-marked channel that the next ``remove_channel`` finishes.
+marked channel that the next ``remove_channel``, or the next open (which then
+makes it anew), finishes.
 
 Waits are futex waits on the ``tail`` word (receivers) or the ``head`` word
 (senders), with a bound. A waiter counts itself in under its side's lock and
@@ -216,14 +217,33 @@ class Openings:
 def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keepalive: object,
                  lock_timeout: float, openings: Openings | None = None) -> Channel:
     """The channel ``name``, made with ``capacity`` (default 1024) if there is none, and counted as
-    open by this process (``openings``: this attachment's) until closed.
+    open by this process (``openings``: this attachment's) until closed. A channel whose remover
+    died on the way is removed first (what it held is dropped, as its remover meant), then made
+    anew.
 
-    InvalidArgument if it exists with another capacity than one asked for; NotFound if it is
-    being removed."""
+    InvalidArgument if it exists with another capacity than one asked for; NotFound while a live
+    worker is removing it."""
     check_name(PREFIX + name)
-    zone_name = PREFIX + name
     wanted = DEFAULT_CAPACITY if capacity is None else check_capacity(capacity)
     owner = openings.owner(heap) if openings is not None else heap.owner_token()
+    channel = _open(heap, table, name, capacity, wanted, keepalive, lock_timeout, openings, owner)
+    if channel is not None:
+        return channel
+    try:  # a dead remover's: finished here, outside the writer lock (its drain takes the lock itself)
+        remove_channel(heap, table, name, keepalive, lock_timeout)
+    except NotFound:
+        pass  # another worker finished it first
+    channel = _open(heap, table, name, capacity, wanted, keepalive, lock_timeout, openings, owner)
+    if channel is None:  # removed, made again, and left half removed again by a dead remover: rare
+        raise NotFound(f"channel {name!r} is being removed by a worker that exited (remove_channel finishes it)",
+                       name=name)
+    return channel
+
+
+def _open(heap: Heap, table: Table, name: str, capacity: int | None, wanted: int, keepalive: object,
+          lock_timeout: float, openings: Openings | None, owner: Owner) -> Channel | None:
+    """:func:`open_channel` under the writer lock; None for a channel a dead remover left."""
+    zone_name = PREFIX + name
     with table.locked() as base:  # a remover checks the opener words under it
         record = base.record(zone_name)
         if record is None:
@@ -242,12 +262,14 @@ def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keep
             table.commit(base, insert=record)
         heap._ensure_mapped(record.address)
         channel = Channel(heap, table, name, record, keepalive, lock_timeout)
+        remover = channel._words[REMOVER_AT // 8]
+        if remover:
+            if _registered(table, (remover >> 32) - 1, remover & 0xFFFFFFFF) is None:
+                return None
+            raise NotFound(f"channel {name!r} is being removed{_by_whom(table, remover)}", name=name)
         if capacity is not None and wanted != channel.capacity:
             raise InvalidArgument(f"channel {name!r} exists with capacity {channel.capacity}, not {capacity}",
                                   name=name)
-        remover = channel._words[REMOVER_AT // 8]
-        if remover:
-            raise NotFound(f"channel {name!r} is being removed{_by_whom(table, remover)}", name=name)
         if openings is not None:
             if not 0 <= owner.slot < len(channel._openers):
                 raise InvalidArgument(f"this worker (registry entry {owner.slot}) cannot open channels", name=name)

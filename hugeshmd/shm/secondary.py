@@ -376,7 +376,8 @@ class Secondary:
 
         InvalidArgument for a bad name or capacity (or another capacity than an existing
         channel's), AccessDenied if read-only, TableFull/OutOfMemory when it does not fit,
-        NotFound while it is being removed."""
+        NotFound while a live worker is removing it (one whose remover died is removed first,
+        then made anew)."""
         from .channel import Openings, open_channel
 
         check_name(name)
