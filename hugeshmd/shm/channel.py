@@ -150,26 +150,24 @@ class Openings:
         """The registration this process's words name."""
         return heap.owner_token() if self._owner is None else self._owner()
 
-    def add(self, channel: Channel, entry: int) -> None:
-        """Count ``channel`` (just opened) as open here; ``entry``: this attachment's registry entry.
+    def add(self, channel: Channel, owner: Owner) -> None:
+        """Count ``channel`` (just opened) as open here, in the word of ``owner``'s registry entry.
         Call under the table's writer lock (the word is checked under it by removers)."""
+        if not 0 <= owner.slot < len(channel._openers):
+            raise InvalidArgument(f"this worker (registry entry {owner.slot}) cannot open channels",
+                                  name=channel.name)
         found = self._by_address.get(channel._address)
         if found is None:
-            found = self._by_address[channel._address] = (weakref.WeakSet(), channel._openers, entry)
+            found = self._by_address[channel._address] = (weakref.WeakSet(), channel._openers, owner.slot)
         found[0].add(channel)
-        channel._opened = found[0]
-        channel._openers[entry] = channel._owner_epoch
+        channel._openers[owner.slot] = _stamp(owner)
 
     def close(self, channel: Channel) -> None:
         """``channel`` closed: the last handle of its channel here clears this attachment's word."""
         found = self._by_address.get(channel._address)
-        if found is None:
-            return
-        handles, words, entry = found
-        handles.discard(channel)
-        if not handles:
-            words[entry] = 0
-            del self._by_address[channel._address]
+        if found is not None:
+            found[0].discard(channel)
+            self.forget_unused(channel._address)
 
     def forget_unused(self, address: int) -> bool:
         """Clear this attachment's word of the channel at ``address`` if no handle of it is open
@@ -192,7 +190,6 @@ class Openings:
             for channel in list(handles):
                 channel.__class__ = _Closed
                 running = channel._shut() or running
-                channel._opened = None
             if running:
                 clear = False
                 continue
@@ -206,7 +203,6 @@ class Openings:
         (:class:`_Inherited`), if its channel is still there."""
         for handles, _, _ in self._by_address.values():
             for channel in list(handles):
-                channel._opened = None
                 channel._busy = []  # the parent's threads in flight are not this process's
                 channel._shutting = False
                 channel.__class__ = _Inherited
@@ -264,17 +260,15 @@ def _open(heap: Heap, table: Table, name: str, capacity: int | None, wanted: int
         channel = Channel(heap, table, name, record, keepalive, lock_timeout)
         remover = channel._words[REMOVER_AT // 8]
         if remover:
-            if _registered(table, (remover >> 32) - 1, remover & 0xFFFFFFFF) is None:
+            alive = _remover(table, remover)
+            if alive is None:
                 return None
-            raise NotFound(f"channel {name!r} is being removed{_by_whom(table, remover)}", name=name)
+            raise NotFound(f"channel {name!r} is being removed by pid {alive.pid}", name=name)
         if capacity is not None and wanted != channel.capacity:
             raise InvalidArgument(f"channel {name!r} exists with capacity {channel.capacity}, not {capacity}",
                                   name=name)
         if openings is not None:
-            if not 0 <= owner.slot < len(channel._openers):
-                raise InvalidArgument(f"this worker (registry entry {owner.slot}) cannot open channels", name=name)
-            channel._owner_epoch = owner.epoch or 1
-            openings.add(channel, owner.slot)
+            openings.add(channel, owner)
     return channel
 
 
@@ -288,13 +282,18 @@ def _initialize(address: int, size: int, capacity: int, index: int, openers: int
     mem.release()
 
 
-def _by_whom(table: Table, remover: int) -> str:
-    """", by pid N" for a remover word, with whether it still runs (a dead one's removal is
-    finished by the next remove_channel)."""
-    owner = _registered(table, (remover >> 32) - 1, remover & 0xFFFFFFFF)
-    if owner is None:
-        return " by a worker that exited (remove_channel finishes it)"
-    return f" by pid {owner.pid}"
+def _stamp(owner: Owner) -> int:
+    """What an opener word records of a registration: its epoch (0 is recorded as 1: 0 is no one)."""
+    return owner.epoch or 1
+
+
+def _remover_word(owner: Owner) -> int:
+    return ((owner.slot + 1) << 32) | _stamp(owner)
+
+
+def _remover(table: Table, word: int) -> Owner | None:
+    """The live worker a remover word names, or None if it is gone."""
+    return _registered(table, (word >> 32) - 1, word & 0xFFFFFFFF)
 
 
 def _registered(table: Table, entry: int, epoch: int) -> Owner | None:
@@ -342,8 +341,6 @@ class Channel:
         self._u32 = self._mem[:SLOTS_AT].cast("I")
         self._ring = self._mem[SLOTS_AT : SLOTS_AT + SLOT.size * slots].cast("Q")
         self._openers = self._mem[_openers_at(slots) : _openers_at(slots) + 4 * openers].cast("I")
-        self._opened: weakref.WeakSet[Channel] | None = None  # this attachment's open handles of it
-        self._owner_epoch = 0
         self._busy: list[None] = []  # one entry per call in flight on this handle (list ops are atomic)
         self._shutting = False  # closed: a call waiting on the channel gives up at its next wake
         self._plock, self._clock = a + PLOCK_AT, a + CLOCK_AT
@@ -363,7 +360,6 @@ class Channel:
         self.__class__ = _Closed  # new calls raise; calls in flight go on in Channel's code
         if not self._shut() and self._heap.openings is not None:
             self._heap.openings.close(self)
-        self._opened = None
 
     def _shut(self) -> bool:
         """Mark this handle closed, wake the calls waiting in it, and wait (bounded) for every call
@@ -877,12 +873,8 @@ class _Inherited(Channel):
             if base.record(PREFIX + self.name) != self._record or self._words[REMOVER_AT // 8]:
                 _become(self, _Closed)  # removed since the fork (its memory may be another zone's now)
                 raise self._closed()
-            if not 0 <= owner.slot < len(self._openers):
-                raise InvalidArgument(f"this worker (registry entry {owner.slot}) cannot open channels",
-                                      name=self.name)
-            self._owner_epoch = owner.epoch or 1
+            openings.add(self, owner)
             _become(self, Channel)
-            openings.add(self, owner.slot)
 
     def __len__(self) -> int:
         self._adopt()
@@ -909,7 +901,6 @@ class _Inherited(Channel):
         return await self.arecv(timeout)
 
     def close(self) -> None:
-        self._opened = None
         _become(self, _Closed)  # never recorded in this process: nothing to let go of
 
 
@@ -936,7 +927,7 @@ def remove_channel(heap: Heap, table: Table, name: str, keepalive: object, lock_
 
 def _remove(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout: float, owner: Owner) -> int:
     zone_name = PREFIX + name
-    mine = ((owner.slot + 1) << 32) | (owner.epoch or 1)
+    mine = _remover_word(owner)
     heap.holder_word()  # before the writer lock: a first claim takes it
     with table.locked() as base:  # openers register under it: none can come in between
         record = base.record(zone_name)
@@ -960,7 +951,7 @@ def _remove(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout
                               path=name, pid=pids[0], stopped=process_state(pids[0]) in ("T", "t"), waited=0.0)
         remover = channel._words[REMOVER_AT // 8]
         if remover and remover != mine:
-            other = _registered(table, (remover >> 32) - 1, remover & 0xFFFFFFFF)
+            other = _remover(table, remover)
             if other is not None:
                 raise ChannelBusy(f"channel {name!r} is being removed by pid {other.pid}", path=name,
                                   pid=other.pid, stopped=False, waited=0.0)

@@ -378,13 +378,11 @@ class Secondary:
         channel's), AccessDenied if read-only, TableFull/OutOfMemory when it does not fit,
         NotFound while a live worker is removing it (one whose remover died is removed first,
         then made anew)."""
-        from .channel import Openings, open_channel
+        from .channel import open_channel
 
         check_name(name)
-        heap = self._heap or self._make_heap()
+        heap = self._channel_heap()
         assert self._window is not None
-        if heap.openings is None:
-            heap.openings = Openings(self._channel_owner)
         return open_channel(heap, self._table, name, capacity, self._window, self._table.lock_timeout, heap.openings)
 
     def remove_channel(self, name: str) -> int:
@@ -394,15 +392,22 @@ class Secondary:
         ChannelBusy, changing nothing, while any live worker (this one included) holds a handle
         of it open: it names them. NotFound if there is none. A removal that a worker's death
         interrupted is finished by the next call, by any worker."""
-        from .channel import Openings, remove_channel
+        from .channel import remove_channel
 
         check_name(name)
         self._check_writable("remove_channel")
-        heap = self._heap or self._make_heap()
+        heap = self._channel_heap()
         assert self._window is not None
+        return remove_channel(heap, self._table, name, self._window, self._table.lock_timeout)
+
+    def _channel_heap(self) -> Heap:
+        """The heap, with this attachment's record of the channels it holds open (made on first use)."""
+        from .channel import Openings
+
+        heap = self._heap or self._make_heap()
         if heap.openings is None:
             heap.openings = Openings(self._channel_owner)
-        return remove_channel(heap, self._table, name, self._window, self._table.lock_timeout)
+        return heap
 
     def _channel_owner(self) -> Owner:
         """The registration that this process's channel handles are recorded under: this

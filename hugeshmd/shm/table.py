@@ -181,9 +181,7 @@ class Table:
         self._view = memoryview(mm)
         self._words = self._view.cast("Q")  # fast generation reads
         self._cache: Snapshot | None = None
-        self._verified: dict[bytes, ZoneRecord] = {}  # zone record bytes already checked and decoded
-        self._verified_for = -1  # the segments generation they were checked against
-        self._checker: _Records | None = None  # checks the records of versions of the current segments
+        self._checker: _Records | None = None  # checks zone records against the current segments, each once
         self._segments_seen: tuple[bytes, tuple[SegmentRecord, ...]] = (b"\0", ())  # checked bytes, records
         self._address = _sys.buffer_address(mm)
         guard.watch(self, self._address, layout.file_size)  # a truncation under us is TableCorrupt, not SIGBUS
@@ -439,7 +437,8 @@ class Table:
                         nzone: int, zone_sum: int) -> Snapshot | None:
         """:meth:`_apply_change` for a lazy ``base``: the lazy version ``generation``, or None.
         The same checks, made on the records' bytes: the inserted record in full, its neighbours'
-        addresses and sizes from their bytes (each record is checked whole when it is read)."""
+        addresses and sizes from their bytes (each record is checked whole when it is read), and
+        the result equal to the committed slot."""
         size = ZONE.size
         zones = base.raw
         total, count, removed, inserted = base.zone_sum, len(zones) // size, None, None
@@ -457,9 +456,6 @@ class Table:
             i = bisect_left(words[::ZONE_WORDS], checked.address)
             if ((i > 0 and words[(i - 1) * ZONE_WORDS] + words[(i - 1) * ZONE_WORDS + 1] > checked.address)
                     or (i < count and checked.address + checked.size > words[i * ZONE_WORDS])):
-                return None
-            at = self._zones_at[generation & 1] + i * size
-            if self._mm[at : at + size] != raw:
                 return None
             inserted, zones, count = raw, _cut(zones, i * size, 0, raw), count + 1
             total += U32.unpack_from(raw, ZONE_BODY)[0]
@@ -518,55 +514,19 @@ class Table:
             if wrong is not None:
                 return wrong
             self._segments_seen = segs, segments
-        if seg_gen != self._verified_for or not trust:  # records checked against other segments: again
-            self._verified, self._verified_for, self._checker = {}, seg_gen, None
         checker = self._checker
-        if checker is None or checker.segments is not segments:
-            checker = self._checker = _Records(self, segments, self._verified)
+        if checker is None or checker.segments is not segments or checker.generation != seg_gen or not trust:
+            checker = self._checker = _Records(self, segments, seg_gen)  # records checked anew against these
         raw = self._mm[zone_at : zone_at + nzone * ZONE.size]
         cached = self._cache
         if trust and (cached is None or cached.lazy):  # a reader: each record is checked when read
             if _crc_sum(raw) != zone_sum:
                 return "the sum of the zone records' checksums"
             return Snapshot(gen, seg_gen, segments, None, raw, zone_sum, checker)
-        zones = self._decode_zones(raw, zone_sum, segments, self._verified)  # a writer: all of them now
+        zones = checker.check_all(raw, zone_sum)  # a writer: all of them now
         if isinstance(zones, str):
             return zones
         return Snapshot(gen, seg_gen, segments, zones, raw, zone_sum, checker)
-
-    def _decode_zones(self, raw: bytes, zone_sum: int, segments: tuple[SegmentRecord, ...],
-                      verified: dict[bytes, ZoneRecord]) -> tuple[ZoneRecord, ...] | str:
-        """Zone records, each checked against its CRC, its segment, and all against their sum;
-        else what failed.
-
-        A change touches one record, so records already checked (``verified``, by their bytes;
-        kept to this decode's on return) are reused: identical bytes pass the same checks, and
-        a worker catching up after another's reserve decodes one record. The rest runs as
-        passes in C (map, sum, all) rather than a loop in Python.
-        """
-        if not raw:
-            return () if zone_sum == 0 else "the sum of the zone records' checksums"
-        size = ZONE.size
-        chunks = [raw[at : at + size] for at in range(0, len(raw), size)]
-        records: list[ZoneRecord | None] = list(map(verified.get, chunks))
-        if None in records:
-            ranges = _ranges(segments)
-            crcs = memoryview(raw).cast("I")[ZONE_BODY // 4 :: size // 4].tolist()
-            for i, record in enumerate(records):
-                if record is None:
-                    checked = _check_zone(chunks[i], crcs[i], i, ranges)
-                    if isinstance(checked, str):
-                        return checked
-                    records[i] = checked
-        if _crc_sum(raw) != zone_sum:
-            return "the sum of the zone records' checksums"
-        done: list[ZoneRecord] = records  # type: ignore[assignment]  # every None replaced above
-        starts = list(map(_START, done))
-        if not all(map(operator.le, map(operator.add, starts, map(_SIZE, done)), starts[1:])):
-            return "two zone records overlap or are out of order"  # the sum of CRCs cannot see that
-        verified.clear()
-        verified.update(zip(chunks, done, strict=True))
-        return tuple(done)
 
     def iova_of(self, segment: SegmentRecord, address: int) -> int:
         """The I/O address of ``address`` in ``segment`` (the VA when iovas are unknown)."""
@@ -769,16 +729,18 @@ def _crc_sum(raw: bytes) -> int:
 
 
 class _Records:
-    """Checks the zone records of versions that have one segment list, each distinct record's
-    bytes once per process (what :class:`~hugeshmd.shm.snapshot.Snapshot` calls its records)."""
+    """Checks the zone records of versions that have one segment list (of ``generation``), each
+    distinct record's bytes once per process (what :class:`~hugeshmd.shm.snapshot.Snapshot`
+    calls its records). A table makes a new one when its segments change."""
 
-    __slots__ = ("_table", "segments", "_ranges", "_verified", "_limit")
+    __slots__ = ("_table", "segments", "generation", "_ranges", "_verified", "_limit")
 
-    def __init__(self, table: Table, segments: tuple[SegmentRecord, ...], verified: dict[bytes, ZoneRecord]) -> None:
+    def __init__(self, table: Table, segments: tuple[SegmentRecord, ...], generation: int) -> None:
         self._table = table
         self.segments = segments
+        self.generation = generation
         self._ranges = _ranges(segments)
-        self._verified = verified  # shared with the table's decodes of these segments
+        self._verified: dict[bytes, ZoneRecord] = {}  # record bytes already checked, and their records
         self._limit = 2 * table.layout.max_zones + 64  # removed zones' records are dropped now and then
 
     def one(self, chunk: bytes, generation: int) -> ZoneRecord:
@@ -793,10 +755,43 @@ class _Records:
         return record
 
     def all(self, raw: bytes, zone_sum: int, generation: int) -> tuple[ZoneRecord, ...]:
-        zones = self._table._decode_zones(raw, zone_sum, self.segments, self._verified)
+        zones = self.check_all(raw, zone_sum)
         if isinstance(zones, str):
             raise self._damaged(generation, zones)
         return zones
+
+    def check_all(self, raw: bytes, zone_sum: int) -> tuple[ZoneRecord, ...] | str:
+        """Zone records, each checked against its CRC, its segment, and all against their sum;
+        else what failed.
+
+        A change touches one record, so records already checked (by their bytes; the ones
+        kept are this decode's on return) are reused: identical bytes pass the same checks, and
+        a worker catching up after another's reserve decodes one record. The rest runs as
+        passes in C (map, sum, all) rather than a loop in Python.
+        """
+        if not raw:
+            return () if zone_sum == 0 else "the sum of the zone records' checksums"
+        size = ZONE.size
+        chunks = [raw[at : at + size] for at in range(0, len(raw), size)]
+        records: list[ZoneRecord | None] = list(map(self._verified.get, chunks))
+        if None in records:
+            ranges = self._ranges
+            crcs = memoryview(raw).cast("I")[ZONE_BODY // 4 :: size // 4].tolist()
+            for i, record in enumerate(records):
+                if record is None:
+                    checked = _check_zone(chunks[i], crcs[i], i, ranges)
+                    if isinstance(checked, str):
+                        return checked
+                    records[i] = checked
+        if _crc_sum(raw) != zone_sum:
+            return "the sum of the zone records' checksums"
+        done: list[ZoneRecord] = records  # type: ignore[assignment]  # every None replaced above
+        starts = list(map(_START, done))
+        if not all(map(operator.le, map(operator.add, starts, map(_SIZE, done)), starts[1:])):
+            return "two zone records overlap or are out of order"  # the sum of CRCs cannot see that
+        self._verified.clear()
+        self._verified.update(zip(chunks, done, strict=True))
+        return tuple(done)
 
     def _damaged(self, generation: int, what: str) -> TableCorrupt:
         """The error for a record that failed. The table's cached version goes too: changes
