@@ -370,6 +370,29 @@ def test_a_large_allocation_is_a_zone_of_its_own(inst: Instance) -> None:
     assert record.name not in inst.table.snapshot().by_name
 
 
+
+@pytest.mark.process
+def test_a_forked_childs_large_allocation_is_the_childs_not_its_parents(inst: Instance) -> None:
+    """The owner token is made once per process: a child forked after its parent made one makes
+    its own, so its large allocations are reclaimed when it dies, not when its parent does."""
+    h = Heap(inst.table, inst.mm, inst.base, SEGMENT, lambda: Owner(0, 1, os.getpid(), 1000), inst.table.snapshot)
+    inst.heaps.append(h)
+    h.alloc(MAX_SMALL + 1)  # the parent's token, made
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            address = h.alloc(MAX_SMALL + 1).address
+            record = inst.table.snapshot().zone_at(address)
+            os.write(w, f"{record.owner.pid} {record.name}".encode() if record is not None else b"none")
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as got:
+        owner_pid, name = got.read().split()
+    os.waitpid(pid, 0)
+    assert int(owner_pid) == pid and name.startswith(f".h.{pid}."), (owner_pid, name, pid)
+
 # -- the checker ---------------------------------------------------------------------------------------
 
 

@@ -675,8 +675,12 @@ class Heap:
         """Map the segment holding ``address`` if this process has not yet (the instance grew
         since it last looked): no access of the heap's may fault on the window's reservation."""
         segments = getattr(self._keepalive, "segments", None)
-        if segments is not None and not any(a <= address < a + n for a, n in list(segments.values())):
-            self._refresh()
+        if segments is None:
+            return
+        for a, n in list(segments.values()):
+            if a <= address < a + n:
+                return
+        self._refresh()
 
     def _arena(self, i: int, address: int) -> Arena:
         arena = self._arenas.get(address)
@@ -710,17 +714,16 @@ class Heap:
     def owner_token(self) -> Owner:
         """This process's owner token, for the zones of its large allocations."""
         owner = self._token
-        if owner.pid != os.getpid():  # made once per process (a forked child makes its own)
+        if owner is NOBODY:  # made once per process: a forked child's _after_fork forgets its parent's
             owner = self._token = self._owner()
         return owner
 
     def _alloc_large_once(self, size: int, align: int) -> ZoneRecord:
         table = self._table
-        pid = os.getpid()
         owner = self.owner_token()
         while True:
             self._large += 1
-            name = f".h.{pid}.{self._large}"
+            name = f".h.{owner.pid}.{self._large}"
             with table.locked() as base:
                 if name in base.by_name:
                     continue  # a dead process with this pid left it: its reclaim is on the way
@@ -891,6 +894,7 @@ class Heap:
         self._all_locks = []
         self._local = _thread._local()
         self.holder = 0
+        self._token = NOBODY
         if self.openings is not None:
             self.openings.inherit()  # the parent's words are its registration's; handles re-record themselves
 

@@ -101,6 +101,7 @@ SEGMENT = struct.Struct("<IIQQQQiIQII192s")
 # owner start time, created, name length, name, crc32 of the rest
 ZONE = struct.Struct("<QQQQIIIIIIQQB63sI4x")
 ZONE_BODY = ZONE.size - 8  # what the record's crc32 covers
+_ZONE_BODY, _ZONE_TAIL = struct.Struct("<QQQQIIIIIIQQB63s"), struct.Struct("<I4x")  # ZONE's two parts
 # Read straight from a run of zone records, without decoding them: the padded name field of each
 # (names hold no NUL, so the padding is unambiguous), each record's bytes, and the words per record
 # (the address is a record's first word, its size the second).
@@ -268,9 +269,9 @@ class ZoneRecord(namedtuple("ZoneRecord", "name address size iova align segment 
         if not 0 < len(raw) <= NAME_MAX:  # struct would truncate silently, maybe mid-character
             raise ValueError(f"zone name of {len(raw)} bytes does not fit in {NAME_MAX}")
         slot, epoch, pid, start = self.owner
-        body = ZONE.pack(self.address, self.size, self.iova, self.align, self.segment, self.flags,
-                         slot, epoch, pid, 0, start, self.created_ns, len(raw), raw, 0)[:ZONE_BODY]
-        return body + struct.pack("<I4x", crc32(body))  # type: ignore[operator]
+        body = _ZONE_BODY.pack(self.address, self.size, self.iova, self.align, self.segment, self.flags,
+                               slot, epoch, pid, 0, start, self.created_ns, len(raw), raw)
+        return body + _ZONE_TAIL.pack(crc32(body))  # type: ignore[operator]
 
     @classmethod
     def unpack(cls, fields: tuple[Any, ...]) -> ZoneRecord:

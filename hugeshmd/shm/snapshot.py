@@ -224,7 +224,7 @@ class Snapshot:
         """The next version, taking this one's indexes along (updated) when it has them; with
         ``copy``, copies of them, leaving this version whole (a reader's path: other threads
         may be reading it)."""
-        zones = self.zones
+        zones = self._zones if self._zones is not None else self.zones
         if segments is not None:
             moved: tuple[Any, Any, Any] = (None, None, None)
         elif copy:
@@ -285,7 +285,17 @@ def _remember(zone: ZoneRecord, i: int, by_name: dict[str, ZoneRecord] | None, s
     if gaps is not None:  # split the gap the zone was placed in
         g = bisect_right(gaps, (zone.address, _AFTER, _AFTER)) - 1  # tuples compare in C: no key function
         start, end, sid = gaps[g]
-        gaps[g : g + 1] = [gap for gap in ((start, zone.address, sid), (zone.end, end, sid)) if gap[0] < gap[1]]
+        address = zone.address
+        after = address + zone.size
+        if start < address:
+            if after < end:
+                gaps[g : g + 1] = (start, address, sid), (after, end, sid)
+            else:
+                gaps[g] = (start, address, sid)
+        elif after < end:
+            gaps[g] = (after, end, sid)
+        else:
+            del gaps[g]
 
 
 def _forget(zone: ZoneRecord, i: int, by_name: dict[str, ZoneRecord] | None, starts: list[int] | None,
@@ -295,8 +305,9 @@ def _forget(zone: ZoneRecord, i: int, by_name: dict[str, ZoneRecord] | None, sta
     if starts is not None:
         del starts[i]
     if gaps is not None:  # give the zone's run back, merged with free neighbours in its segment
-        g = bisect_left(gaps, (zone.address,))
-        start, end = zone.address, zone.end
+        start = zone.address
+        end = start + zone.size
+        g = bisect_left(gaps, (start,))
         if g > 0 and gaps[g - 1][1] == start and gaps[g - 1][2] == zone.segment:
             g -= 1
             start = gaps[g][0]

@@ -110,6 +110,8 @@ __all__ = ["Table", "DEFAULT_LOCK_TIMEOUT"]
 
 
 DEFAULT_LOCK_TIMEOUT = 5.0  # seconds a writer waits for the lock unless told otherwise
+_EX_NB = fcntl.LOCK_EX | fcntl.LOCK_NB
+_GEN_WORD = GEN_AT // 8
 
 
 class _WriteLock:
@@ -123,12 +125,15 @@ class _WriteLock:
 
     def __enter__(self) -> Snapshot:
         table = self._table
-        timeout = table.lock_timeout if self._timeout is None else self._timeout
         self._epoch = _fork.epoch
-        table._take_thread_lock(timeout)
+        if not table._thread_lock.acquire(False):  # free: the common case, no timed wait to set up
+            table._take_thread_lock(table.lock_timeout if self._timeout is None else self._timeout)
         try:
-            self._fd = table._lock_descriptor()
-            _flock(self._fd, fcntl.LOCK_EX, timeout, table)
+            fd = self._fd = table._lock_fd if table._lock_fd >= 0 else table._lock_descriptor()
+            try:
+                fcntl.flock(fd, _EX_NB)
+            except BlockingIOError:
+                _flock(fd, fcntl.LOCK_EX, table.lock_timeout if self._timeout is None else self._timeout, table)
             try:
                 return table.snapshot()
             except BaseException:
@@ -326,7 +331,7 @@ class Table:
         its checks or this mapping was damaged (:mod:`hugeshmd.shm.guard`).
         """
         cached = self._cache
-        generation = self.generation
+        generation = self._words[_GEN_WORD]
         if cached is not None and self.damaged is None:
             if cached.generation == generation:
                 return cached
@@ -595,7 +600,7 @@ class Table:
         segment list. Call only inside :meth:`locked`, with the snapshot it gave."""
         if self.damaged is not None:
             raise self._corrupt(self.damaged)
-        if base.generation != self.generation:
+        if base.generation != self._words[_GEN_WORD]:
             raise RuntimeError(f"commit on generation {base.generation}, but {self.generation} is committed")
         if segments is not None:
             _check_capacity(self.layout, segments)
