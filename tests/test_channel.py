@@ -281,17 +281,23 @@ def _die_holding(lock: int, steps: Any) -> None:
     t.join()
 
 
+def _die_half_sending(ch: Channel, buf: Any) -> None:
+    """A producer that wrote ``buf``'s slot and handed it to the channel, then died holding the
+    producer lock, before it published the message (moved the tail)."""
+
+    def half_send() -> None:
+        t = ch._words[TAIL_AT // 8]
+        SLOT.pack_into(ch._mem, SLOTS_AT + SLOT.size * (t % ch._slots), buf.address, buf.size)
+        ch._hand(buf, t)
+
+    _die_holding(ch._plock, half_send)
+
+
 def test_a_producer_that_died_after_handing_over_has_its_message_published(inst: Instance) -> None:
     a, b = inst.heap(), inst.heap()
     ca, cb = chan(inst, a), chan(inst, b)
     buf = a.alloc(64)
-
-    def half_send() -> None:
-        t = ca._words[TAIL_AT // 8]
-        SLOT.pack_into(ca._mem, SLOTS_AT + SLOT.size * (t % ca._slots), buf.address, buf.size)
-        ca._hand(buf, t)  # the channel holds it; the tail was not moved
-
-    _die_holding(ca._plock, half_send)
+    _die_half_sending(ca, buf)
     assert len(cb) == 0
     ca.send(a.alloc(64))  # the next producer publishes the dead one's message first
     got = cb.recv_many(10)
@@ -600,6 +606,67 @@ def test_a_removal_a_dead_worker_left_is_finished_by_the_next(inst: Instance, fi
         channels = 1
     report = checked(inst)
     assert (report.channels, report.allocations, report.pending) == (channels, 0, [])
+
+
+def _left_by_a_dead_remover(inst: Instance, a: Heap) -> tuple[Channel, list[int]]:
+    """Channel "q" with three messages (one large), one more half sent by a producer that died,
+    and a remover that marked it, took its consumer lock, took one message and died there;
+    the addresses of the four buffers."""
+    ca = opened(inst, a)
+    bufs = [a.alloc(64), a.alloc(MAX_SMALL + 1), a.alloc(300)]
+    for buf in bufs:
+        ca.send(buf)
+    half = a.alloc(100)
+    _die_half_sending(ca, half)
+    ca.close()
+    ca._words[REMOVER_AT // 8] = (7 + 1) << 32 | 99  # a registration that no longer runs
+
+    def take_one() -> None:
+        ca._words[HEAD_AT // 8] += 1
+
+    _die_holding(ca._address + CLOCK_AT, take_one)
+    return ca, [b.address for b in bufs] + [half.address]
+
+
+def test_the_primary_finishes_a_removal_whose_remover_died(inst: Instance) -> None:
+    from hugeshmd.daemon.reclaim import Reclaimer
+    from hugeshmd.shm.identity import own_start_time
+    from hugeshmd.shm.layout import STATE_READY
+
+    a = worker(inst)
+    _, addresses = _left_by_a_dead_remover(inst, a)
+    reclaimer = Reclaimer(inst.table, inst.mm)
+    try:
+        assert reclaimer._finish_removals() == 0  # not the table's named primary: it leaves it
+        inst.table.set_state(STATE_READY, os.getpid(), own_start_time())
+        assert reclaimer._finish_removals() == 1
+        assert reclaimer._finish_removals() == 0
+    finally:
+        reclaimer.close()
+    report = checked(inst)
+    assert (report.channels, report.allocations, report.pending) == (0, 0, []), report
+    for address in addresses:
+        with pytest.raises(NotFound):
+            a.buffer(address)
+
+
+def test_a_removal_the_primary_is_finishing_is_left_to_it_while_it_runs(inst: Instance) -> None:
+    from hugeshmd.shm.channel import PRIMARY_REMOVER
+    from hugeshmd.shm.identity import own_start_time
+    from hugeshmd.shm.layout import STATE_READY
+
+    a, b = worker(inst), worker(inst)
+    ca, _ = _left_by_a_dead_remover(inst, a)
+    ca._words[REMOVER_AT // 8] = PRIMARY_REMOVER  # a primary marked it, then was killed (or runs on)
+    inst.table.set_state(STATE_READY, os.getpid(), own_start_time())  # it runs: this process
+    with pytest.raises(ChannelBusy, match=f"being removed by pid {os.getpid()}"):
+        remove_channel(b, inst.table, "q", inst.mm, 1.0)
+    with pytest.raises(NotFound, match="being removed"):
+        opened(inst, b)
+    inst.table.set_state(STATE_READY, 0x7FFFFFF0, 1)  # it is gone: a worker finishes it
+    assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 4
+    report = checked(inst)
+    assert (report.channels, report.allocations, report.pending) == (0, 0, []), report
 
 
 def test_a_channel_being_removed_by_a_live_worker_is_neither_opened_nor_removed_twice(inst: Instance) -> None:

@@ -271,6 +271,33 @@ def test_a_remover_killed_at_random_points_loses_nothing_and_the_next_one_finish
     assert (report["figures"]["channels"], report["figures"]["allocations"]) == (0, 0), report["figures"]
 
 
+def test_the_primary_finishes_a_removal_whose_remover_was_killed_with_no_one_coming_after(start_primary, prefix,
+                                                                                           root):
+    """A remover killed with -9 after marking the channel and taking its consumer lock: no worker
+    touches the channel again, and the primary frees what it held at its next heartbeat."""
+    start_primary(*HUGE)
+    remover = spawn_worker(["-c", textwrap.dedent(f"""
+        import os, hugeshmd
+        from hugeshmd import _sys
+        from hugeshmd.shm.channel import CLOCK_AT, REMOVER_AT, _remover_word
+        shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+        ch = shm.channel("orphaned", 64)
+        for n in range(30):
+            ch.send(shm.alloc(100_000 if n % 7 == 0 else 64 + n))
+        heap = shm._heap
+        ch.close()
+        words = ch._words
+        words[REMOVER_AT // 8] = _remover_word(heap.openings.owner(heap))  # remove_channel's mark
+        assert _sys.mutex_lock(ch._address + CLOCK_AT, 1) == 0
+        words[{256 // 8}] += 1  # one message taken, then killed
+        os.kill(os.getpid(), 9)
+    """)], root)
+    assert remover.wait(60) == -9
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    assert (report["figures"]["channels"], report["figures"]["allocations"]) == (0, 0), report["figures"]
+
+
 def test_a_forked_child_uses_its_inherited_handle_under_its_own_registration(start_primary, prefix, root):
     """A child forked with an open handle uses it, recorded under a registration of its own at
     its first call: what the child opens and lets go of never lets go of the parent's."""

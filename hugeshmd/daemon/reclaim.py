@@ -40,10 +40,11 @@ from ..shm.heap import (
     holder_gone,
     liveness,
     reclaim_arena,
+    release_custody,
     release_held,
 )
 from ..shm.identity import process_start_time, process_state
-from ..shm.layout import ZONE_DISOWNED, ZONE_HEAP, ZoneRecord
+from ..shm.layout import ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HEAP, ZoneRecord
 from ..shm.lock import ByteLock
 from ..shm.table import Table
 
@@ -182,14 +183,19 @@ class Reclaimer:
         return count, freed
 
     def reclaim_dead(self) -> tuple[int, int]:
-        """Free what every dead owner held (at adoption, and at each heartbeat), and publish the
-        arenas that claimers committed but died before publishing. Never raises."""
+        """Free what every dead owner held (at adoption, and at each heartbeat), publish the
+        arenas that claimers committed but died before publishing, and finish the removals of
+        channels whose removers died. Never raises."""
         try:
             self._publish_orphans()
             count, freed = self._reclaim(_dead)
         except Exception:  # noqa: BLE001
             log.exception("reclaim of dead owners failed; the next heartbeat tries again")
             return 0, 0
+        try:
+            self._finish_removals()
+        except Exception:  # noqa: BLE001
+            log.exception("finishing a dead remover's channel removal failed; the next heartbeat tries again")
         if count:
             log.info("reclaimed %d allocations (%d bytes) of processes that had exited", count, freed)
         return count, freed
@@ -219,6 +225,36 @@ class Reclaimer:
                          zone.address)
             finally:
                 self._locks.unlock(liveness(i))
+
+    def _finish_removals(self) -> int:
+        """Finish the removal of every channel whose remover died on the way (see
+        :func:`hugeshmd.shm.channel.finish_dead_removal`); how many were finished."""
+        from ..shm.channel import PREFIX, finish_dead_removal
+
+        directory = self.directory()
+        finished = 0
+        for zone in self.table.snapshot().zones:
+            if not zone.flags & ZONE_CHANNEL or not zone.name.startswith(PREFIX):
+                continue
+            dropped = finish_dead_removal(self.table, zone, self._keepalive,
+                                          functools.partial(self._release_custody, directory), GATE_WAIT_S)
+            if dropped is not None:
+                finished += 1
+                log.info("finished removing channel %r, whose remover died on the way: %d buffers it held freed",
+                         zone.name[len(PREFIX):], dropped)
+        return finished
+
+    def _release_custody(self, directory: Directory | None, channel: int) -> int | None:
+        """Free the small blocks channel ``channel`` holds, in every arena; how many, or None if
+        an arena's gate stayed taken (some may be left: the caller tries again later)."""
+        count = 0
+        for i, e in directory.entries() if directory is not None else ():
+            if e[0]:
+                n = release_custody(self._arena(i, e[0]), self._locks, channel, GATE_WAIT_S)
+                if n is None:
+                    return None
+                count += n
+        return count
 
     def _reclaim(self, dead: Any) -> tuple[int, int]:
         dead = functools.cache(dead)  # a few owners own every arena and zone: one look at each

@@ -36,8 +36,9 @@ the removal checks them. So no process can touch a channel's memory after it wen
 back to the heap. The remover marks the channel first (the ``remover`` word: no
 one opens it from then on), takes both locks, frees every buffer the channel
 holds, then commits the zone's removal. A remover killed on the way leaves a
-marked channel that the next ``remove_channel``, or the next open (which then
-makes it anew), finishes.
+marked channel that the primary finishes at its next heartbeat
+(:func:`finish_dead_removal`), unless the next ``remove_channel``, or the next
+open (which then makes it anew), comes first.
 
 Waits are futex waits on the ``tail`` word (receivers) or the ``head`` word
 (senders), with a bound. A waiter counts itself in under its side's lock and
@@ -50,6 +51,7 @@ the count one too high, which costs the other side a futex wake per call
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -64,8 +66,10 @@ from .heap import (
     BLOCKS,
     CLASS_AT,
     CLASS_SIZES,
+    CUSTODY,
     FREE,
     META_SPANS,
+    PINNED,
     REMOTE,
     SPAN,
     SPAN_SHIFT,
@@ -99,6 +103,7 @@ HEAD_AT = 256  # u64: messages taken; its low half is the senders' futex word
 RWAIT_AT = 320  # u32: receivers asleep (counted under the consumer lock)
 SWAIT_AT = 384  # u32: senders asleep (counted under the producer lock)
 REMOVER_AT = 448  # u64: the worker removing the channel, (registry entry + 1) << 32 | its epoch; 0: no one
+PRIMARY_REMOVER = 0xFFFFFFFF << 32 | 1  # the remover word of the primary finishing a dead remover's removal
 SLOTS_AT = 512
 SLOT = struct.Struct("<QQ")  # address, size asked for
 _EBUSY, _ETIMEDOUT = 16, 110
@@ -292,7 +297,12 @@ def _remover_word(owner: Owner) -> int:
 
 
 def _remover(table: Table, word: int) -> Owner | None:
-    """The live worker a remover word names, or None if it is gone."""
+    """The live worker (or primary) a remover word names, or None if it is gone."""
+    if word == PRIMARY_REMOVER:
+        from .identity import process_alive
+
+        pid, start = table.owner()
+        return Owner(NO_SLOT, 0, pid, start) if pid and process_alive(pid, start) else None
     return _registered(table, (word >> 32) - 1, word & 0xFFFFFFFF)
 
 
@@ -965,6 +975,70 @@ def _remove(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout
     return dropped
 
 
+def finish_dead_removal(table: Table, record: ZoneRecord, keepalive: object,
+                        release: Callable[[int], int | None], wait: float) -> int | None:
+    """The primary's part: finish the removal of the channel ``record`` if its remover died on the
+    way; the number of buffers freed, or None if there was nothing to finish (or not now: a lock
+    held longer than ``wait`` seconds, tried again at the next look). ``release(index)`` frees the
+    small blocks that the channel of that index holds (the caller has the arenas): how many, or
+    None if it could not free them all now.
+
+    The primary first writes its own remover word, under the writer lock, so that no worker
+    finishes the same removal at the same time (a worker that meets the word while the
+    primary runs is told the channel is being removed, as by a live worker). Then it takes
+    both of the channel's locks, frees every block the channel holds (whatever the ring says:
+    each holder word names the channel, and a half-sent or half-taken message too), releases
+    the locks, and commits the removal of the large buffers it held and of its zone. A primary
+    killed on the way leaves its word; the next one (or a worker while none runs) finishes.
+    Only the primary the table names as its owner does this: workers look there to tell whether
+    the primary that wrote the word runs (an adopting primary is named once it is ready)."""
+    if table.owner()[0] != os.getpid():
+        return None
+    mem = _sys.memory(record.address, record.size, keepalive)
+    magic, capacity, slots, index, count = _HEAD.unpack_from(mem, 0)
+    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity, count) > record.size:
+        return None  # a bad header: the checker says so
+    words = mem[:SLOTS_AT].cast("Q")
+    word = words[REMOVER_AT // 8]
+    if not word or (word != PRIMARY_REMOVER and _remover(table, word) is not None):
+        return None
+    with table.locked() as base:  # as a worker's remove_channel: its checks, then the mark
+        if base.record(record.name) != record or words[REMOVER_AT // 8] != word:
+            return None
+        openers = mem[_openers_at(slots) : _openers_at(slots) + 4 * count].cast("I")
+        if any(w and _registered(table, entry, w) is not None for entry, w in enumerate(openers)):
+            return None  # a live worker has it open (a remover checked none had): the checker says so
+        words[REMOVER_AT // 8] = PRIMARY_REMOVER
+    dropped = 0
+    taken: list[int] = []
+    try:
+        for at in (record.address + PLOCK_AT, record.address + CLOCK_AT):
+            err = _sys.mutex_lock(at, wait)
+            if err == _sys.EOWNERDEAD:
+                _sys.mutex_consistent(at)  # what its dead holder left half done is freed below
+            elif err:
+                return None  # held (by whom? no live worker has the channel open): the next look
+            taken.append(at)
+        released = release(index)
+        if released is None:
+            return None  # an arena's gate stayed taken: some are left, for the next look
+        dropped = released
+        words[HEAD_AT // 8] = words[TAIL_AT // 8]  # nothing queued: what the ring names is freed
+    finally:
+        for at in reversed(taken):
+            _sys.mutex_unlock(at)
+    with table.locked() as base:
+        if base.record(record.name) != record or words[REMOVER_AT // 8] != PRIMARY_REMOVER:
+            return None  # finished by a worker meanwhile (no primary was seen running)
+        for zone in base.zones:  # large buffers the channel holds (never a pinned one)
+            held = zone.owner.epoch
+            if zone.flags & ZONE_HANDED and held & CUSTODY and held & 0xFFF == index and held != PINNED:
+                base = table.commit(base, remove=zone)
+                dropped += 1
+        table.commit(base, remove=record)
+    return dropped
+
+
 def _spin(words: memoryview, at: int, seen: int) -> bool:
     """Watch ``words[at]`` for at most SPIN_S seconds; whether it moved from ``seen``.
 
@@ -980,6 +1054,4 @@ def _spin(words: memoryview, at: int, seen: int) -> bool:
 
 
 def _strerror(err: int) -> str:
-    import os
-
     return os.strerror(err)

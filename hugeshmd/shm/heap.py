@@ -65,8 +65,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARENA", "SPAN", "CLASS_SIZES", "MAX_SMALL", "FREE", "LIVE", "DISOWNED", "REMOTE", "DIRECTORY",
-    "Arena", "Directory", "Heap", "liveness", "gate", "reclaim_arena", "release_held", "class_for", "custody",
-    "worker_holder", "holder_arena", "holder_gone", "CUSTODY",
+    "Arena", "Directory", "Heap", "liveness", "gate", "reclaim_arena", "release_held", "release_custody",
+    "class_for", "custody", "worker_holder", "holder_arena", "holder_gone", "CUSTODY", "PINNED",
 ]  # fmt: skip
 
 # -- sizes ---------------------------------------------------------------------------------
@@ -146,6 +146,9 @@ CUSTODY = 1 << 31  # a holder word with this bit: a channel holds the block
 def custody(channel: int, seq: int) -> int:
     """The holder word of a block that channel ``channel`` holds as its message number ``seq``."""
     return CUSTODY | (channel & 0xFFF) | ((seq & 0x7FFFF) << 12)
+
+
+PINNED = custody(4095, 0x7FFFF)  # the holder word of an allocation its pins own (hugeshmd.shm.pins)
 
 
 def worker_holder(arena: int, claims: int) -> int:
@@ -383,13 +386,34 @@ def release_held(arena: Arena, locks: ByteLock, gone: Callable[[int, int], bool]
     Like a remote free (under the arena's gate, shared): the arena's owner collects them.
     Blocks a channel holds are never touched. The (count, bytes) freed; nothing if the gate
     stayed taken (a reclaim in progress) for ``wait`` seconds: the next look frees them."""
+    released = _release(arena, locks, lambda w: not w & CUSTODY and gone(*holder_arena(w)), wait)
+    return released or (0, 0)
+
+
+def release_custody(arena: Arena, locks: ByteLock, channel: int, wait: float = GATE_WAIT_S) -> int | None:
+    """Free the blocks of ``arena`` that channel ``channel`` holds, for the removal of a channel
+    whose remover died (its caller holds the channel's locks); how many, or None if the gate
+    stayed taken for ``wait`` seconds (then some may be left: the caller tries again later)."""
+    def held(w: int) -> bool:
+        return bool(w & CUSTODY) and w & 0xFFF == channel and w != PINNED
+
+    released = _release(arena, locks, held, wait)
+    return None if released is None else released[0]
+
+
+def _release(arena: Arena, locks: ByteLock, doomed_word: Callable[[int], bool],
+             wait: float) -> tuple[int, int] | None:
+    """Free, as a remote free does, the blocks of ``arena`` whose holder word ``doomed_word``
+    picks; (count, bytes), or None if the gate stayed taken for ``wait`` seconds."""
     raw = arena.meta[HOLDER_AT:META].tobytes()
     if raw.count(0) == len(raw):
         return 0, 0
     words = memoryview(raw).cast("I")
-    doomed = [(k, w) for k, w in enumerate(words) if w and not w & CUSTODY and gone(*holder_arena(w))]
-    if not doomed or not locks.within(gate(arena.index), wait, exclusive=False):
+    doomed = [(k, w) for k, w in enumerate(words) if w and doomed_word(w)]
+    if not doomed:
         return 0, 0
+    if not locks.within(gate(arena.index), wait, exclusive=False):
+        return None
     count = freed = 0
     try:
         for k, w in doomed:

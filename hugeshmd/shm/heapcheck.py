@@ -309,7 +309,8 @@ def _walk_channel(zone: Any, keepalive: object, report: HeapReport) -> None:
     report._channels[index] = words
     if words[REMOVER_AT // 8]:
         report.pending.append(f"channel {zone.name[4:]!r} is being removed, or its remover died on the way "
-                              "(Secondary.remove_channel, or opening it, finishes it)")
+                              "(the primary finishes it at its next heartbeat; Secondary.remove_channel, "
+                              "or opening it, finishes it if it comes first)")
     head, tail = words[HEAD_AT // 8], words[TAIL_AT // 8]
     if not head <= tail <= head + capacity:
         report.violations.append(f"channel {zone.name[4:]!r}: head {head} and tail {tail} out of order")

@@ -35,7 +35,7 @@ from functools import partial
 
 from .. import _sys
 from ..errors import ChannelBusy, InvalidArgument, NotFound, TableCorrupt, TableFull
-from .heap import CUSTODY, DISOWNED, LIVE, REMOTE, Heap, custody, holder_arena
+from .heap import CUSTODY, DISOWNED, LIVE, PINNED, REMOTE, Heap, holder_arena
 from .layout import NO_SLOT, ZONE_HANDED, ZONE_HEAP_META, Owner
 from .zones import place
 
@@ -56,7 +56,6 @@ LOCK_AT = 64
 ENTRIES_AT = 128
 ENTRY = struct.Struct("<QII")  # address, token (0: a holder's pin), holder word (written last; 0: free)
 COUNT = 8192
-PINNED = custody(4095, 0x7FFFF)  # the holder word of an allocation its pins own
 
 
 def _size() -> int:
