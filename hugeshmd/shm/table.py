@@ -187,7 +187,8 @@ class Table:
         self._words = self._view.cast("Q")  # fast generation reads
         self._cache: Snapshot | None = None
         self._checker: _Records | None = None  # checks zone records against the current segments, each once
-        self._segments_seen: tuple[bytes, tuple[SegmentRecord, ...]] = (b"\0", ())  # checked bytes, records
+        # the segment records last checked: their bytes, the records, their CRC
+        self._segments_seen: tuple[bytes, tuple[SegmentRecord, ...], int] = (b"\0", (), 0)
         self._address = _sys.buffer_address(mm)
         guard.watch(self, self._address, layout.file_size)  # a truncation under us is TableCorrupt, not SIGBUS
         self._segments_at = layout.slot_at
@@ -421,7 +422,7 @@ class Table:
             packed = remove.pack(zlib.crc32) if carried is None else carried[at : at + ZONE.size]
             total -= U32.unpack_from(packed, ZONE_BODY)[0]
         if kind & CHANGE_INSERT:
-            checked = _check_zone(raw, U32.unpack_from(raw, ZONE_BODY)[0], 0, _ranges(base.segments))
+            checked = _check_zone(raw, U32.unpack_from(raw, ZONE_BODY)[0], 0, self._ranges_of(base.segments))
             if isinstance(checked, str):
                 return None
             insert, count, total = checked, count + 1, total + U32.unpack_from(raw, ZONE_BODY)[0]
@@ -454,7 +455,7 @@ class Table:
             removed, zones, count = zones[at : at + size], _cut(zones, at, size), count - 1
             total -= U32.unpack_from(removed, ZONE_BODY)[0]
         if kind & CHANGE_INSERT:
-            checked = _check_zone(raw, U32.unpack_from(raw, ZONE_BODY)[0], 0, _ranges(base.segments))
+            checked = _check_zone(raw, U32.unpack_from(raw, ZONE_BODY)[0], 0, self._ranges_of(base.segments))
             if isinstance(checked, str):
                 return None
             words = memoryview(zones).cast("Q")  # each record's address, then its size
@@ -487,15 +488,17 @@ class Table:
         at = self._zones_at[generation & 1] + i * ZONE.size
         return self._mm[at : at + ZONE.size] == raw
 
+    def _ranges_of(self, segments: tuple[SegmentRecord, ...]) -> dict[int, tuple[int, int]]:
+        checker = self._checker
+        return checker.ranges if checker is not None and checker.segments is segments else _ranges(segments)
+
     def _segments_crc(self, segments: tuple[SegmentRecord, ...]) -> int | None:
         """The CRC32 of ``segments``' records as committed, if this table has them at hand."""
         known, packed, crc = self._segments_packed
         if known is segments:
             return crc
-        seen, records = self._segments_seen
-        if records is segments:
-            return zlib.crc32(seen)
-        return None
+        _, records, crc = self._segments_seen
+        return crc if records is segments else None
 
     def _decode(self, generation: int, trust: bool = True) -> Snapshot | str:
         """The committed version ``generation``, every record checked; else what failed.
@@ -512,13 +515,13 @@ class Table:
         if _meta_crc(self._mm[meta_at : meta_at + META_HEAD], self._mm[change_at : change_at + CHANGE.size],
                      zlib.crc32(segs)) != crc:
             return "the checksum of its meta, change and segment records"
-        known, segments = self._segments_seen
+        known, segments, _ = self._segments_seen
         if segs != known or not trust:  # segments rarely change: checked once per change
             segments = tuple(SegmentRecord.unpack(f) for f in SEGMENT.iter_unpack(segs))
             wrong = check_segments(self.layout, segments)
             if wrong is not None:
                 return wrong
-            self._segments_seen = segs, segments
+            self._segments_seen = segs, segments, zlib.crc32(segs)
         checker = self._checker
         if checker is None or checker.segments is not segments or checker.generation != seg_gen or not trust:
             checker = self._checker = _Records(self, segments, seg_gen)  # records checked anew against these
@@ -738,20 +741,20 @@ class _Records:
     distinct record's bytes once per process (what :class:`~hugeshmd.shm.snapshot.Snapshot`
     calls its records). A table makes a new one when its segments change."""
 
-    __slots__ = ("_table", "segments", "generation", "_ranges", "_verified", "_limit")
+    __slots__ = ("_table", "segments", "generation", "ranges", "_verified", "_limit")
 
     def __init__(self, table: Table, segments: tuple[SegmentRecord, ...], generation: int) -> None:
         self._table = table
         self.segments = segments
         self.generation = generation
-        self._ranges = _ranges(segments)
+        self.ranges = _ranges(segments)  # [start, end) of each segment by id
         self._verified: dict[bytes, ZoneRecord] = {}  # record bytes already checked, and their records
         self._limit = 2 * table.layout.max_zones + 64  # removed zones' records are dropped now and then
 
     def one(self, chunk: bytes, generation: int) -> ZoneRecord:
         record = self._verified.get(chunk)
         if record is None:
-            checked = _check_zone(chunk, U32.unpack_from(chunk, ZONE_BODY)[0], None, self._ranges)
+            checked = _check_zone(chunk, U32.unpack_from(chunk, ZONE_BODY)[0], None, self.ranges)
             if isinstance(checked, str):
                 raise self._damaged(generation, checked)
             if len(self._verified) >= self._limit:
@@ -780,7 +783,7 @@ class _Records:
         chunks = [raw[at : at + size] for at in range(0, len(raw), size)]
         records: list[ZoneRecord | None] = list(map(self._verified.get, chunks))
         if None in records:
-            ranges = self._ranges
+            ranges = self.ranges
             crcs = memoryview(raw).cast("I")[ZONE_BODY // 4 :: size // 4].tolist()
             for i, record in enumerate(records):
                 if record is None:
