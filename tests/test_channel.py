@@ -608,15 +608,15 @@ def test_a_removal_a_dead_worker_left_is_finished_by_the_next(inst: Instance, fi
     assert (report.channels, report.allocations, report.pending) == (channels, 0, [])
 
 
-def _left_by_a_dead_remover(inst: Instance, a: Heap) -> tuple[Channel, list[int]]:
-    """Channel "q" with three messages (one large), one more half sent by a producer that died,
-    and a remover that marked it, took its consumer lock, took one message and died there;
-    the addresses of the four buffers."""
+def _left_by_a_dead_remover(inst: Instance, a: Heap, half_size: int = 100) -> tuple[Channel, list[int]]:
+    """Channel "q" with three messages (one large), one more (of ``half_size`` bytes) half sent
+    by a producer that died, and a remover that marked it, took its consumer lock, took one
+    message and died there; the addresses of the four buffers."""
     ca = opened(inst, a)
     bufs = [a.alloc(64), a.alloc(MAX_SMALL + 1), a.alloc(300)]
     for buf in bufs:
         ca.send(buf)
-    half = a.alloc(100)
+    half = a.alloc(half_size)
     _die_half_sending(ca, half)
     ca.close()
     ca._words[REMOVER_AT // 8] = (7 + 1) << 32 | 99  # a registration that no longer runs
@@ -667,6 +667,52 @@ def test_a_removal_the_primary_is_finishing_is_left_to_it_while_it_runs(inst: In
     assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 4
     report = checked(inst)
     assert (report.channels, report.allocations, report.pending) == (0, 0, []), report
+
+
+def test_a_worker_that_finishes_after_a_primary_died_finishing_frees_all_the_channel_held(inst: Instance) -> None:
+    """A primary took both locks of a dead remover's channel (marking them consistent, without a
+    worker's repairs), stopped there (an arena's gate stayed taken) and was killed. The worker that
+    takes over gets no EOWNERDEAD: the half-taken message and the half-sent large one are not
+    where its ring walk looks, and are freed all the same (by holder word, as the primary frees)."""
+    from hugeshmd.shm.channel import finish_dead_removal
+    from hugeshmd.shm.identity import own_start_time
+    from hugeshmd.shm.layout import STATE_READY
+
+    a, b = worker(inst), worker(inst)
+    _, addresses = _left_by_a_dead_remover(inst, a, half_size=MAX_SMALL + 1)
+    record = inst.table.snapshot().record(".ch.q")
+    assert record is not None
+    inst.table.set_state(STATE_READY, os.getpid(), own_start_time())  # the primary: this process
+    assert finish_dead_removal(inst.table, record, inst.mm, lambda index: None, 0.1) is None
+    inst.table.set_state(STATE_READY, 0x7FFFFFF0, 1)  # then killed
+    assert remove_channel(b, inst.table, "q", inst.mm, 1.0) == 4
+    report = checked(inst)
+    assert (report.channels, report.allocations, report.pending) == (0, 0, []), report
+    for address in addresses:
+        with pytest.raises(NotFound):
+            a.buffer(address)
+
+
+def test_an_open_that_meets_the_primary_taking_over_a_removal_says_not_found(inst: Instance, monkeypatch: Any) -> None:
+    """shm.channel() of a dead remover's channel finishes the removal itself, unless the primary
+    writes its word first (between the open's look and its removal): then NotFound, as for any
+    channel being removed, not the ChannelBusy of remove_channel."""
+    from hugeshmd.shm import channel as chmod
+    from hugeshmd.shm.identity import own_start_time
+    from hugeshmd.shm.layout import STATE_READY
+
+    a, b = worker(inst), worker(inst)
+    ca, _ = _left_by_a_dead_remover(inst, a)
+    inst.table.set_state(STATE_READY, os.getpid(), own_start_time())  # the primary: this process
+    remove = chmod._remove
+
+    def primary_first(*args: Any) -> int:
+        ca._words[REMOVER_AT // 8] = chmod.PRIMARY_REMOVER
+        return remove(*args)
+
+    monkeypatch.setattr(chmod, "_remove", primary_first)
+    with pytest.raises(NotFound, match="being removed"):
+        opened(inst, b)
 
 
 def test_a_channel_being_removed_by_a_live_worker_is_neither_opened_nor_removed_twice(inst: Instance) -> None:

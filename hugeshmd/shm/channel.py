@@ -76,6 +76,7 @@ from .heap import (
     SPANS,
     Heap,
     custody,
+    release_custody,
 )
 from .layout import NO_SLOT, ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, Owner, ZoneRecord
 from .zones import check_name, place
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from typing import Any
 
+    from .snapshot import Snapshot
     from .table import Table
 
 __all__ = ["Channel", "PREFIX", "DEFAULT_CAPACITY", "MAX_CAPACITY", "open_channel", "remove_channel", "channel_size",
@@ -223,7 +225,7 @@ def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keep
     anew.
 
     InvalidArgument if it exists with another capacity than one asked for; NotFound while a live
-    worker is removing it."""
+    worker, or the primary, is removing it."""
     check_name(PREFIX + name)
     wanted = DEFAULT_CAPACITY if capacity is None else check_capacity(capacity)
     owner = openings.owner(heap) if openings is not None else heap.owner_token()
@@ -234,6 +236,8 @@ def open_channel(heap: Heap, table: Table, name: str, capacity: int | None, keep
         remove_channel(heap, table, name, keepalive, lock_timeout)
     except NotFound:
         pass  # another worker finished it first
+    except ChannelBusy as err:  # another remover (the primary, say) took it over meanwhile
+        raise NotFound(f"channel {name!r} is being removed: {err}", name=name) from None
     channel = _open(heap, table, name, capacity, wanted, keepalive, lock_timeout, openings, owner)
     if channel is None:  # removed, made again, and left half removed again by a dead remover: rare
         raise NotFound(f"channel {name!r} is being removed by a worker that exited (remove_channel finishes it)",
@@ -548,11 +552,38 @@ class Channel:
                             buf.free()
                             dropped += 1
                     h += 1
+                dropped += self._sweep()
             finally:
                 _unlock(self._clock)
         finally:
             _unlock(self._plock)
         return dropped
+
+    def _sweep(self) -> int:
+        """Free every small block still in this channel's custody, whatever the ring says, as the
+        primary does when it finishes a removal (:func:`finish_dead_removal`): a primary killed
+        while finishing this removal may have freed some without changing the ring, or left a
+        half-sent or half-taken message unrepaired. How many. Call under both locks, the channel
+        marked by this process. ChannelBusy if an arena's gate stays taken past the lock timeout
+        (the channel stays marked: a later removal, or the primary, finishes it)."""
+        heap = self._heap
+        directory = heap.directory()
+        if directory is None:
+            return 0
+        locks = heap._byte_locks()
+        freed = 0
+        for i, e in directory.entries():
+            if e[0]:
+                with heap._lock:
+                    arena = heap._arena(i, e[0])
+                n = release_custody(arena, locks, self._index, self._lock_timeout)
+                if n is None:
+                    raise ChannelBusy(f"channel {self.name!r}: arena {i}'s gate stayed taken for "
+                                      f"{self._lock_timeout:g} s while its removal freed what the channel holds; "
+                                      "remove_channel again finishes it",
+                                      path=self.name, pid=None, stopped=False, waited=self._lock_timeout)
+                freed += n
+        return freed
 
     def _check_held(self, buf: object) -> Buffer:
         """``buf`` if this process holds it (so it may send it); else InvalidArgument."""
@@ -970,7 +1001,7 @@ def _remove(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout
     with table.locked() as base:
         current = base.record(zone_name)
         if current == record and channel._words[REMOVER_AT // 8] == mine:  # still the channel this marked
-            table.commit(base, remove=current)
+            dropped += _commit_removal(table, base, record, channel._index)
     channel.__class__ = _Closed
     return dropped
 
@@ -989,14 +1020,18 @@ def finish_dead_removal(table: Table, record: ZoneRecord, keepalive: object,
     both of the channel's locks, frees every block the channel holds (whatever the ring says:
     each holder word names the channel, and a half-sent or half-taken message too), releases
     the locks, and commits the removal of the large buffers it held and of its zone. A primary
-    killed on the way leaves its word; the next one (or a worker while none runs) finishes.
+    killed on the way leaves its word; the next one (or a worker while none runs) finishes. The
+    ring is left as it was, and a dead holder's lock is only marked consistent, not repaired: a
+    worker that finishes after a dead primary frees by holder word too (``Channel._sweep``,
+    :func:`_commit_removal`), so nothing the ring no longer names is left behind.
     Only the primary the table names as its owner does this: workers look there to tell whether
     the primary that wrote the word runs (an adopting primary is named once it is ready)."""
     if table.owner()[0] != os.getpid():
         return None
     mem = _sys.memory(record.address, record.size, keepalive)
     magic, capacity, slots, index, count = _HEAD.unpack_from(mem, 0)
-    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity, count) > record.size:
+    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity, count) > record.size \
+            or index >= MAX_CHANNELS:
         return None  # a bad header: the checker says so
     words = mem[:SLOTS_AT].cast("Q")
     word = words[REMOVER_AT // 8]
@@ -1022,21 +1057,30 @@ def finish_dead_removal(table: Table, record: ZoneRecord, keepalive: object,
         released = release(index)
         if released is None:
             return None  # an arena's gate stayed taken: some are left, for the next look
-        dropped = released
-        words[HEAD_AT // 8] = words[TAIL_AT // 8]  # nothing queued: what the ring names is freed
+        dropped = released  # the ring is left as it is: a worker that finishes after a dead primary sweeps too
     finally:
         for at in reversed(taken):
             _sys.mutex_unlock(at)
     with table.locked() as base:
         if base.record(record.name) != record or words[REMOVER_AT // 8] != PRIMARY_REMOVER:
             return None  # finished by a worker meanwhile (no primary was seen running)
-        for zone in base.zones:  # large buffers the channel holds (never a pinned one)
-            held = zone.owner.epoch
-            if zone.flags & ZONE_HANDED and held & CUSTODY and held & 0xFFF == index and held != PINNED:
-                base = table.commit(base, remove=zone)
-                dropped += 1
-        table.commit(base, remove=record)
+        dropped += _commit_removal(table, base, record, index)
     return dropped
+
+
+def _commit_removal(table: Table, base: Snapshot, record: ZoneRecord, index: int) -> int:
+    """Commit the removal of the large buffers that channel ``index`` holds (never a pinned one),
+    then of its zone ``record`` (call under the writer lock, with the snapshot it gave); how many
+    buffers. The large ones first: a death between commits leaves the channel marked, and
+    whoever finishes it sweeps again."""
+    freed = 0
+    for zone in base.zones:
+        held = zone.owner.epoch
+        if zone.flags & ZONE_HANDED and held & CUSTODY and held & 0xFFF == index and held != PINNED:
+            base = table.commit(base, remove=zone)
+            freed += 1
+    table.commit(base, remove=record)
+    return freed
 
 
 def _spin(words: memoryview, at: int, seen: int) -> bool:
