@@ -122,8 +122,8 @@ def _reclaim(base: dict[str, Any], held: int) -> dict[str, float]:
         watcher.stdin.flush()
         if watcher.stdout.readline().strip() != "armed":
             raise RuntimeError("watcher did not arm")
+        killed = time.monotonic()  # before the kill: after it, this process may run only once the reclaim is done
         os.kill(holder.pid, signal.SIGKILL)
-        killed = time.monotonic()
         holder.wait(30)
         seen = json.loads(watcher.communicate(timeout=60)[0].strip().splitlines()[-1])
     finally:
