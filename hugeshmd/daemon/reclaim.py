@@ -231,13 +231,14 @@ class Reclaimer:
         :func:`hugeshmd.shm.channel.finish_dead_removal`); how many were finished."""
         from ..shm.channel import PREFIX, finish_dead_removal
 
-        directory = self.directory()
+        if self.table.owner()[0] != os.getpid():
+            return 0  # an adopting primary, not named yet (see finish_dead_removal)
+        release = functools.partial(self._release_custody, self.directory())
         finished = 0
         for zone in self.table.snapshot().zones:
             if not zone.flags & ZONE_CHANNEL or not zone.name.startswith(PREFIX):
                 continue
-            dropped = finish_dead_removal(self.table, zone, self._keepalive,
-                                          functools.partial(self._release_custody, directory), GATE_WAIT_S)
+            dropped = finish_dead_removal(self.table, zone, self._keepalive, release, GATE_WAIT_S)
             if dropped is not None:
                 finished += 1
                 log.info("finished removing channel %r, whose remover died on the way: %d buffers it held freed",

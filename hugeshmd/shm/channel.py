@@ -56,6 +56,7 @@ import struct
 import threading
 import time
 import weakref
+from ctypes import c_uint64 as _c_uint64
 
 from .. import _sys
 from ..errors import ChannelBusy, ChannelTimeout, HandleClosed, InvalidArgument, NotFound, TableCorrupt
@@ -1026,8 +1027,10 @@ def finish_dead_removal(table: Table, record: ZoneRecord, keepalive: object,
     :func:`_commit_removal`), so nothing the ring no longer names is left behind.
     Only the primary the table names as its owner does this: workers look there to tell whether
     the primary that wrote the word runs (an adopting primary is named once it is ready)."""
-    if table.owner()[0] != os.getpid():
-        return None
+    if table.owner()[0] != os.getpid() or record.size < SLOTS_AT:
+        return None  # not this process's to do; or no channel's header: the checker says so
+    if not _c_uint64.from_address(record.address + REMOVER_AT).value:
+        return None  # the common case, read cheaply: no removal under way (a view costs ~20 us)
     mem = _sys.memory(record.address, record.size, keepalive)
     magic, capacity, slots, index, count = _HEAD.unpack_from(mem, 0)
     if magic != MAGIC or slots != capacity + 1 or channel_size(capacity, count) > record.size \
