@@ -217,37 +217,6 @@ def test_a_channel_open_in_another_live_worker_is_not_removed(start_primary, pre
     assert (report["figures"]["channels"], report["figures"]["allocations"]) == (0, 0), report["figures"]
 
 
-def test_a_handle_a_live_worker_dropped_without_close_does_not_keep_the_channel(start_primary, prefix, root):
-    """The usual Python: a handle goes out of scope, never closed, in a worker that runs on."""
-    start_primary(*HUGE)
-    holder = spawn_worker(["-c", textwrap.dedent(f"""
-        import sys, hugeshmd
-        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
-            def produce():
-                shm.channel("dropped", 8).send(shm.alloc(64))
-            produce()
-            print("ready", flush=True)
-            sys.stdin.readline()
-    """)], root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdin is not None
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        dropped = run_python(textwrap.dedent(f"""
-            import hugeshmd
-            with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
-                print(shm.remove_channel("dropped"))
-        """), root).stdout.strip()
-        assert dropped == "1"
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.wait(30) == 0
-    finally:
-        kill_session(holder)
-    report = settled(prefix, root)
-    assert report["violations"] == [] and report["pending"] == [], report
-    assert (report["figures"]["channels"], report["figures"]["allocations"]) == (0, 0), report["figures"]
-
-
 def test_a_remover_killed_at_random_points_loses_nothing_and_the_next_one_finishes(start_primary, prefix, root):
     """kill -9 of a worker removing a channel of small and large buffers, at a random moment of
     its removal; the next remove_channel finishes it (or finds it gone), and nothing is lost."""

@@ -147,22 +147,12 @@ def check_timeout(timeout: object) -> float | None:
 class Openings:
     """The channels one attachment has open: for each (by address), its handles here and the
     word of this attachment's registry entry in the channel (cleared when the last handle is
-    closed or garbage collected, or at detach).
-
-    A handle collected without ``close()`` clears the word from a finalizer, which runs in
-    whichever thread drops the last reference, at any point of its code: so the index is
-    changed only under a lock that a finalizer never waits for. One that finds it taken (by
-    another thread, or by its own thread's code it interrupted) leaves the address in a list
-    that the holder goes through when it lets go. After detach a finalizer does nothing: the
-    registry entry may be another worker's by then."""
+    closed, or at detach). Handles collected without ``close()`` keep it set until detach."""
 
     def __init__(self, owner: Callable[[], Owner] | None = None) -> None:
         self._by_address: dict[int, tuple[weakref.WeakSet[Channel], memoryview, int]] = {}
         self.removing = threading.Lock()  # one removal at a time in this attachment (they share a remover word)
         self._owner = owner  # this process's registration (a forked child registers its own); None: the heap's
-        self._lock = threading.Lock()  # guards _by_address; a finalizer only tries it
-        self._collected: list[int] = []  # addresses of handles collected while _lock was taken
-        self._detached = False
 
     def owner(self, heap: Heap) -> Owner:
         """The registration this process's words name."""
@@ -174,85 +164,51 @@ class Openings:
         if not 0 <= owner.slot < len(channel._openers):
             raise InvalidArgument(f"this worker (registry entry {owner.slot}) cannot open channels",
                                   name=channel.name)
-        with self._lock:
-            found = self._by_address.get(channel._address)
-            if found is None:
-                found = self._by_address[channel._address] = (weakref.WeakSet(), channel._openers, owner.slot)
-            found[0].add(channel)
-            channel._openers[owner.slot] = _stamp(owner)
-        weakref.finalize(channel, self._collect, channel._address).atexit = False
-        self._after()
+        found = self._by_address.get(channel._address)
+        if found is None:
+            found = self._by_address[channel._address] = (weakref.WeakSet(), channel._openers, owner.slot)
+        found[0].add(channel)
+        channel._openers[owner.slot] = _stamp(owner)
 
     def close(self, channel: Channel) -> None:
         """``channel`` closed: the last handle of its channel here clears this attachment's word."""
-        with self._lock:
-            found = self._by_address.get(channel._address)
-            if found is not None:
-                found[0].discard(channel)
-                self._forget_unused(channel._address)
-        self._after()
+        found = self._by_address.get(channel._address)
+        if found is not None:
+            found[0].discard(channel)
+            self.forget_unused(channel._address)
 
     def forget_unused(self, address: int) -> bool:
         """Clear this attachment's word of the channel at ``address`` if no handle of it is open
         here (all closed or collected); whether none is."""
-        with self._lock:
-            unused = self._forget_unused(address)
-        self._after()
-        return unused
-
-    def _forget_unused(self, address: int) -> bool:
         found = self._by_address.get(address)
         if found is None:
             return True
-        if next(iter(found[0]), None) is not None:  # a live handle (iteration skips collected ones)
+        if found[0]:
             return False
         found[1][found[2]] = 0
         del self._by_address[address]
         return True
 
-    def _collect(self, address: int) -> None:
-        """A handle of the channel at ``address`` was garbage collected (its finalizer)."""
-        self._collected.append(address)  # first: a holder that lets go after this sees it
-        self._after()
-
-    def _after(self) -> None:
-        """Forget the channels of the handles collected meanwhile, if the lock is free now."""
-        while self._collected and self._lock.acquire(False):
-            try:
-                while self._collected:
-                    address = self._collected.pop()
-                    if not self._detached:
-                        self._forget_unused(address)
-            finally:
-                self._lock.release()
-
     def close_all(self) -> bool:
         """At detach: every handle closed (the calls in flight waited for, bounded), the words of
-        the channels whose calls all returned cleared; whether every one was. Finalizers do
-        nothing from here on."""
-        with self._lock:
-            self._detached = True
-            entries = list(self._by_address.items())
+        the channels whose calls all returned cleared; whether every one was."""
         clear = True
-        for address, (handles, words, entry) in entries:
+        for address, (handles, words, entry) in list(self._by_address.items()):
             running = False
-            for channel in list(handles):  # not under the lock: calls in flight may need it to return
+            for channel in list(handles):
                 channel.__class__ = _Closed
                 running = channel._shut() or running
             if running:
                 clear = False
                 continue
-            with self._lock:
-                words[entry] = 0
-                self._by_address.pop(address, None)
+            words[entry] = 0
+            del self._by_address[address]
         return clear
 
     def inherit(self) -> None:
         """In a forked child: the parent's words (its registration's) are left as they are, and
         each inherited handle records itself under the child's own registration at its first call
         (:class:`_Inherited`), if its channel is still there."""
-        self._lock = threading.Lock()  # the parent's may have been taken by a thread the child has not
-        self._collected = []
         for handles, _, _ in self._by_address.values():
             for channel in list(handles):
                 channel._busy = []  # the parent's threads in flight are not this process's
