@@ -129,6 +129,17 @@ def _openers_at(slots: int) -> int:
     return SLOTS_AT + SLOT.size * slots
 
 
+def _bad_header(magic: bytes, capacity: int, slots: int, index: int, openers: int, size: int) -> bool:
+    """Whether a header (``_HEAD``'s fields) is not one of a channel in a zone of ``size`` bytes."""
+    return (magic != MAGIC or slots != capacity + 1 or channel_size(capacity, openers) > size
+            or index >= MAX_CHANNELS)
+
+
+def _opener_words(mem: memoryview, slots: int, openers: int) -> memoryview:
+    """A channel's opener words (one u32 per worker-registry entry), after its ring."""
+    return mem[_openers_at(slots) : _openers_at(slots) + 4 * openers].cast("I")
+
+
 def check_capacity(capacity: object) -> int:
     if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
         raise InvalidArgument(f"capacity must be an int in 1..{MAX_CAPACITY}, not {capacity!r}", name="capacity")
@@ -325,6 +336,12 @@ def _registered(table: Table, entry: int, epoch: int) -> Owner | None:
     return Owner(entry, current, pid, start)
 
 
+def _live_openers(table: Table, words: memoryview) -> list[Owner]:
+    """The live registrations among a channel's opener ``words``."""
+    return [found for entry, word in enumerate(words) if word
+            and (found := _registered(table, entry, word)) is not None]
+
+
 def _index_of(record: ZoneRecord) -> int:
     """A channel's index, from its header (the channel's memory is mapped wherever its zone is seen)."""
     return int(_HEAD.unpack_from(_sys.memory(record.address, _HEAD.size, None), 0)[3])
@@ -345,8 +362,7 @@ class Channel:
         self._record = record
         self._mem = _sys.memory(a, record.size, keepalive)
         magic, capacity, slots, index, openers = _HEAD.unpack_from(self._mem, 0)
-        if (magic != MAGIC or slots != capacity + 1 or channel_size(capacity, openers) > record.size
-                or index >= MAX_CHANNELS):
+        if _bad_header(magic, capacity, slots, index, openers, record.size):
             raise TableCorrupt(f"channel {name!r} at {a:#x} has a bad header ({magic!r}, capacity {capacity}, "
                                f"{slots} slots, index {index}, {openers} opener words)")
         self.capacity = capacity
@@ -355,7 +371,7 @@ class Channel:
         self._words = self._mem[:SLOTS_AT].cast("Q")
         self._u32 = self._mem[:SLOTS_AT].cast("I")
         self._ring = self._mem[SLOTS_AT : SLOTS_AT + SLOT.size * slots].cast("Q")
-        self._openers = self._mem[_openers_at(slots) : _openers_at(slots) + 4 * openers].cast("I")
+        self._openers = _opener_words(self._mem, slots, openers)
         self._busy: list[None] = []  # one entry per call in flight on this handle (list ops are atomic)
         self._shutting = False  # closed: a call waiting on the channel gives up at its next wake
         self._plock, self._clock = a + PLOCK_AT, a + CLOCK_AT
@@ -979,9 +995,7 @@ def _remove(heap: Heap, table: Table, name: str, keepalive: object, lock_timeout
         channel = Channel(heap, table, name, record, keepalive, lock_timeout)
         if heap.openings is not None:
             heap.openings.forget_unused(record.address)  # this process's word, if all its handles are gone
-        words = channel._openers
-        holders = [found for entry in range(len(words)) if words[entry]
-                   and (found := _registered(table, entry, words[entry])) is not None]
+        holders = _live_openers(table, channel._openers)
         if holders:
             from .identity import describe_holder, process_state
 
@@ -1033,9 +1047,8 @@ def finish_dead_removal(table: Table, record: ZoneRecord, keepalive: object,
         return None  # the common case, read cheaply: no removal under way (a view costs ~20 us)
     mem = _sys.memory(record.address, record.size, keepalive)
     magic, capacity, slots, index, count = _HEAD.unpack_from(mem, 0)
-    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity, count) > record.size \
-            or index >= MAX_CHANNELS:
-        return None  # a bad header: the checker says so
+    if _bad_header(magic, capacity, slots, index, count, record.size):
+        return None  # the checker says so
     words = mem[:SLOTS_AT].cast("Q")
     word = words[REMOVER_AT // 8]
     if not word or (word != PRIMARY_REMOVER and _remover(table, word) is not None):
@@ -1043,8 +1056,7 @@ def finish_dead_removal(table: Table, record: ZoneRecord, keepalive: object,
     with table.locked() as base:  # as a worker's remove_channel: its checks, then the mark
         if base.record(record.name) != record or words[REMOVER_AT // 8] != word:
             return None
-        openers = mem[_openers_at(slots) : _openers_at(slots) + 4 * count].cast("I")
-        if any(w and _registered(table, entry, w) is not None for entry, w in enumerate(openers)):
+        if _live_openers(table, _opener_words(mem, slots, count)):
             return None  # a live worker has it open (a remover checked none had): the checker says so
         words[REMOVER_AT // 8] = PRIMARY_REMOVER
     dropped = 0

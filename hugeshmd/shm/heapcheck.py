@@ -297,11 +297,11 @@ def _queued_now(report: HeapReport, word: int) -> bool:
 
 def _walk_channel(zone: Any, keepalive: object, report: HeapReport) -> None:
     from .. import _sys
-    from .channel import _HEAD, HEAD_AT, MAGIC, REMOVER_AT, SLOTS_AT, TAIL_AT, channel_size
+    from .channel import _HEAD, HEAD_AT, REMOVER_AT, SLOTS_AT, TAIL_AT, _bad_header
 
     mem = _sys.memory(zone.address, zone.size, keepalive)
     magic, capacity, slots, index, openers = _HEAD.unpack_from(mem, 0)
-    if magic != MAGIC or slots != capacity + 1 or channel_size(capacity, openers) > zone.size:
+    if _bad_header(magic, capacity, slots, index, openers, zone.size):
         report.violations.append(f"channel zone {zone.name!r} has a bad header")
         return
     report.channels += 1

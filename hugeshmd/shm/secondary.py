@@ -376,8 +376,8 @@ class Secondary:
 
         InvalidArgument for a bad name or capacity (or another capacity than an existing
         channel's), AccessDenied if read-only, TableFull/OutOfMemory when it does not fit,
-        NotFound while a live worker is removing it (one whose remover died is removed first,
-        then made anew)."""
+        NotFound while a live worker, or the primary, is removing it (one whose remover died is
+        removed first, then made anew)."""
         from .channel import open_channel
 
         check_name(name)
@@ -391,7 +391,8 @@ class Secondary:
 
         ChannelBusy, changing nothing, while any live worker (this one included) holds a handle
         of it open: it names them. NotFound if there is none. A removal that a worker's death
-        interrupted is finished by the next call, by any worker."""
+        interrupted is finished by the primary at its next heartbeat, or by the next call of
+        any worker that comes first."""
         from .channel import remove_channel
 
         check_name(name)
