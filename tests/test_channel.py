@@ -10,10 +10,12 @@ the same one it does at a process's death, so the next taker gets EOWNERDEAD.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -232,6 +234,29 @@ def test_arecv_waits_without_blocking_the_loop(inst: Instance) -> None:
 
     got, ticks = asyncio.run(main())
     assert got.size == 64 and ticks > 10
+
+
+def test_a_handle_that_waited_in_arecv_is_not_kept_alive_by_its_waker(inst: Instance) -> None:
+    """The waker's index forgets a waker whose thread stopped: a handle dropped after arecv is
+    collected (it was kept for good before: its opener word stayed set until detach)."""
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a), chan(inst, b)
+
+    async def main(ch: Channel) -> Any:
+        threading.Timer(0.05, lambda: ca.send(a.alloc(64))).start()
+        return await ch.arecv(timeout=5)
+
+    asyncio.run(main(cb)).free()
+    for thread in threading.enumerate():
+        if thread.name.startswith("hugeshmd-arecv-"):
+            thread.join(5)
+    from hugeshmd.shm._waker import _wakers
+
+    assert not any(w.channel is cb for w in _wakers.values())
+    handle = weakref.ref(cb)
+    del cb
+    gc.collect()
+    assert handle() is None
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ The thread sleeps on the channel's futex as a receiver does (counted among the
 sleeping receivers, so a sender wakes it), and when a message may be there
 resolves every waiting coroutine's future; each then tries a receive that does
 not wait. However many coroutines wait on a channel, one thread serves them;
-it exits when none is left.
+it exits when none is left, and the waker is then forgotten, so the waker
+index never keeps a channel handle alive that its user has dropped.
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ def waker_for(channel: Channel) -> Waker:
     with _guard:
         waker = _wakers.get(key)
         if waker is None or waker.channel is not channel:
-            waker = _wakers[key] = Waker(channel)
+            waker = _wakers[key] = Waker(channel, key)
         return waker
 
 
 class Waker:
-    def __init__(self, channel: Channel) -> None:
+    """The thread serving one channel's waiting coroutines in this process, and their futures.
+    Listed in ``_wakers`` while its thread runs (or is about to): a waker whose thread stopped is
+    forgotten, and with it the channel handle it refers to."""
+
+    def __init__(self, channel: Channel, key: tuple[int, int]) -> None:
         self.channel = channel
+        self._key = key
         self._lock = threading.Lock()
         self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = []
         self._thread: threading.Thread | None = None
@@ -55,6 +61,8 @@ class Waker:
         with self._lock:
             self._waiting.append((loop, future))
             if self._thread is None:
+                with _guard:  # forgotten when its last thread stopped: listed again (or a twin is)
+                    _wakers.setdefault(self._key, self)
                 self._thread = threading.Thread(target=self._run, name=f"hugeshmd-arecv-{self.channel.name}",
                                                 daemon=True)
                 self._thread.start()
@@ -64,9 +72,16 @@ class Waker:
         with self._lock:
             self._waiting = [(loop, f) for loop, f in self._waiting if not f.done() and not loop.is_closed()]
             if not self._waiting:
-                self._thread = None
+                self._stop()
                 return False
             return True
+
+    def _stop(self) -> None:
+        """This waker's thread stops: forget it (under ``self._lock``)."""
+        self._thread = None
+        with _guard:
+            if _wakers.get(self._key) is self:
+                del _wakers[self._key]
 
     def _resolve(self, value: Any = None) -> None:
         with self._lock:
@@ -122,7 +137,7 @@ class Waker:
     def _fail(self, err: BaseException) -> None:
         with self._lock:
             waiting, self._waiting = self._waiting, []
-            self._thread = None
+            self._stop()
         for loop, future in waiting:
             _call(loop, _fail, future, err)
 

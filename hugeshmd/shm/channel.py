@@ -377,7 +377,6 @@ class Channel:
         self._plock, self._clock = a + PLOCK_AT, a + CLOCK_AT
         self._custody = custody(index, 0)  # | (seq & 0x7FFFF) << 12: the channel's holder word for seq
         self._lock_timeout = lock_timeout
-        self._waker: Any = None
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} capacity {self.capacity}, {len(self)} queued>"
