@@ -44,7 +44,10 @@ Waits are futex waits on the ``tail`` word (receivers) or the ``head`` word
 (senders), with a bound. A waiter counts itself in under its side's lock and
 releases it (a full barrier in glibc's robust unlock) before sleeping; the
 other side publishes, releases its own lock (a full barrier too), then reads
-the count and wakes: neither can miss the other. A waiter killed asleep leaves
+the count and wakes: neither can miss the other. A receive wakes one sleeping
+sender, not all: on a full channel with many senders, waking all made each of
+them run for one slot of room and sleep again; the one woken wakes the next
+when it leaves room behind (:meth:`Channel._pass_on`). A waiter killed asleep leaves
 the count one too high, which costs the other side a futex wake per call
 (about a microsecond) and nothing else.
 """
@@ -656,9 +659,11 @@ class Channel:
             if err:
                 self._lock(lock, True, err)
             words = self._words
+            waited = False
             try:
                 t = words[_TAILW]
                 if t - words[_HEADW] >= self.capacity:
+                    waited = True
                     t = self._wait_room(t, None, None)
                 at = 2 * (t % self._slots)
                 ring = self._ring
@@ -668,6 +673,8 @@ class Channel:
                 words[_TAILW] = t + 1  # published
             finally:
                 _unlock(lock)
+                if waited:
+                    self._pass_on()
             buf._slot = None
             buf._record = SENT
             if self._u32[_RWAIT]:
@@ -698,12 +705,14 @@ class Channel:
             deadline = None if timeout is None else time.monotonic() + timeout
             words, ring, slots, capacity, word = self._words, self._ring, self._slots, self.capacity, self._custody
             sent = 0
+            waited = False
             lock = self._plock
             self._lock(lock, True)
             try:
                 for buf, holders, k in checked:
                     t = words[_TAILW]
                     if t - words[_HEADW] >= capacity:
+                        waited = True
                         t = self._wait_room(t, deadline, timeout)
                     at = 2 * (t % slots)
                     ring[at] = buf.address
@@ -718,11 +727,21 @@ class Channel:
                     sent += 1
             finally:
                 _sys.mutex_unlock(lock)
+                if waited:
+                    self._pass_on()
                 if sent and self._u32[RWAIT_AT // 4]:
                     _sys.futex_wake(self._address + TAIL_AT)
             return sent
         finally:
             busy.pop()
+
+    def _pass_on(self) -> None:
+        """After a send that waited for room (the producer lock released): a receiver wakes one
+        sleeping sender per receive, so the one it woke wakes the next if it left room behind
+        (or gave up). A sender killed in between leaves the next asleep until the next receive,
+        or at most its 1 s sleep."""
+        if self._u32[_SWAIT] and self._words[_TAILW] - self._words[_HEADW] < self.capacity:
+            _sys.futex_wake(self._address + HEAD_AT, 1)
 
     def _wait_room(self, t: int, deadline: float | None, timeout: float | None) -> int:
         """Sleep (the producer lock released) until a receiver makes room; the tail then."""
@@ -786,7 +805,7 @@ class Channel:
             finally:
                 _unlock(lock)
                 if self._u32[_SWAIT]:
-                    _sys.futex_wake(self._address + HEAD_AT)
+                    _sys.futex_wake(self._address + HEAD_AT, 1)  # one: it wakes the next (_pass_on)
             return got
         finally:
             busy.pop()
@@ -822,7 +841,7 @@ class Channel:
             finally:
                 _sys.mutex_unlock(lock)
                 if got and self._u32[SWAIT_AT // 4]:
-                    _sys.futex_wake(self._address + HEAD_AT)
+                    _sys.futex_wake(self._address + HEAD_AT, 1)  # one: it wakes the next (_pass_on)
             return got
         finally:
             busy.pop()
