@@ -189,7 +189,7 @@ def test_a_blocked_receiver_wakes_when_a_sender_sends(inst: Instance) -> None:
     got: list[Any] = []
     t = threading.Thread(target=lambda: got.append(cb.recv(timeout=5)))
     t.start()
-    while not ca._u32[320 // 4]:  # the receiver counted itself asleep
+    while not ca._words[320 // 8]:  # the receiver counted itself asleep
         time.sleep(0.001)
     t0 = time.monotonic()
     ca.send(a.alloc(64))
@@ -204,7 +204,7 @@ def test_a_blocked_sender_wakes_when_a_receiver_makes_room(inst: Instance) -> No
     second = a.alloc(64)
     t = threading.Thread(target=ca.send, args=(second, 5))
     t.start()
-    while not ca._u32[384 // 4]:
+    while not ca._words[384 // 8]:
         time.sleep(0.001)
     cb.recv(0)
     t.join(5)
@@ -257,6 +257,41 @@ def test_a_handle_that_waited_in_arecv_is_not_kept_alive_by_its_waker(inst: Inst
     del cb
     gc.collect()
     assert handle() is None
+
+
+def test_sleeper_counts_forget_the_dead_two_periods_on(inst: Instance, monkeypatch: Any) -> None:
+    """A sleeper counts itself in the half of its period; a count two periods older than the
+    latest is a dead sleeper's (a live one counts itself anew within a second): the next sleeper
+    clears it, and wakers stop waking for it; an uncount after its half was cleared does nothing."""
+    from hugeshmd.shm import channel as module
+
+    ca = chan(inst, inst.heap())
+    now = [1000]
+    monkeypatch.setattr(module, "_period", lambda: now[0])
+    i = RWAIT_AT // 4
+
+    def counts() -> tuple[int, int]:
+        return ca._u32[i], ca._u32[i + 1]
+
+    dead, live = ca._sleep_in(RWAIT_AT), ca._sleep_in(RWAIT_AT)
+    assert counts() == (2, 0)
+    now[0] = 1001
+    assert ca._asleep(RWAIT_AT)  # a period on: a live sleeper may still be asleep
+    odd = ca._sleep_in(RWAIT_AT)
+    assert counts() == (2, 1)  # the other half: the even one is kept
+    ca._sleep_out(RWAIT_AT, live)
+    assert counts() == (1, 1)
+    now[0] = 1002
+    even = ca._sleep_in(RWAIT_AT)
+    assert counts() == (1, 1)  # the dead sleeper's count (period 1000) cleared, this one counted
+    ca._sleep_out(RWAIT_AT, odd)
+    ca._sleep_out(RWAIT_AT, dead)  # had it lived: its half was cleared, nothing to take back
+    assert counts() == (1, 0)
+    now[0] = 1004
+    assert not ca._asleep(RWAIT_AT)  # the latest count is two periods old: no live sleeper left
+    now[0] = 1002
+    ca._sleep_out(RWAIT_AT, even)
+    assert counts() == (0, 0)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -766,7 +801,7 @@ def test_close_wakes_a_call_waiting_in_another_thread_and_waits_for_it(inst: Ins
 
     t = threading.Thread(target=wait)
     t.start()
-    while not ca._u32[RWAIT_AT // 4]:  # asleep in the kernel
+    while not ca._words[RWAIT_AT // 8]:  # asleep in the kernel
         time.sleep(0.001)
     t0 = time.monotonic()
     ca.close()

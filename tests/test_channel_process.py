@@ -366,3 +366,73 @@ def test_detaching_lets_go_of_channels_before_the_registration(start_primary, pr
         print(seen[0][shm.owner.slot] if seen else "never")
     """), root).stdout.strip()
     assert out == "0"
+
+
+def test_a_receiver_killed_asleep_stops_costing_senders_a_wake(start_primary, prefix, root):
+    """A receiver killed in its futex wait leaves itself counted asleep: senders wake it (a system
+    call each) until two periods later, when its count is known dead; a live receiver that sleeps
+    after that is counted and woken as before."""
+    start_primary(*HUGE)
+    sleeper = spawn_worker(["-c", textwrap.dedent(f"""
+        import hugeshmd
+        with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+            ch = shm.channel("nap", 8)
+            print("ready", flush=True)
+            ch.recv(timeout=60)
+    """)], root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert sleeper.stdout is not None and sleeper.stdout.readline().strip() == "ready"
+        out = run_python(textwrap.dedent(f"""
+            import json, os, signal, threading, time, hugeshmd
+            from hugeshmd import _sys
+            from hugeshmd.shm import channel
+            wakes = []
+            real_wake = _sys.futex_wake
+            _sys.futex_wake = lambda *a: (wakes.append(a), real_wake(*a))
+            with hugeshmd.attach({prefix!r}, runtime_root={root!r}) as shm:
+                ch = shm.channel("nap", 8)
+                deadline = time.monotonic() + 10
+                while not ch._words[channel.RWAIT_AT // 8] and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the receiver counted itself asleep
+                os.kill({sleeper.pid}, signal.SIGKILL)
+                while True:  # gone from the futex's queue once it is a zombie
+                    try:
+                        with open("/proc/{sleeper.pid}/stat") as f:
+                            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                                break
+                    except FileNotFoundError:
+                        break
+                    time.sleep(0.01)
+                result = {{}}
+                ch.send(shm.alloc(64))
+                result["wakes now"] = len(wakes)
+                now = channel._period()
+                channel._period = lambda: now + 2  # two periods later: what a dead receiver left
+                del wakes[:]
+                for _ in range(5):  # the first message is still there: room for 7
+                    ch.send(shm.alloc(64))
+                result["wakes later"] = len(wakes)
+                for buf in ch.recv_many(64, timeout=0):
+                    buf.free()
+                got = []
+                t = threading.Thread(target=lambda: got.append(ch.recv(timeout=10)))
+                t.start()
+                i = channel.RWAIT_AT // 4
+                while ch._u32[i + 2] != now + 2:  # the new receiver counted itself, clearing the dead one
+                    time.sleep(0.01)
+                result["count"] = ch._u32[i] + ch._u32[i + 1]
+                del wakes[:]
+                ch.send(shm.alloc(64))
+                t.join(10)
+                result["woken"] = len(got) == 1 and len(wakes) == 1
+                got[0].free()
+            print(json.dumps(result))
+        """), root).stdout.strip().splitlines()[-1]
+    finally:
+        kill_session(sleeper)
+    import json
+
+    result = json.loads(out)
+    assert result["wakes now"] == 1, result  # within the period, a dead sleeper cannot be told apart
+    assert result["wakes later"] == 0, result
+    assert result["woken"] and result["count"] == 1, result

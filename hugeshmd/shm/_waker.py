@@ -102,7 +102,7 @@ class Waker:
             busy.pop()
 
     def _serve(self, ch: Channel) -> None:
-        words, u32 = ch._words, ch._u32
+        words = ch._words
         while self._pending():
             if ch._shutting:  # the handle was closed: its waiters are told, and the thread stops
                 self._fail(ch._closed())
@@ -116,7 +116,7 @@ class Waker:
                 tail = words[TAIL_AT // 8]
                 ready = bool(orphan) or words[HEAD_AT // 8] != tail
                 if not ready:
-                    u32[RWAIT_AT // 4] += 1
+                    period = ch._sleep_in(RWAIT_AT)
             finally:
                 _sys.mutex_unlock(ch._clock)
             if ready:
@@ -127,7 +127,7 @@ class Waker:
             finally:
                 try:
                     orphan = ch._lock(ch._clock, False)
-                    u32[RWAIT_AT // 4] -= 1
+                    ch._sleep_out(RWAIT_AT, period)
                     _sys.mutex_unlock(ch._clock)
                 except Exception as err:  # noqa: BLE001
                     self._fail(err)

@@ -47,7 +47,18 @@ other side publishes, releases its own lock (a full barrier too), then reads
 the count and wakes: neither can miss the other. A receive wakes one sleeping
 sender, not all: on a full channel with many senders, waking all made each of
 them run for one slot of room and sleep again; the one woken wakes the next
-when it leaves room behind (:meth:`Channel._pass_on`). A waiter killed asleep leaves
+when it leaves room behind (:meth:`Channel._pass_on`).
+
+A waiter killed asleep would leave the count one too high for good, and the
+other side would pay a futex wake (about a microsecond) on every call after. So
+each side counts its sleepers in two halves, by the parity of the *period*
+(2**31 ns of CLOCK_MONOTONIC, about 2.1 s) in which each counted itself, with
+the period of the latest count beside them. A live sleeper sleeps at most a
+second before it uncounts itself and counts itself anew, so counts made two
+periods before the latest are dead sleepers': the next to count itself clears
+them, and until one does, a waker that sees the latest count two periods old
+does not wake. The other side reads both halves as one word, so a waker with no
+one asleep pays one read, as before. A waiter killed asleep leaves
 the count one too high, which costs the other side a futex wake per call
 (about a microsecond) and nothing else.
 """
@@ -106,20 +117,27 @@ PLOCK_AT = 64  # the producers' robust mutex
 TAIL_AT = 128  # u64: messages published; its low half is the receivers' futex word
 CLOCK_AT = 192  # the consumers' robust mutex
 HEAD_AT = 256  # u64: messages taken; its low half is the senders' futex word
-RWAIT_AT = 320  # u32: receivers asleep (counted under the consumer lock)
-SWAIT_AT = 384  # u32: senders asleep (counted under the producer lock)
+RWAIT_AT = 320  # u32 x 2: receivers asleep, by the parity of the period they counted themselves in;
+#               u32 at +8: that period (all counted under the consumer lock; see the module's docstring)
+SWAIT_AT = 384  # the same for senders asleep (under the producer lock)
 REMOVER_AT = 448  # u64: the worker removing the channel, (registry entry + 1) << 32 | its epoch; 0: no one
 PRIMARY_REMOVER = 0xFFFFFFFF << 32 | 1  # the remover word of the primary finishing a dead remover's removal
 SLOTS_AT = 512
 SLOT = struct.Struct("<QQ")  # address, size asked for
 _EBUSY, _ETIMEDOUT = 16, 110
-_TAILW, _HEADW, _RWAIT, _SWAIT = TAIL_AT // 8, HEAD_AT // 8, RWAIT_AT // 4, SWAIT_AT // 4
+_TAILW, _HEADW, _RWAITW, _SWAITW = TAIL_AT // 8, HEAD_AT // 8, RWAIT_AT // 8, SWAIT_AT // 8
 _ARENA_MASK = ~(ARENA - 1)
 _SPAN_MASK = SPAN - 1
 _NCLASSES = len(CLASS_SIZES)
 _trylock, _unlock = _sys.mutex_trylock, _sys.mutex_unlock
 _new = object.__new__
 _perf = time.perf_counter
+
+
+def _period() -> int:
+    """The period sleepers count themselves in: 2**31 ns (about 2.1 s) of CLOCK_MONOTONIC, which
+    every process of the host shares."""
+    return time.monotonic_ns() >> 31 & 0xFFFFFFFF
 
 
 def channel_size(capacity: int, openers: int) -> int:
@@ -455,7 +473,7 @@ class Channel:
         address = self._ring[at]
         if address and self._holder_of(address) == custody(self._index, t):
             self._words[TAIL_AT // 8] = t + 1
-            if self._u32[RWAIT_AT // 4]:
+            if self._words[_RWAITW] and self._asleep(RWAIT_AT):
                 _sys.futex_wake(self._address + TAIL_AT)
         return []
 
@@ -677,7 +695,7 @@ class Channel:
                     self._pass_on()
             buf._slot = None
             buf._record = SENT
-            if self._u32[_RWAIT]:
+            if self._words[_RWAITW] and self._asleep(RWAIT_AT):
                 _sys.futex_wake(self._address + TAIL_AT)
         finally:
             busy.pop()
@@ -729,23 +747,58 @@ class Channel:
                 _sys.mutex_unlock(lock)
                 if waited:
                     self._pass_on()
-                if sent and self._u32[RWAIT_AT // 4]:
+                if sent and self._words[_RWAITW] and self._asleep(RWAIT_AT):
                     _sys.futex_wake(self._address + TAIL_AT)
             return sent
         finally:
             busy.pop()
+
+    # -- sleepers ----------------------------------------------------------------------------
+
+    def _sleep_in(self, at: int) -> int:
+        """Count this thread among one side's sleepers (``at``: RWAIT_AT or SWAIT_AT), under that
+        side's lock; the period it counted in. Counts two periods older than this one are dead
+        sleepers' (a live one counts itself anew within a second), and are cleared."""
+        u32 = self._u32
+        i = at // 4
+        now = _period()
+        last = u32[i + 2]
+        if last != now:
+            if (now - last) & 0xFFFFFFFF >= 2:
+                u32[i] = u32[i + 1] = 0
+            else:
+                u32[i + (now & 1)] = 0  # the half of the period before the last
+            u32[i + 2] = now  # before the count: a waker that reads the count reads this too (TSO)
+        u32[i + (now & 1)] += 1
+        return now
+
+    def _sleep_out(self, at: int, period: int) -> None:
+        """Uncount this thread, counted in ``period``, under that side's lock: unless its half was
+        cleared since (the latest count two periods or more after its own)."""
+        u32 = self._u32
+        i = at // 4
+        if (u32[i + 2] - period) & 0xFFFFFFFF < 2:
+            half = i + (period & 1)
+            if u32[half]:
+                u32[half] -= 1
+
+    def _asleep(self, at: int) -> bool:
+        """Whether one side may have a sleeper to wake, its counts already read as nonzero: not if
+        the latest count is two periods old (only dead sleepers' counts are left)."""
+        return (_period() - self._u32[at // 4 + 2]) & 0xFFFFFFFF < 2
 
     def _pass_on(self) -> None:
         """After a send that waited for room (the producer lock released): a receiver wakes one
         sleeping sender per receive, so the one it woke wakes the next if it left room behind
         (or gave up). A sender killed in between leaves the next asleep until the next receive,
         or at most its 1 s sleep."""
-        if self._u32[_SWAIT] and self._words[_TAILW] - self._words[_HEADW] < self.capacity:
+        words = self._words
+        if words[_SWAITW] and words[_TAILW] - words[_HEADW] < self.capacity and self._asleep(SWAIT_AT):
             _sys.futex_wake(self._address + HEAD_AT, 1)
 
     def _wait_room(self, t: int, deadline: float | None, timeout: float | None) -> int:
         """Sleep (the producer lock released) until a receiver makes room; the tail then."""
-        words, u32 = self._words, self._u32
+        words = self._words
         lock = self._plock  # no spin here: a full ring waits for a slower receiver, which needs the CPU
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -754,14 +807,14 @@ class Channel:
                                      f"{timeout:g} s; nothing more was sent", channel=self.name, full=True,
                                      waited=timeout)
             head = words[HEAD_AT // 8]
-            u32[SWAIT_AT // 4] += 1
+            period = self._sleep_in(SWAIT_AT)
             _sys.mutex_unlock(lock)
             try:
                 if t - head >= self.capacity:
-                    _sys.futex_wait(self._address + HEAD_AT, head, left if left is None else min(left, 1.0))
+                    _sys.futex_wait(self._address + HEAD_AT, head, 1.0 if left is None else min(left, 1.0))
             finally:
                 self._lock(lock, True)
-                u32[SWAIT_AT // 4] -= 1
+                self._sleep_out(SWAIT_AT, period)
             if self._shutting:  # closed by another thread while this one waited
                 raise self._closed()
             t = words[TAIL_AT // 8]
@@ -804,7 +857,7 @@ class Channel:
                         got = self._take(address, size, h)
             finally:
                 _unlock(lock)
-                if self._u32[_SWAIT]:
+                if self._words[_SWAITW] and self._asleep(SWAIT_AT):
                     _sys.futex_wake(self._address + HEAD_AT, 1)  # one: it wakes the next (_pass_on)
             return got
         finally:
@@ -840,7 +893,7 @@ class Channel:
                     h += 1
             finally:
                 _sys.mutex_unlock(lock)
-                if got and self._u32[SWAIT_AT // 4]:
+                if got and self._words[_SWAITW] and self._asleep(SWAIT_AT):
                     _sys.futex_wake(self._address + HEAD_AT, 1)  # one: it wakes the next (_pass_on)
             return got
         finally:
@@ -849,7 +902,7 @@ class Channel:
     def _wait_message(self, h: int, timeout: float | None) -> tuple[int, list[Buffer]]:
         """Sleep (the consumer lock released) until a message is published: the head then, and
         the message a consumer that died meanwhile left half taken, if one did (this one's now)."""
-        words, u32 = self._words, self._u32
+        words = self._words
         if timeout != 0 and _spin(words, _TAILW, h):
             return h, []
         lock = self._clock
@@ -860,14 +913,14 @@ class Channel:
                 raise ChannelTimeout(f"channel {self.name!r} stayed empty for {timeout:g} s", channel=self.name,
                                      full=False, waited=timeout)
             tail = words[TAIL_AT // 8]
-            u32[RWAIT_AT // 4] += 1
+            period = self._sleep_in(RWAIT_AT)
             _sys.mutex_unlock(lock)
             try:
                 if tail == h:
-                    _sys.futex_wait(self._address + TAIL_AT, tail, left if left is None else min(left, 1.0))
+                    _sys.futex_wait(self._address + TAIL_AT, tail, 1.0 if left is None else min(left, 1.0))
             finally:
                 orphan = self._lock(lock, False)
-                u32[RWAIT_AT // 4] -= 1
+                self._sleep_out(RWAIT_AT, period)
             if self._shutting and not orphan:  # closed by another thread while this one waited
                 raise self._closed()
             h = words[HEAD_AT // 8]
