@@ -21,8 +21,11 @@ time). Targets: at least 500k buffers/s one at a time, 2M/s in batches.
 Wake-up: the consumer waits in ``recv`` on an empty channel; the producer
 writes ``time.perf_counter_ns()`` (CLOCK_MONOTONIC, the same clock in every
 process) into a buffer and sends it, every 2 ms; the consumer takes the
-difference when its ``recv`` returns. Target: median at most 10 us. Baseline: the
-same through a pipe (the kernel's own wake-up).
+difference when its ``recv`` returns. Target: median at most 10 us. Baselines: the
+same through a pipe (the kernel's own wake-up), and through a bare futex (a word in
+shared memory, ``futex_wait`` on it through ctypes as the channel does, no lock,
+no ring): what the kernel alone costs for the channel's way of waiting, the floor
+the channel's figure sits on.
 
 Fan-in: four producers and one consumer, in batches, against one producer in
 the same run (target: four at least as fast in total).
@@ -84,6 +87,9 @@ def run(quick: bool) -> dict[str, Any]:
     metrics["wake-up of a blocked receiver"] = metric(wake["channel"], baseline=wake["pipe"],
                                                       baseline_name="pipe write -> read", target=WAKE_TARGET,
                                                       quick=quick, note="send until recv returns")
+    metrics["wake-up through a bare futex (the kernel's floor)"] = metric(
+        wake["futex"], baseline=wake["channel"], baseline_name="hugeshmd channel",
+        note="store + futex_wake until futex_wait returns, between the same two processes")
     metrics["fan-in, 4 producers (buffers/s)"] = metric(
         [fan[4]["rate"]], baseline=[fan[1]["rate"]], baseline_name="1 producer", target=1.0,
         target_kind="min_ratio", quick=quick, unit="1/s", note="one consumer")
@@ -383,11 +389,17 @@ _TRANSPORT: dict[str, Any] = {"hugeshmd": _Channel, "mp_queue": _Queue, "faster_
 
 
 def _wake(request: dict[str, Any]) -> dict[str, Any]:
+    import mmap
+
     import hugeshmd
+    from hugeshmd import _sys
 
     count = request["count"]
     name = f"wake{os.getpid()}"
     r, w = os.pipe()
+    shared = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS: the forked consumer sees the same page
+    word_at = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+    word, stamp = ctypes.c_uint32.from_address(word_at), ctypes.c_uint64.from_address(word_at + 64)
 
     def consume() -> dict[str, Any]:
         with hugeshmd.attach(request["prefix"], runtime_root=request["root"]) as shm:
@@ -402,7 +414,12 @@ def _wake(request: dict[str, Any]) -> dict[str, Any]:
             for _ in range(count):
                 data = os.read(r, 8)
                 pipe.append((time.perf_counter_ns() - struct.unpack("<Q", data)[0]) * 1e-9)
-            return {"channel": out, "pipe": pipe}
+            futex = []
+            for i in range(count):
+                while word.value == i:
+                    _sys.futex_wait(word_at, i, 5.0)
+                futex.append((time.perf_counter_ns() - stamp.value) * 1e-9)
+            return {"channel": out, "pipe": pipe, "futex": futex}
 
     consumer = _fork(consume)
     with hugeshmd.attach(request["prefix"], runtime_root=request["root"]) as shm:
@@ -415,9 +432,15 @@ def _wake(request: dict[str, Any]) -> dict[str, Any]:
         for _ in range(count):
             time.sleep(0.002)
             os.write(w, struct.pack("<Q", time.perf_counter_ns()))
+        for i in range(count):
+            time.sleep(0.002)
+            stamp.value = time.perf_counter_ns()
+            word.value = i + 1
+            _sys.futex_wake(word_at)
     result = _join(*consumer)
     os.close(r)
     os.close(w)
+    shared.close()  # word and stamp are plain addresses into it (from_address exports nothing)
     return result
 
 
