@@ -177,6 +177,38 @@ def test_arecv_works_in_a_forked_child_of_a_process_whose_waker_runs(start_prima
     assert out == ["parent", "64", "child", "0"], out
 
 
+def test_arecv_in_a_child_forked_while_another_thread_held_the_wakers_guard(start_primary, prefix, root):
+    """A lock another thread held at the fork stays held in the child for good: the wakers' guard
+    is made anew there, so the child's arecv still gives up at its timeout (it hung for good)."""
+    start_primary(*HUGE)
+    out = run_python(textwrap.dedent(f"""
+        import asyncio, os, time, hugeshmd
+        from hugeshmd.shm import _waker
+        shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+        ch = shm.channel("guarded", 8)
+        with _waker._guard:  # as a waker thread stopping, or another thread's arecv, at the fork
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    asyncio.run(ch.arecv(timeout=0.2))
+                    os._exit(3)
+                except hugeshmd.ChannelTimeout:
+                    os._exit(0)
+                except BaseException:
+                    os._exit(4)
+        deadline = time.monotonic() + 20
+        while True:  # bounded: a child stuck for good is killed, and says so by its status
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+            time.sleep(0.01)
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+    """), root).stdout.split()
+    assert out == ["child", "0"], out
+
+
 def test_a_channel_open_in_another_live_worker_is_not_removed(start_primary, prefix, root):
     start_primary(*HUGE)
     holder = spawn_worker(["-c", textwrap.dedent(f"""

@@ -31,6 +31,18 @@ _wakers: dict[tuple[int, int], Waker] = {}
 _guard = threading.Lock()
 
 
+def _after_fork() -> None:
+    """In a forked child: another thread may have held the guard at the fork (a waker thread
+    that stopped, another coroutine's arecv), and would hold it there for good; the parent's
+    wakers serve none of the child's coroutines. Both made anew (see :mod:`hugeshmd._fork`)."""
+    global _wakers, _guard
+    _wakers = {}
+    _guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def waker_for(channel: Channel) -> Waker:
     """The waker of ``channel`` in this process (a forked child makes its own: threads do not
     survive fork, so its parent's waker would never run there)."""
