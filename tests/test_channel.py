@@ -294,6 +294,27 @@ def test_sleeper_counts_forget_the_dead_two_periods_on(inst: Instance, monkeypat
     assert counts() == (0, 0)
 
 
+def test_send_many_wakes_the_receiver_before_it_waits_for_room(inst: Instance) -> None:
+    """A batch that fills the channel half way through wakes the sleeping receiver for what it
+    sent before it sleeps for room: it used to wake it only at its end, so with the receiver
+    asleep both waited, until the receiver's one-second sleep ran out (with no timeout: for good)."""
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a, capacity=1), chan(inst, b, capacity=1)
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: [got.extend(cb.recv_many(4, timeout=30)) for _ in range(2)])
+    t.start()
+    while not ca._words[RWAIT_AT // 8]:  # the receiver counted itself asleep
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    assert ca.send_many([a.alloc(64), a.alloc(64)]) == 2
+    elapsed = time.monotonic() - t0
+    t.join(5)
+    assert len(got) == 2
+    for buf in got:
+        buf.free()
+    assert elapsed < 0.8, elapsed  # a receiver left asleep sleeps out its second
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

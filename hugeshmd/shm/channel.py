@@ -810,6 +810,8 @@ class Channel:
             period = self._sleep_in(SWAIT_AT)
             _sys.mutex_unlock(lock)
             try:
+                if words[_RWAITW] and self._asleep(RWAIT_AT):  # what a batch sent before it had to wait
+                    _sys.futex_wake(self._address + TAIL_AT)
                 if t - head >= self.capacity:
                     _sys.futex_wait(self._address + HEAD_AT, head, 1.0 if left is None else min(left, 1.0))
             finally:
