@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Any
 
-from .common import MiB, PrimaryProcess, metric, run_worker, worker_reply
+from .common import MiB, PrimaryProcess, median, metric, run_worker, worker_reply
 
 SINGLE_TARGET = 500_000.0
 BATCH_TARGET = 2_000_000.0
@@ -97,7 +97,10 @@ def run(quick: bool) -> dict[str, Any]:
         note="store + futex_wake until futex_wait returns, between the same two processes")
     metrics["fan-in, 4 producers (buffers/s)"] = metric(
         [r["rate"] for r in fan[4]], baseline=[r["rate"] for r in fan[1]], baseline_name="1 producer", target=1.0,
-        target_kind="min_ratio", quick=quick, unit="1/s", note=f"one consumer; {len(fan[1])} rounds in turn")
+        target_kind="min_ratio", quick=quick, unit="1/s",
+        note=f"one consumer; {len(fan[1])} rounds in turn; the consumer had "
+             f"{median([r['consumer_cpu_share'] for r in fan[4]]):.0%} of a CPU with 4 producers, "
+             f"{median([r['consumer_cpu_share'] for r in fan[1]]):.0%} with 1 (2 vCPUs: 5 processes share them)")
     notes += ["the primary ran in fallback mode: 4 KiB pages in /dev/shm"] if mode == "fallback" else []
     return {"name": "channel", "params": {"seconds": seconds, "batch": BATCH, "mode": mode},
             "notes": notes, "metrics": metrics, "details": {"pairs": rates, "fan_in": fan}}
@@ -473,27 +476,28 @@ def _fan_in(request: dict[str, Any]) -> dict[str, Any]:
             work = shm.channel(name, 1024)
             _until(start)
             count = 0
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             while time.monotonic() < t0 + seconds:
                 got = work.recv_many(BATCH, timeout=1)
                 for buf in got:
                     buf.free()
                 count += len(got)
-            elapsed = time.monotonic() - t0
+            elapsed, cpu = time.monotonic() - t0, time.process_time() - cpu0
             try:
                 while True:
                     for buf in work.recv_many(1024, timeout=0.2):
                         buf.free()
             except hugeshmd.ChannelTimeout:
                 pass
-            return {"count": count, "elapsed": elapsed}
+            return {"count": count, "elapsed": elapsed, "cpu": cpu}
 
     consumer = _fork(consume)
     children = [_fork(produce) for _ in range(producers)]
     got = _join(*consumer)
     for child in children:
         _join(*child)
-    return {"rate": got["count"] / got["elapsed"], "count": got["count"]}
+    return {"rate": got["count"] / got["elapsed"], "count": got["count"],
+            "consumer_cpu_share": got["cpu"] / got["elapsed"]}
 
 
 def worker(request: dict[str, Any]) -> dict[str, Any]:
