@@ -58,9 +58,11 @@ second before it uncounts itself and counts itself anew, so counts made two
 periods before the latest are dead sleepers': the next to count itself clears
 them, and until one does, a waker that sees the latest count two periods old
 does not wake. The other side reads both halves as one word, so a waker with no
-one asleep pays one read, as before. A waiter killed asleep leaves
-the count one too high, which costs the other side a futex wake per call
-(about a microsecond) and nothing else.
+one asleep pays one read, as before.
+
+A batch that finds the ring full half way through wakes the sleeping receivers
+for what it already sent before it sleeps for room itself (else each side waits
+for the other until the receiver's sleep runs out).
 """
 
 from __future__ import annotations
