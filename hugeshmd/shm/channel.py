@@ -475,8 +475,8 @@ class Channel:
         address = self._ring[at]
         if address and self._holder_of(address) == custody(self._index, t):
             self._words[TAIL_AT // 8] = t + 1
-            if self._words[_RWAITW] and self._asleep(RWAIT_AT):
-                _sys.futex_wake(self._address + TAIL_AT)
+            if self._words[_RWAITW]:
+                self._wake(RWAIT_AT)
         return []
 
     def _repair_recv(self) -> list[Buffer]:
@@ -697,8 +697,8 @@ class Channel:
                     self._pass_on()
             buf._slot = None
             buf._record = SENT
-            if self._words[_RWAITW] and self._asleep(RWAIT_AT):
-                _sys.futex_wake(self._address + TAIL_AT)
+            if self._words[_RWAITW]:
+                self._wake(RWAIT_AT)
         finally:
             busy.pop()
 
@@ -749,8 +749,8 @@ class Channel:
                 _sys.mutex_unlock(lock)
                 if waited:
                     self._pass_on()
-                if sent and self._words[_RWAITW] and self._asleep(RWAIT_AT):
-                    _sys.futex_wake(self._address + TAIL_AT)
+                if sent and self._words[_RWAITW]:
+                    self._wake(RWAIT_AT)
             return sent
         finally:
             busy.pop()
@@ -789,14 +789,24 @@ class Channel:
         the latest count is two periods old (only dead sleepers' counts are left)."""
         return (_period() - self._u32[at // 4 + 2]) & 0xFFFFFFFF < 2
 
+    def _wake(self, at: int) -> None:
+        """Wake one side's sleepers, its counts read as nonzero (after this side published and
+        released its lock), unless only dead sleepers' are left: every receiver (the message may
+        be for any, the arecv waker among them), or one sender (it wakes the next: _pass_on)."""
+        if self._asleep(at):
+            if at == RWAIT_AT:
+                _sys.futex_wake(self._address + TAIL_AT)
+            else:
+                _sys.futex_wake(self._address + HEAD_AT, 1)
+
     def _pass_on(self) -> None:
         """After a send that waited for room (the producer lock released): a receiver wakes one
         sleeping sender per receive, so the one it woke wakes the next if it left room behind
         (or gave up). A sender killed in between leaves the next asleep until the next receive,
         or at most its 1 s sleep."""
         words = self._words
-        if words[_SWAITW] and words[_TAILW] - words[_HEADW] < self.capacity and self._asleep(SWAIT_AT):
-            _sys.futex_wake(self._address + HEAD_AT, 1)
+        if words[_SWAITW] and words[_TAILW] - words[_HEADW] < self.capacity:
+            self._wake(SWAIT_AT)
 
     def _wait_room(self, t: int, deadline: float | None, timeout: float | None) -> int:
         """Sleep (the producer lock released) until a receiver makes room; the tail then."""
@@ -812,8 +822,8 @@ class Channel:
             period = self._sleep_in(SWAIT_AT)
             _sys.mutex_unlock(lock)
             try:
-                if words[_RWAITW] and self._asleep(RWAIT_AT):  # what a batch sent before it had to wait
-                    _sys.futex_wake(self._address + TAIL_AT)
+                if words[_RWAITW]:  # what a batch sent before it had to wait
+                    self._wake(RWAIT_AT)
                 if t - head >= self.capacity:
                     _sys.futex_wait(self._address + HEAD_AT, head, 1.0 if left is None else min(left, 1.0))
             finally:
@@ -861,8 +871,8 @@ class Channel:
                         got = self._take(address, size, h)
             finally:
                 _unlock(lock)
-                if self._words[_SWAITW] and self._asleep(SWAIT_AT):
-                    _sys.futex_wake(self._address + HEAD_AT, 1)  # one: it wakes the next (_pass_on)
+                if self._words[_SWAITW]:
+                    self._wake(SWAIT_AT)
             return got
         finally:
             busy.pop()
@@ -897,8 +907,8 @@ class Channel:
                     h += 1
             finally:
                 _sys.mutex_unlock(lock)
-                if got and self._words[_SWAITW] and self._asleep(SWAIT_AT):
-                    _sys.futex_wake(self._address + HEAD_AT, 1)  # one: it wakes the next (_pass_on)
+                if got and self._words[_SWAITW]:
+                    self._wake(SWAIT_AT)
             return got
         finally:
             busy.pop()
