@@ -17,6 +17,24 @@ pytestmark = [needs_hugepages, pytest.mark.process]
 HUGE = ("--memory", "64M", "--huge-pages", "on")
 
 
+REAP = textwrap.dedent("""
+    import os, time
+
+
+    def reap(pid, bound=20):
+        \"\"\"The exit code of child ``pid``; killed (-9) if it still runs after ``bound`` seconds, so
+        that a child stuck for good says so by its status.\"\"\"
+        deadline = time.monotonic() + bound
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+            time.sleep(0.01)
+""")  # prepended to worker scripts that fork
+
+
 def drain(prefix: str, root: str, *names: str) -> int:
     """Receive and free every message left in the channels ``names``; how many."""
     code = f"""
@@ -138,7 +156,7 @@ def test_a_storm_goes_through_a_primary_kill_9_and_its_adoption(start_primary, p
 
 def test_arecv_works_in_a_forked_child_of_a_process_whose_waker_runs(start_primary, prefix, root):
     start_primary(*HUGE)
-    out = run_python(textwrap.dedent(f"""
+    out = run_python(REAP + textwrap.dedent(f"""
         import asyncio, os, threading, time, hugeshmd
         from hugeshmd.shm._waker import waker_for
         shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
@@ -161,15 +179,7 @@ def test_arecv_works_in_a_forked_child_of_a_process_whose_waker_runs(start_prima
                 os._exit(0 if asyncio.run(wait_one(0.2, 3)) == 64 else 3)
             except BaseException:
                 os._exit(4)
-        deadline = time.monotonic() + 20
-        while True:  # bounded: a child stuck for good is killed, and says so by its status
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-            time.sleep(0.01)
-        code = os.waitstatus_to_exitcode(status)
+        code = reap(pid)
         ch.send(shm.alloc(64))  # the parent's own waiter
         waiting.join(30)
         print("child", code, flush=True)
@@ -181,7 +191,7 @@ def test_arecv_in_a_child_forked_while_another_thread_held_the_wakers_guard(star
     """A lock another thread held at the fork stays held in the child for good: the wakers' guard
     is made anew there, so the child's arecv still gives up at its timeout (it hung for good)."""
     start_primary(*HUGE)
-    out = run_python(textwrap.dedent(f"""
+    out = run_python(REAP + textwrap.dedent(f"""
         import asyncio, os, time, hugeshmd
         from hugeshmd.shm import _waker
         shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
@@ -196,15 +206,7 @@ def test_arecv_in_a_child_forked_while_another_thread_held_the_wakers_guard(star
                     os._exit(0)
                 except BaseException:
                     os._exit(4)
-        deadline = time.monotonic() + 20
-        while True:  # bounded: a child stuck for good is killed, and says so by its status
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-            time.sleep(0.01)
-        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        print("child", reap(pid), flush=True)
     """), root).stdout.split()
     assert out == ["child", "0"], out
 
