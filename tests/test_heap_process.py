@@ -212,3 +212,29 @@ except hugeshmd.NotFound:
 print(shm.alloc(64).address != 0)
 """, root)
     assert done.stdout.split("\n")[:2] == ["freed by the child", "True"], done.stdout + done.stderr
+
+
+def test_a_worker_that_allocated_unmaps_its_window_at_close_without_the_garbage_collector(start_primary, prefix, root):
+    """The heap and its arenas held each other, so the window they keep mapped stayed until the
+    collector's next pass; a close lets go of them, and the window goes with the last buffer."""
+    start_primary(*HUGE)
+    done = run_python(f"""
+import gc, hugeshmd
+gc.disable()
+shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+base = shm.base
+buf = shm.alloc(100)
+buf.free()
+kept = shm.alloc(200)
+shm.close()
+
+def mapped():
+    with open("/proc/self/maps") as maps:
+        return any(base <= int(line.split("-")[0], 16) < base + (1 << 36) for line in maps)
+
+before = mapped()
+kept.free()  # after close: still this worker's to free
+del buf, kept
+print(before, mapped())
+""", root)
+    assert done.stdout.split() == ["True", "False"], done.stdout

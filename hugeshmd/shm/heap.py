@@ -898,10 +898,15 @@ class Heap:
     def release(self) -> None:
         """Give up this process's arenas (its detach): LIVE blocks stay its until reclaim, which
         the primary does once the process is gone. Closing the lock description would let a
-        reclaim run now, while this process may still use its buffers: so it stays open."""
+        reclaim run now, while this process may still use its buffers: so it stays open.
+
+        This Heap lets go of its arenas too (they keep it, for the buffers still held): else the
+        two would hold each other, and the window (which both keep mapped) would stay until the
+        garbage collector's next pass, not go when the last Zone, buffer or view of it does."""
         with self._lock:
-            for lists in self._free:
-                lists.clear()
+            self._free = [_Dropped() for _ in CLASS_SIZES]  # a buffer freed after this keeps no slot here
+            self._own = []
+            self._arenas = {}
 
     def _after_fork(self) -> None:
         # The child owns none of its parent's arenas: it frees into them remotely.
@@ -921,6 +926,14 @@ class Heap:
         self._token = NOBODY
         if self.openings is not None:
             self.openings.inherit()  # the parent's words are its registration's; handles re-record themselves
+
+
+class _Dropped(list):  # type: ignore[type-arg]
+    """A released Heap's free list: it keeps nothing (a freed block's state byte says it is free;
+    a slot kept here would hold its arena, which holds the Heap, in a cycle)."""
+
+    def append(self, _slot: object) -> None:
+        pass
 
 
 def _check(size: object, align: object, page_size: int) -> tuple[int, int]:
