@@ -1,9 +1,12 @@
 """control_plane: ``reserve``, ``lookup`` and ``free`` from 1 to 8 concurrent workers, by two paths.
 
 * **worker API** (the path hugeshmd's workers take): ``Secondary.reserve``,
-  ``lookup`` and ``free`` in the worker itself. ``reserve`` and ``free`` commit
-  a change to the shared table under its flock; ``lookup`` is a local read
-  (after another worker's change it re-reads the table first).
+  ``lookup`` and ``free`` in the worker itself. The zones are of 4 KiB: each
+  is a block of the worker's own arena, named in the name index
+  (:mod:`hugeshmd.shm.names`) under the lock of its name's shard, so workers
+  meet only when their names share one of its 64 shards; ``lookup`` is a local
+  read. (Zones over 64 KiB are records of the shared table, committed under its
+  flock, which every worker shares.)
 * **primary over ZeroMQ** (what a design that sends every change to the primary
   would cost, and what tools use): ``reserve``, ``lookup`` and ``free``
   requests through ``hugeshmd.wire.client.Control`` (a REQ socket on the primary's

@@ -212,7 +212,9 @@ class TableBusy(HugeshmdError, BlockingIOError):
     """The shared table's writer lock (``path``) stayed taken for the whole wait (``waited``
     seconds) by ``pid``, which ``stopped`` says is frozen (SIGSTOP, a debugger); try again.
 
-    Every wait for the lock is bounded: a worker's reserve, free and attach by
+    The same for the lock of a shard of the zone name index (``path`` ``.names``),
+    which every reserve and free of a user zone takes. Every wait for the lock is
+    bounded: a worker's reserve, free and attach by
     ``attach(lock_timeout=)`` (5 s by default), the primary's by 1 s. The next
     call after the holder resumes or dies succeeds (the kernel releases a dead
     holder's lock).

@@ -11,7 +11,7 @@ import pytest
 from conftest import Primary, leftovers, run_python
 
 import hugeshmd
-from hugeshmd.shm import zones
+from hugeshmd.shm import names, zones
 
 pytestmark = pytest.mark.process
 
@@ -24,8 +24,15 @@ def shm(start_primary, prefix, root):
     attached.close()
 
 
-def test_reserve_racing_close_never_hands_out_an_unmapped_zone(shm, monkeypatch):
-    real = zones.reserve
+@pytest.mark.parametrize(("where", "what", "size"), [
+    (names, "reserve_unindexed", 96 << 10),  # a zone of the table (no name index yet)
+    (zones, "reserve", 96 << 10),  # a zone of the table, the index made by the first reserve below
+    (names.Names, "insert", 64),  # a zone of the heap, named in the index
+])
+def test_reserve_racing_close_never_hands_out_an_unmapped_zone(shm, monkeypatch, where, what, size):
+    if what != "reserve_unindexed":
+        shm.free(shm.reserve("first", 64).name)  # makes the name index
+    real = getattr(where, what)
 
     def reserve_then_close(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -34,9 +41,9 @@ def test_reserve_racing_close_never_hands_out_an_unmapped_zone(shm, monkeypatch)
         closer.join()
         return result
 
-    monkeypatch.setattr(zones, "reserve", reserve_then_close)
+    monkeypatch.setattr(where, what, reserve_then_close)
     with pytest.raises(hugeshmd.HugeshmdError, match="is closed"):
-        shm.reserve("late", 64)
+        shm.reserve("late", size)
 
 
 def test_threads_attaching_one_instance_at_once_share_its_window(start_primary, prefix, root):

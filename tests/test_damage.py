@@ -19,13 +19,14 @@ import pytest
 from conftest import PYTHON, kill_session, spawn_worker
 from factories import zone_record
 
-from hugeshmd.shm.layout import Owner, SegmentRecord
+from hugeshmd.shm.layout import ZONE, Owner, SegmentRecord
 from hugeshmd.shm.paths import RuntimePaths
 from hugeshmd.shm.table import Table
 
 pytestmark = pytest.mark.process
 
 SHM = ("--memory", "4M", "--huge-pages", "off")
+TABLE_ZONE = 96 << 10  # over 64 KiB: a record of the shared table (smaller zones are heap blocks, hugeshmd.shm.names)
 
 
 def status(prefix: str, root: str) -> subprocess.CompletedProcess[str]:
@@ -37,7 +38,7 @@ def attached(workers: Any, prefix: str, n: int = 2) -> list[Any]:
     made = [workers() for _ in range(n)]
     for i, worker in enumerate(made):
         worker.ok("attach", prefix=prefix)
-        worker.ok("reserve", name=f"w{i}", size=4096)
+        worker.ok("reserve", name=f"w{i}", size=TABLE_ZONE)
     return made
 
 
@@ -76,11 +77,14 @@ def test_an_extended_table_refuses_new_workers_and_is_reported(start_primary, pr
     everyone_lives(primary, pair)
 
 
-def flip_committed_zone_byte(path: str) -> None:
+def flip_committed_zone_byte(path: str, name: str = "w0") -> int:
+    """Flip a bit of the name in zone ``name``'s committed record; the record's index."""
     table = Table.open(path)
     try:
-        at = table.layout.zones_at(table.generation & 1) + 30  # inside the first record's name
+        index = [z.name for z in table.snapshot().zones].index(name)
+        at = table.layout.zones_at(table.generation & 1) + index * ZONE.size + 30  # inside the record's name
         table.memory[at] ^= 0x20
+        return index
     finally:
         table.close()
 
@@ -88,7 +92,7 @@ def flip_committed_zone_byte(path: str) -> None:
 def test_a_flipped_record_is_never_committed_again(start_primary, prefix, root, workers):
     primary = start_primary(*SHM)
     pair = attached(workers, prefix)
-    flip_committed_zone_byte(RuntimePaths(prefix, root).table)
+    index = flip_committed_zone_byte(RuntimePaths(prefix, root).table)
     late = workers()
     late.ok("attach", prefix=prefix)  # a new worker checks each zone record when it first reads it
     assert late.ok("lookup", name="w1")["name"] == "w1"
@@ -96,11 +100,11 @@ def test_a_flipped_record_is_never_committed_again(start_primary, prefix, root, 
         refused = late.call("lookup", name="w0")
         assert refused["error"] == "TableCorrupt" and "checksum of the zone record at" in refused["message"], refused
     refused = late.call("zones")
-    assert refused["error"] == "TableCorrupt" and "checksum of zone record 0" in refused["message"], refused
+    assert refused["error"] == "TableCorrupt" and f"checksum of zone record {index}" in refused["message"], refused
     assert status(prefix, root).returncode == 1
     # An attached worker commits the next version from the records it verified, not the flipped bytes,
     # and the new worker reads that version afresh (not the damaged bytes it had, with the change applied):
-    pair[1].ok("reserve", name="heals", size=64)
+    pair[1].ok("reserve", name="heals", size=TABLE_ZONE)
     assert late.ok("lookup", name="w0")["name"] == "w0"
     assert sorted(z["name"] for z in late.ok("zones")["zones"]) == ["heals", "w0", "w1"]
     assert status(prefix, root).returncode == 0
@@ -149,7 +153,7 @@ import hugeshmd, itertools, sys
 shm = hugeshmd.attach(sys.argv[1])
 print("ready", flush=True)
 for i in itertools.count():
-    shm.reserve(f"churn-{i}", 4096)
+    shm.reserve(f"churn-{i}", 96 << 10)  # a record of the shared table: its writer lock is what is frozen
     shm.free(f"churn-{i}")
 """
 
@@ -166,7 +170,7 @@ def test_a_frozen_writer_never_makes_another_wait_past_its_bound(start_primary, 
             time.sleep(rng.uniform(0, 0.02))  # a random point of the churner's reserve/free
             os.kill(churner.pid, signal.SIGSTOP)
             t0 = time.monotonic()
-            reply = other.call("reserve", name=f"o{i}", size=64)
+            reply = other.call("reserve", name=f"o{i}", size=TABLE_ZONE)
             waited = time.monotonic() - t0
             assert waited < 0.3 + 0.5, waited  # the bound, and some slack for a loaded machine
             if "error" in reply:
@@ -174,12 +178,15 @@ def test_a_frozen_writer_never_makes_another_wait_past_its_bound(start_primary, 
                 assert reply["error"] == "TableBusy", reply
                 assert reply["fields"].get("pid") == churner.pid and reply["fields"].get("stopped") is True, reply
                 assert f"pid {churner.pid} (stopped)" in reply["message"]
+            else:
+                other.ok("free", name=f"o{i}")  # the 4 MiB hold few of these
             os.kill(churner.pid, signal.SIGCONT)
-            other.ok("reserve", name=f"after{i}", size=64)  # the holder resumed: the next call succeeds
+            other.ok("reserve", name=f"after{i}", size=TABLE_ZONE)  # the holder resumed: the next call succeeds
+            other.ok("free", name=f"after{i}")
         assert busy > 0  # the churner was caught holding the lock at least once
         os.kill(churner.pid, signal.SIGSTOP)
         kill_session(churner)  # frozen, then killed: the kernel releases its lock
-        other.ok("reserve", name="after-death", size=64)
+        other.ok("reserve", name="after-death", size=TABLE_ZONE)
     finally:
         kill_session(churner)
         if churner.stdout is not None:

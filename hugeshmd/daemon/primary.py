@@ -496,7 +496,7 @@ class Primary:
             "fallback_reason": self.fallback_reason, "page_size": self.backing.page_size,
             "base": self.window.base, "window": self.window.size, "memory": memory, "used": used,
             "free": memory - used, "segments": len(snap.segments),
-            "zones": sum(1 for z in snap.zones if not z.name.startswith(RESERVED)),  # the heap's are in "heap"
+            "zones": sum(1 for z in snap.zones if not z.name.startswith(RESERVED)) + self._named_zones(),
             "workers": len(Registry(self.table).live()),
             "generation": snap.generation, "requests": server.requests, "errors": dict(server.errors),
             "requests_by_op": dict(server.requests_by_op), "refused": self.zap_handler.refused,
@@ -505,6 +505,14 @@ class Primary:
             "adoptions": self.table.adoptions(),
             "heap": self._heap_figures(len(snap.segments) - 1) if heap else {},
         }
+
+    def _named_zones(self) -> int:
+        """How many zones the name index holds (hugeshmd.shm.names); the heap's own are in "heap"."""
+        try:
+            index = self.server.names()
+        except HugeshmdError:
+            return 0  # damaged: the checker says how
+        return index.published() if index is not None else 0
 
     def _heap_figures(self, growths: int) -> dict[str, Any]:
         try:

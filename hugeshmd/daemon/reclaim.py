@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 import select
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import HugeshmdError, TableBusy
 from ..shm.heap import (
@@ -43,6 +43,9 @@ from ..shm.heap import (
     release_custody,
     release_held,
 )
+
+if TYPE_CHECKING:
+    from ..shm.names import Names
 from ..shm.identity import process_start_time, process_state
 from ..shm.layout import ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HEAP, ZoneRecord
 from ..shm.lock import ByteLock
@@ -68,6 +71,7 @@ class Reclaimer:
         self._owners: dict[tuple[int, int], int] = {}  # (pid, start) -> pidfd
         self._seen: tuple[int, int] = (-1, -1)  # (claims, generation) at the last scan
         self._failed = ""  # the last scan's error, logged once
+        self._names: Names | None = None  # the zone name index (hugeshmd.shm.names), once the instance has one
 
     # -- finding owners ----------------------------------------------------------------------
 
@@ -196,6 +200,10 @@ class Reclaimer:
             self._finish_removals()
         except Exception:  # noqa: BLE001
             log.exception("finishing a dead remover's channel removal failed; the next heartbeat tries again")
+        try:
+            self._heal_names()
+        except Exception:  # noqa: BLE001
+            log.exception("finishing a dead worker's zone reserve or free failed; the next heartbeat tries again")
         if count:
             log.info("reclaimed %d allocations (%d bytes) of processes that had exited", count, freed)
         return count, freed
@@ -244,6 +252,24 @@ class Reclaimer:
                 log.info("finished removing channel %r, whose remover died on the way: %d buffers it held freed",
                          zone.name[len(PREFIX):], dropped)
         return finished
+
+    def _heal_names(self) -> int:
+        """Finish the reserves and frees of named zones whose worker died holding its shard's
+        lock (:meth:`hugeshmd.shm.names.Names.heal`), so that no block waits for the next
+        change in that shard; how many shards were healed."""
+        if self.table.owner()[0] != os.getpid():
+            return 0  # an adopting primary, not named yet: its first heartbeat does it
+        if self._names is None:
+            from ..shm.names import Names
+
+            self._names = Names.find_or_make(self.table, self._keepalive, GATE_WAIT_S, False, lambda address: None)
+            if self._names is None:
+                return 0
+        healed: int = self._names.heal(self.arena_at, self.table.snapshot().segments)
+        if healed:
+            log.info("finished the zone reserves and frees of %d workers that died holding a shard of the "
+                     "zone name index", healed)
+        return healed
 
     def _release_custody(self, directory: Directory | None, channel: int) -> int | None:
         """Free the small blocks channel ``channel`` holds, in every arena; how many, or None if
@@ -309,18 +335,22 @@ class Reclaimer:
         from ..shm.pins import release_pins
 
         gone = _holder_gone(directory, dead)
-        reclaimer = self
 
         class _Arenas:  # what release_pins asks of a heap: the arena holding an address
-            @staticmethod
-            def _arena_at(address: int) -> Arena | None:
-                base = address & ~(ARENA - 1)
-                for i, e in directory.entries():
-                    if e[0] == base:
-                        return reclaimer._arena(i, base)
-                return None
+            _arena_at = self.arena_at
 
         return release_pins(_Arenas(), self.table, self._keepalive, gone, GATE_WAIT_S)
+
+    def arena_at(self, address: int) -> Arena | None:
+        """The arena holding ``address``, if it is in one."""
+        directory = self.directory()
+        if directory is None:
+            return None
+        base = address & ~(ARENA - 1)
+        for i, e in directory.entries():
+            if e[0] == base:
+                return self._arena(i, base)
+        return None
 
     def close(self) -> None:
         for fd in self._watched:

@@ -21,12 +21,13 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import HugeshmdError
+from ..errors import AlreadyExists, HugeshmdError
 from ..shm import zones
 from ..shm.layout import STATE_NAMES, ZoneRecord
 from ..wire import protocol
 
 if TYPE_CHECKING:
+    from ..shm.names import Names
     from .primary import Primary
 
 __all__ = ["RequestServer", "HANDLERS", "LOCK_WAIT_S"]
@@ -44,6 +45,7 @@ class RequestServer:
         self.requests = 0
         self.requests_by_op: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self._names: Names | None = None  # the instance's name index, once it has one
 
     def handle(self, frames: list[bytes]) -> list[bytes] | None:
         """The reply frames for one request's frames, or None when it cannot be answered."""
@@ -103,16 +105,72 @@ class RequestServer:
         return self.primary.status()
 
     def zones(self) -> dict[str, Any]:
-        return {"zones": [_zone_fields(z) for z in self.primary.table.snapshot().zones]}
+        snap = self.primary.table.snapshot()
+        index = self.names()
+        named = index.zones(snap.segments) if index is not None else []
+        return {"zones": [_zone_fields(z) for z in sorted((*snap.zones, *named), key=lambda z: z.address)]}
 
     def reserve(self, name: str, size: int, align: int = 64) -> dict[str, Any]:
-        return _zone_fields(zones.reserve(self.primary.table, name, size, align, LOCK_WAIT_S)[2])
+        """A zone of the shared table (the primary has no arena), under the lock of its name's
+        shard of the name index, so that no worker names a zone of the index so meanwhile."""
+        table = self.primary.table
+        index = self.names()
+        if index is None:  # none: nothing named in one to meet (see reserve_unindexed)
+            from ..shm.names import reserve_unindexed
+
+            done = reserve_unindexed(table, name, size, align, LOCK_WAIT_S)
+            if done is not None:
+                return _zone_fields(done[2])
+            index = self.names()
+        assert index is not None
+        field = index.field(name)
+        shard = index.shard_of(field)
+        index.lock(shard, self._repair, LOCK_WAIT_S)
+        try:
+            if index.find(field, table.snapshot().segments) is not None:
+                raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+            return _zone_fields(zones.reserve(table, name, size, align, LOCK_WAIT_S)[2])
+        finally:
+            index.unlock(shard)
 
     def lookup(self, name: str) -> dict[str, Any]:
-        return _zone_fields(zones.find(self.primary.table.snapshot(), name))
+        snap = self.primary.table.snapshot()
+        index = self.names()
+        found = index.find(index.field(name), snap.segments) if index is not None else None
+        return _zone_fields(found[1] if found is not None else zones.find(snap, name))
 
     def free(self, name: str) -> dict[str, Any]:
-        return _zone_fields(zones.free(self.primary.table, name, LOCK_WAIT_S)[2])
+        table = self.primary.table
+        index = self.names()
+        if index is not None:
+            field = index.field(name)
+            shard = index.shard_of(field)
+            index.lock(shard, self._repair, LOCK_WAIT_S)
+            try:
+                found = index.find(field, table.snapshot().segments)
+                if found is not None:
+                    index.remove(found[0], found[1], self._arena_at)
+                    return _zone_fields(found[1])
+            finally:
+                index.unlock(shard)
+        return _zone_fields(zones.free(table, name, LOCK_WAIT_S)[2])
+
+    def names(self, make: bool = False) -> Names | None:
+        """The name index of the instance (made if ``make`` and there is none)."""
+        if self._names is None:
+            from ..shm.names import Names
+
+            primary = self.primary
+            self._names = Names.find_or_make(primary.table, primary.window, LOCK_WAIT_S, make, lambda address: None)
+        return self._names
+
+    def _arena_at(self, address: int) -> Any:
+        reclaimer = self.primary.reclaimer
+        return reclaimer.arena_at(address) if reclaimer is not None else None
+
+    def _repair(self, shard: int) -> None:
+        assert self._names is not None
+        self._names.repair(shard, self._arena_at, self.primary.table.snapshot().segments)
 
 
     def grow(self, size: int) -> dict[str, Any]:

@@ -87,6 +87,8 @@ _HEAP = (
     ("heap_growths_total", "counter", "growths", "Segments added to the instance at run time."),
     ("heap_handed", "gauge", "handed", "Heap allocations held by a channel or by the worker that received one."),
     ("heap_pins", "gauge", "pins", "Pins of shared arrays: one per process holding one, one per copy in flight."),
+    ("heap_named_zones", "gauge", "named_zones", "Zones of up to 64 KiB: blocks of the heap named in its index."),
+    ("heap_named_zone_bytes", "gauge", "named_bytes", "Bytes of those zones' blocks (by size class)."),
     ("channels", "gauge", "channels", "Channels of the instance."),
     ("channel_messages_queued", "gauge", "queued", "Messages waiting in channels, all channels together."),
 )

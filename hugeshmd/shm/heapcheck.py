@@ -58,6 +58,7 @@ from .heap import (
 )
 from .identity import process_alive
 from .layout import ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, ZONE_HEAP, ZONE_HEAP_META
+from .names import NAMES, SHARDS, ZONES_CUSTODY
 from .pins import PINNED
 from .table import Table
 from .zones import RESERVED
@@ -94,6 +95,10 @@ class HeapReport:
         self._custody: set[int] = set()  # holder words of the messages queued (and one being taken)
         self._channels: dict[int, memoryview] = {}  # channel indexes: their header words
         self._directory: Directory | None = None
+        self.named_zones = 0  # zones of the name index (hugeshmd.shm.names)
+        self.named_bytes = 0  # the bytes of their blocks (by class size)
+        self._names: Any = None  # the name index, if the instance has one
+        self._segments: Any = ()  # the segments of the version walked
 
     @property
     def ok(self) -> bool:
@@ -102,12 +107,14 @@ class HeapReport:
     def figures(self) -> dict[str, Any]:
         return {
             "arenas": len(self.arenas), "arenas_owned": sum(1 for a in self.arenas if a["state"] != "free"),
-            "allocations": self.allocations, "used": self.used, "free": self.capacity - self.used + self.large_bytes,
+            "allocations": self.allocations, "used": self.used,
+            "free": self.capacity - self.used - self.named_bytes + self.large_bytes,
             "arena_bytes": self.capacity, "large_allocations": self.large_allocations,
             "large_bytes": self.large_bytes, "disowned": self.disowned,
             "reclaimed_allocations": self.reclaimed_allocations, "reclaimed_bytes": self.reclaimed_bytes,
             "claims": self.claims, "per_arena": self.arenas, "handed": self.handed, "channels": self.channels,
-            "queued": self.queued, "pins": self.pins,
+            "queued": self.queued, "pins": self.pins, "named_zones": self.named_zones,
+            "named_bytes": self.named_bytes,
         }
 
 
@@ -121,6 +128,7 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
         report.violations.append(f"the table is damaged: {damage}")
         return report
     snap = table.snapshot()
+    report._segments = snap.segments
     for zone in snap.zones:
         if zone.flags & ZONE_CHANNEL:
             _walk_channel(zone, keepalive, report)
@@ -147,7 +155,7 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
             elif not process_alive(zone.owner.pid, zone.owner.start):
                 report.pending.append(f"large allocation {zone.name} at {zone.address:#x} ({zone.size} bytes) "
                                       f"of pid {zone.owner.pid}, which exited: not reclaimed yet")
-        elif not zone.flags & ZONE_HEAP_META or not (zone.name in (DIRECTORY, ".pins")
+        elif not zone.flags & ZONE_HEAP_META or not (zone.name in (DIRECTORY, ".pins", NAMES)
                                                      or zone.name.startswith(".arena.")):
             report.violations.append(f"zone {zone.name!r} has a name of the heap's but is not the heap's")
     record = snap.record(DIRECTORY)
@@ -165,6 +173,9 @@ def walk(table: Table, keepalive: object, rules: bool = True) -> HeapReport:
     pins = snap.record(".pins")
     if pins is not None:
         _walk_pins(pins, keepalive, directory, report)
+    names = snap.record(NAMES)
+    if names is not None:
+        _walk_names(names, keepalive, snap.segments, report, rules)
     report.reclaimed_allocations = directory.counter(LARGE_RECLAIMED_AT)
     report.reclaimed_bytes = directory.counter(LARGE_RECLAIMED_BYTES_AT)
     for i, entry in directory.entries():
@@ -204,7 +215,11 @@ def _walk_arena(directory: Directory, arena: Arena, report: HeapReport, rules: b
         return
     state, pid, start = after[1], after[4], after[7]
     count, used, disowned, carved, live = figures
-    live -= _holders(arena, report, found, rules)
+    named = [0, 0]  # blocks of named zones (hugeshmd.shm.names): zones, not allocations
+    live -= _holders(arena, report, found, rules, named)
+    count -= named[0]
+    used -= named[1]
+    report.named_bytes += named[1]
     if state == E_FREE and live:
         found.append(f"arena {i} is owned by no one but holds {live} LIVE blocks (reclaim leaves none)")
     problem = arena.problem()
@@ -221,8 +236,9 @@ def _walk_arena(directory: Directory, arena: Arena, report: HeapReport, rules: b
                           "allocations": count, "used": used, "spans": carved})
 
 
-def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool) -> int:
-    """Check the holder words of ``arena``'s blocks; the LIVE blocks that are handed."""
+def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool, named: list[int]) -> int:
+    """Check the holder words of ``arena``'s blocks; the LIVE blocks that are handed (or named
+    zones': ``named`` gets their count and bytes added)."""
     raw = arena.meta[HOLDER_AT:META].tobytes()
     if raw.count(0) == len(raw):
         return 0
@@ -239,6 +255,14 @@ def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool) ->
             continue
         if s == REMOTE:
             continue  # freed by its holder; its owner collects it
+        if word & CUSTODY and word & 0xFFF == ZONES_CUSTODY:  # a named zone: not an allocation
+            handed_live += s == LIVE
+            c = arena.span_class(k // BLOCKS)
+            named[0] += 1
+            named[1] += CLASS_SIZES[c] if c >= 0 else 0
+            if rules:
+                _check_named_block(arena, k, word, report, found)
+            continue
         report.handed += 1
         handed_live += s == LIVE
         if word == PINNED:
@@ -276,6 +300,78 @@ def _walk_pins(zone: Any, keepalive: object, directory: Directory, report: HeapR
         if holder_gone(directory, *holder_arena(word), _exited):
             report.pending.append(f"pin {i} of {words[4 * i] | words[4 * i + 1] << 32:#x} is held by a worker that "
                                   "exited; not dropped yet")
+
+
+def _walk_names(zone: Any, keepalive: object, segments: Any, report: HeapReport, rules: bool) -> None:
+    """Count the named zones of the name index; check each entry (its state; a published one's
+    checksum, segment, and block: live, and held by the entry). A reserve or free that a death
+    interrupted is pending: the next reserve or free of a name in its shard finishes it."""
+    from .names import EMPTY, FREEING, INSERTING, PUBLISHED, Names
+
+    try:
+        names = Names(zone, keepalive, 0.0)
+    except Exception as err:  # noqa: BLE001 - TableCorrupt, said as a violation
+        report.violations.append(str(err))
+        return
+    report._names = names
+    for entry, state in names.entries():
+        if state in (INSERTING, FREEING):
+            report.pending.append(f"zone name entry {entry}: a {'reserve' if state == INSERTING else 'free'} was "
+                                  "interrupted; the next reserve or free of a name in its shard finishes it")
+            continue
+        if state != PUBLISHED:
+            if names.state(entry) not in (EMPTY, PUBLISHED, INSERTING, FREEING):
+                report.violations.append(f"zone name entry {entry} has unknown state {state}")
+            continue
+        record = names.read(entry, segments)
+        if isinstance(record, str):
+            if names.state(entry) == PUBLISHED:  # not a reserve or free meanwhile: damage
+                report.violations.append(f"the zone name index: {record}")
+            continue
+        report.named_zones += 1
+        if rules and not _named_block_held(report, record.address, entry):
+            if names.state(entry) == PUBLISHED and names.read(entry, segments) == record:
+                report.violations.append(f"zone {record.name!r} (name entry {entry}) names {record.address:#x}, "
+                                         "which is not a live block held by that entry")
+
+
+def _named_block_held(report: HeapReport, address: int, entry: int) -> bool:
+    """Whether the block at ``address`` is live and held by name entry ``entry``."""
+    from .heap import LIVE
+    from .names import zone_custody
+
+    directory = report._directory
+    if directory is None:
+        return False
+    base = address & ~(ARENA - 1)
+    for i, e in directory.entries():
+        if e[0] == base:
+            arena = Arena(i, base, None)
+            found = arena.locate(address)
+            return found is not None and arena.state[found[0]] == LIVE and \
+                arena.holder[found[0]] == zone_custody(entry)
+    return False
+
+
+def _check_named_block(arena: Arena, k: int, word: int, report: HeapReport, found: list[str]) -> None:
+    """A block held by a name entry: the entry is published (or being changed) and names it."""
+    from .names import EMPTY, PUBLISHED
+
+    names = report._names
+    entry = (word >> 12) & 0x7FFFF
+    span, i = divmod(k, BLOCKS)
+    c = arena.span_class(span)
+    address = arena.address_of(span, c, i) if c >= 0 else 0
+    if names is None or entry >= SHARDS * names.per_shard:
+        found.append(f"arena {arena.index} block {k} is held by zone name entry {entry}, which is no entry")
+        return
+    state = names.state(entry)
+    if state == EMPTY or state == PUBLISHED:
+        record = names.read(entry, report._segments)
+        if state == EMPTY or isinstance(record, str) or record.address != address:
+            if arena.holder[k] == word and arena.state[k] == LIVE:  # still so: not a reserve meanwhile
+                found.append(f"arena {arena.index} block {k} at {address:#x} is held by zone name entry {entry}, "
+                             f"which {'is empty' if state == EMPTY else 'names another block'}")
 
 
 def _exited(pid: int, start: int) -> bool:

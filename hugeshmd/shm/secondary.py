@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from .. import _fork
 from ..errors import (
     AccessDenied,
+    AlreadyExists,
     HandleClosed,
     HugeshmdError,
     InvalidArgument,
     NotFound,
+    OutOfMemory,
     PrimaryStopped,
     PrimaryUnavailable,
     TableCorrupt,
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from .channel import Channel
     from .cuda import CudaRegistration
     from .heap import Heap
+    from .names import Names
 
 __all__ = ["attach", "Secondary", "Segment", "PrimaryInfo"]
 
@@ -201,6 +204,9 @@ class Secondary:
         self._snap: Snapshot | None = None  # the version at generation _seen: its records, looked up by name
         self._by_name: dict[str, Zone | ReadOnlyZone] = {}  # the Zone objects made so far, made on first lookup
         self._made_of: dict[str, ZoneRecord] = {}  # the record each of them was made of
+        self._names: Names | None = None  # the name index, once seen (hugeshmd.shm.names)
+        self._frees: Any = None  # its shards' frees counters
+        self._named: dict[str, tuple[Zone | ReadOnlyZone, int, int]] = {}  # its zones: (zone, shard, frees then)
         self._seen = -1
         self.owner: Owner = NOBODY  # this worker's registration: every zone it reserves carries it
         self._heap: Heap | None = None  # made by the first alloc or buffer
@@ -231,10 +237,14 @@ class Secondary:
         """
         if self._generation[0] != self._seen:
             self._refresh()
-        try:
-            return self._by_name[name]
-        except KeyError:
-            return self._zone(name)
+        zone = self._by_name.get(name)
+        if zone is not None:
+            return zone
+        named = self._named.get(name)  # a zone of the name index: still good while its shard freed nothing
+        if named is not None and self._frees is not None and self._frees[named[1]] == named[2] \
+                and self._table.damaged is None:
+            return named[0]
+        return self._zone(name)
 
     def _after_fork(self) -> None:
         self._lock = _thread.RLock()  # another parent thread may have held it at fork
@@ -247,10 +257,49 @@ class Secondary:
             if zone is None:
                 record = self._snap.record(name) if self._snap is not None else None
                 if record is None:
-                    raise NotFound(f"no zone named {name!r}", name=name)
+                    return self._named_zone(name)
                 zone = (ReadOnlyZone(record, self._window) if self.read_only else make_zone(record, self._window))
                 self._made_of[name], self._by_name[name] = record, zone
             return zone
+
+    def _named_zone(self, name: str) -> Zone | ReadOnlyZone:
+        """The zone ``name`` of the name index (:mod:`hugeshmd.shm.names`), cached with its
+        shard's frees counter as read before the lookup; NotFound if there is none."""
+        index = self._names_index(make=False)
+        if index is not None and not name.startswith(RESERVED):
+            field = index.field(name)
+            shard = index.shard_of(field)
+            frees = index.frees[shard]
+            assert self._snap is not None  # _zone checked that this Secondary is open
+            found = index.find(field, self._snap.segments)
+            if found is not None:
+                record = found[1]
+                zone = (ReadOnlyZone(record, self._window) if self.read_only else make_zone(record, self._window))
+                self._named[name] = (zone, shard, frees)
+                return zone
+        raise NotFound(f"no zone named {name!r}", name=name)
+
+    def _names_index(self, make: bool) -> Names | None:
+        """The instance's name index (made, under the writer lock, if ``make`` and there is none)."""
+        index = self._names
+        if index is None:
+            with self._lock:
+                index = self._names
+                if index is None:
+                    from .names import Names
+
+                    assert self._window is not None
+                    index = Names.find_or_make(self._table, self._window, self._table.lock_timeout, make,
+                                               self._ensure_mapped)
+                    if index is not None:
+                        self._names, self._frees = index, index.frees
+        return index
+
+    def _ensure_mapped(self, address: int) -> None:
+        """Map any segment this process has not yet (the instance grew), so ``address`` is."""
+        assert self._window is not None
+        if not any(a <= address < a + n for a, n in list(self._window.segments.values())):
+            self._refresh()
 
     @property
     def zones(self) -> list[Zone | ReadOnlyZone]:
@@ -259,7 +308,15 @@ class Secondary:
             self._refresh()
         with self._lock:
             records = self._snap.zones if self._snap is not None else ()
-            return [self._zone(r.name) for r in records if not r.name.startswith(RESERVED)]
+            found = [self._zone(r.name) for r in records if not r.name.startswith(RESERVED)]
+            index = self._names_index(make=False)
+            if index is not None and self._snap is not None:
+                for record in index.zones(self._snap.segments):
+                    try:
+                        found.append(self._named_zone(record.name))
+                    except NotFound:  # freed since
+                        pass
+            return sorted(found, key=lambda z: z.address)
 
     @property
     def segments(self) -> list[Segment]:
@@ -301,8 +358,44 @@ class Secondary:
         name, size, align = check_user_name(name), check_size(size), check_align(align)
         self._check_writable("reserve")
         self._check_primary()
-        base, new, record = zones.growing(lambda: zones.reserve(self._table, name, size, align, owner=self.owner),
-                                          self.grow, size + align)
+        heap = self._heap or self._make_heap()
+        index = self._names_index(make=False)
+        if index is None:
+            from .names import Names, reserve_unindexed
+
+            if self._table.snapshot().record(name) is not None:
+                raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+            # the index is made for a zone of the heap, when the table has room for the heap's records
+            index = self._names_index(make=True) if Names.fits(size, align) else None
+            if index is None:  # a zone of the table, with nothing named in an index to meet
+                done = zones.growing(lambda: reserve_unindexed(self._table, name, size, align, owner=self.owner),
+                                     self.grow, size + align)
+                if done is not None:
+                    return self._reserved(*done, name=name)
+                index = self._names_index(make=False)  # made meanwhile by another worker
+                assert index is not None
+        field = index.field(name)
+        shard = index.shard_of(field)
+        index.lock(shard, self._repair_names)
+        try:
+            snap = self._table.snapshot()
+            if snap.record(name) is not None or index.find(field, snap.segments) is not None:
+                raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+            entry = index.vacant(shard) if index.fits(size, align) else None
+            if entry is not None:  # a block of this worker's arena, named in the index
+                try:
+                    return self._reserve_named(heap, index, entry, name, size, align)
+                except OutOfMemory:  # no arena to be had (a small instance): a zone of the table may fit
+                    pass
+            # too large, aligned beyond a size class, its shard full, or no arena: a zone of the shared table
+            base, new, record = zones.growing(
+                lambda: zones.reserve(self._table, name, size, align, owner=self.owner), self.grow, size + align)
+        finally:
+            index.unlock(shard)
+        return self._reserved(base, new, record, name=name)
+
+    def _reserved(self, base: Snapshot, new: Snapshot, record: ZoneRecord, *, name: str) -> Zone:
+        """The Zone of ``record``, just committed (``base`` to ``new``), this Secondary updated."""
         with self._lock:
             self._check_open()
             if base.generation != self._seen:
@@ -329,6 +422,24 @@ class Secondary:
         check_user_name(name)
         self._check_writable("free")
         self._check_primary()
+        index = self._names_index(make=False)
+        if index is not None:
+            field = index.field(name)
+            shard = index.shard_of(field)
+            frees = index.frees[shard]
+            found = index.find(field, self._table.snapshot().segments)
+            if found is not None:  # a zone of the index (else of the table)
+                heap = self._heap or self._make_heap()
+                index.lock(shard, self._repair_names)
+                try:
+                    if index.frees[shard] != frees:  # an entry of the shard was freed since: look again
+                        found = index.find(field, self._table.snapshot().segments)
+                    if found is not None:
+                        index.remove(found[0], found[1], heap._arena_at)
+                        self._named.pop(name, None)
+                        return
+                finally:
+                    index.unlock(shard)
         base, new, _ = zones.free(self._table, name)
         with self._lock:
             self._check_open()
@@ -339,6 +450,31 @@ class Secondary:
             self._made_of.pop(name, None)
             self._by_name.pop(name, None)
             self._seen = new.generation
+
+    def _reserve_named(self, heap: Heap, index: Names, entry: int, name: str, size: int, align: int) -> Zone:
+        """Reserve zone ``name`` as a block of this worker's arena named in ``entry`` (holding its
+        shard's lock)."""
+        buf = heap.alloc(size, None if align <= 64 else align)
+        slot = buf._slot
+        assert slot is not None  # a size class serves it: class_for said so
+        address = buf.address
+        snap = self._table.snapshot()
+        segment = next(s for s in snap.segments if s.address <= address < s.end)
+        record = ZoneRecord(name, address, size, self._table.iova_of(segment, address), align, segment.id,
+                            NOBODY, time.time_ns(), 0)
+        index.insert(entry, record, slot[2], slot[1])
+        buf._slot = None  # the handle no longer frees it: the zone holds it
+        with self._lock:
+            self._check_open()  # closed by another thread meanwhile: the zone stays, this handle is done
+            zone = make_zone(record, self._window)
+            self._named[name] = (zone, entry // index.per_shard, index.frees[entry // index.per_shard])
+        return zone
+
+    def _repair_names(self, shard: int) -> None:
+        """Finish what a reserve or free killed holding ``shard``'s lock left (see Names.repair)."""
+        assert self._names is not None
+        heap = self._heap or self._make_heap()
+        self._names.repair(shard, heap._arena_at, self._table.snapshot().segments)
 
     # -- the heap --------------------------------------------------------------------
 
@@ -607,7 +743,8 @@ class Secondary:
             if self._cuda is not None:
                 self._cuda.leave()  # before the mappings may go; what CUDA refuses changes nothing here
                 self._cuda = None
-            self._snap, self._by_name, self._made_of = None, {}, {}
+            self._snap, self._by_name, self._made_of, self._named = None, {}, {}, {}
+            self._names = self._frees = None
             self._generation = (-2,)  # every call now takes the slow path and fails
             self._window = None  # released when the last Zone holding it is gone
             self._table.close()

@@ -1,0 +1,391 @@
+"""Named zones in the shared heap: the name index, sharded, and the zones it names.
+
+A zone of up to 64 KiB (whose alignment a size class gives) is a block of the
+heap (:mod:`hugeshmd.shm.heap`), taken from the reserving worker's own arena,
+and named in this index, a table of the instance (the zone ``.names``): so
+reserving and freeing one takes no lock that every worker shares. Larger zones,
+and those reserved by the primary, stay records of the shared table
+(:mod:`hugeshmd.shm.zones`), as before; a name is unique across both.
+
+The index is :data:`SHARDS` shards, a name's by the CRC32 of its bytes. Each
+shard has a robust mutex (:mod:`hugeshmd._sys`), a counter of its frees, and
+``per_shard`` entries of 128 bytes: a state word, the CRC32 of the rest, then
+the zone (address, size, iova, creation time, alignment, segment, name). Every
+reserve and free of a user zone (of either kind) holds the mutex of its name's
+shard, so two workers meet only when their names share a shard. Lookups take
+no lock: they read the entry, and trust it when its CRC holds and it lies in a
+segment.
+
+The block of a named zone is in the *custody* of its entry: its holder word
+(:func:`zone_custody`) names the entry, so the reclaim of its maker's arena
+keeps it (a zone outlives its maker), and the checker
+(:mod:`hugeshmd.shm.heapcheck`) matches every such block to its entry. Each
+change is a few stores under the shard's mutex, in an order that leaves what
+the next taker (told by EOWNERDEAD that the holder died) finishes or undoes
+(:meth:`Names.repair`):
+
+* **reserve**: allocate the block (this worker's: reclaimed if it dies now);
+  write the entry's body while its state is EMPTY; state INSERTING; the block's
+  holder becomes the entry (one store); state PUBLISHED. Repair publishes an
+  INSERTING entry whose block the entry holds, and empties the others.
+* **free**: state FREEING; bump the shard's frees (lookups that cached the zone
+  look again); free the block as a remote free does (REMOTE, its arena's owner
+  collects it; reclaim does if the owner is dead); state EMPTY. Repair finishes
+  a FREEING entry the same way: each step is idempotent.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+
+from .. import _sys
+from ..errors import TableBusy, TableCorrupt
+from .heap import CLASS_SIZES, DISOWNED, LIVE, REMOTE, Arena, class_for, custody
+from .layout import NAME_MAX, NOBODY, ZONE_HEAP_META, Owner, SegmentRecord, ZoneRecord
+from .zones import place
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
+    from .table import Table
+
+__all__ = ["Names", "NAMES", "reserve_unindexed", "SHARDS", "ZONES_CUSTODY", "zone_custody", "names_size",
+           "per_shard_for", "EMPTY", "INSERTING", "PUBLISHED", "FREEING"]
+
+NAMES = ".names"
+MAGIC = b"HSHMNAM1"
+_HEAD = struct.Struct("<8sII")  # magic, shards, entries per shard
+SHARDS = 64
+SHARDS_AT = 128
+SHARD = 128  # a shard's header: its robust mutex (64 bytes), then its frees counter (u64)
+FREES_AT = 64  # in a shard's header
+ENTRY = 128
+# state, crc32 (of the 120 bytes after it), address, size, iova, created (ns), align, segment, -, name, -
+_ENTRY = struct.Struct(f"<IIQQQQII8s{NAME_MAX + 1}s8x")
+_BODY = struct.Struct(f"<QQQQII8s{NAME_MAX + 1}s8x")  # the entry less its state and crc
+NAME_AT = 56  # the name field, in an entry
+assert _ENTRY.size == ENTRY and _BODY.size == ENTRY - 8 and _ENTRY.size - 8 - NAME_MAX - 1 == NAME_AT
+EMPTY, INSERTING, PUBLISHED, FREEING = 0, 1, 2, 3
+STATE_NAMES = {EMPTY: "empty", INSERTING: "inserting", PUBLISHED: "published", FREEING: "freeing"}
+ZONES_CUSTODY = 4094  # the custody index of named zones' blocks (channels use 0..4093; 4095 is the pins')
+MAX_ENTRIES = 0x7FFFF  # an entry's index is the sequence field of its blocks' holder word
+_ETIMEDOUT = 110
+
+
+def zone_custody(entry: int) -> int:
+    """The holder word of the block that entry ``entry`` names."""
+    return custody(ZONES_CUSTODY, entry)
+
+
+def per_shard_for(max_zones: int) -> int:
+    """Entries per shard for a table of ``max_zones``: twice the even share, so that names that
+    hash unevenly still find room (a full shard makes a zone of the shared table instead)."""
+    return max(8, min(MAX_ENTRIES // SHARDS, -(-2 * max_zones // SHARDS)))
+
+
+def names_size(per_shard: int) -> int:
+    return SHARDS_AT + SHARDS * SHARD + SHARDS * per_shard * ENTRY
+
+
+def padded(name: str) -> bytes:
+    """What :meth:`Names.find` looks for: ``name`` (a checked zone name) and the NUL that ends it
+    in an entry's name field (the field's other bytes are NUL too). Not the whole padded field:
+    a search for a needle of mostly NULs through entries of mostly NULs is slow (4-5 us a shard)."""
+    return name.encode() + b"\0"
+
+
+def shard_of(field: bytes) -> int:
+    return zlib.crc32(field) % SHARDS
+
+
+ROOM = 4  # records the table must have free to make the index: the index, the heap's directory, an arena, a zone
+
+
+def _place_last(base: Snapshot, size: int, table: Table) -> ZoneRecord:
+    """Where the index goes: at the top of the last free run that holds it, so that it splits
+    no run that a large zone (or one aligned to a large page) could use; OutOfMemory if none does."""
+    for start, end, segment_id in reversed(base.gaps):
+        address = (end - size) & ~4095
+        if address >= start:
+            segment = next(s for s in base.segments if s.id == segment_id)
+            return ZoneRecord(NAMES, address, size, table.iova_of(segment, address), 4096, segment_id, NOBODY,
+                              time.time_ns(), ZONE_HEAP_META)
+    return place(base, NAMES, size, 4096, table.iova_of, flags=ZONE_HEAP_META)  # says what is free
+
+
+def reserve_unindexed(table: Table, name: str, size: int, align: int, timeout: float | None = None,
+                      owner: Owner = NOBODY) -> tuple[Snapshot, Snapshot, ZoneRecord] | None:
+    """Reserve zone ``name`` in the shared table, as :func:`hugeshmd.shm.zones.reserve` does, if the
+    instance has no name index; None if it has one (then the caller takes the lock of the name's
+    shard first). Without an index no zone is named in one, and none can be while this holds the
+    writer lock (the index is made under it): so a zone of the table needs no index, and an
+    instance whose zones are all large never gives one its memory."""
+    with table.locked(timeout) as base:
+        if base.record(NAMES) is not None:
+            return None
+        record = place(base, name, size, align, table.iova_of, owner)
+        return base, table.commit(base, insert=record), record
+
+
+class Names:
+    """The instance's name index, as this process sees it: ``record`` is the ``.names`` zone."""
+
+    __slots__ = ("address", "per_shard", "mem", "frees", "_u32", "_entries_at", "_timeout")
+
+    def __init__(self, record: ZoneRecord, keepalive: object, lock_timeout: float) -> None:
+        self.address = record.address
+        self.mem = _sys.memory(record.address, record.size, keepalive)
+        magic, shards, per_shard = _HEAD.unpack_from(self.mem, 0)
+        if magic != MAGIC or shards != SHARDS or not 0 < per_shard <= MAX_ENTRIES // SHARDS \
+                or names_size(per_shard) > record.size:
+            raise TableCorrupt(f"the zone name index at {record.address:#x} is not one (magic {magic!r}, "
+                               f"{shards} shards of {per_shard} entries in {record.size} bytes)")
+        self.per_shard = per_shard
+        self._entries_at = SHARDS_AT + SHARDS * SHARD
+        self._u32 = self.mem[: names_size(per_shard)].cast("I")
+        # each shard's frees counter, one u64 per shard header (SHARD // 8 words apart)
+        self.frees = self.mem[SHARDS_AT : SHARDS_AT + SHARDS * SHARD].cast("Q")[FREES_AT // 8 :: SHARD // 8]
+        self._timeout = lock_timeout
+
+    @staticmethod
+    def initialize(address: int, size: int, per_shard: int) -> None:
+        """Zero a new index and stamp it, magic last (call under the table's writer lock)."""
+        _sys.zero(address, size)
+        mem = _sys.memory(address, SHARDS_AT, None)
+        _HEAD.pack_into(mem, 0, b"\0" * 8, SHARDS, per_shard)
+        for s in range(SHARDS):
+            _sys.mutex_init(address + SHARDS_AT + s * SHARD)
+        mem[0:8] = MAGIC
+        mem.release()
+
+    @classmethod
+    def find_or_make(cls, table: Table, keepalive: object, lock_timeout: float, make: bool,
+                     ensure_mapped: Callable[[int], None]) -> Names | None:
+        """The index of ``table``'s instance; made (under the writer lock) if there is none and
+        ``make``, else None."""
+        record = table.snapshot().record(NAMES)
+        if record is None:
+            if not make:
+                return None
+            with table.locked() as base:
+                record = base.by_name.get(NAMES)
+                if record is None:
+                    if len(base.zones) + ROOM > table.layout.max_zones:
+                        return None  # no room for the heap's own records: zones stay in the table
+                    per_shard = per_shard_for(table.layout.max_zones)
+                    record = _place_last(base, names_size(per_shard), table)
+                    ensure_mapped(record.address)
+                    cls.initialize(record.address, record.size, per_shard)  # ours under the lock until the commit
+                    table.commit(base, insert=record)
+        ensure_mapped(record.address)
+        return cls(record, keepalive, lock_timeout)
+
+    field = staticmethod(padded)
+    shard_of = staticmethod(shard_of)
+
+    @staticmethod
+    def fits(size: int, align: int) -> bool:
+        """Whether a zone of ``size`` bytes aligned to ``align`` is a block of a size class."""
+        return class_for(size, align) is not None
+
+    def zones(self, segments: tuple[SegmentRecord, ...]) -> list[ZoneRecord]:
+        """The published zones (a moment's reading: each entry read once, lock-free)."""
+        found = []
+        for entry, state in self.entries():
+            if state == PUBLISHED:
+                record = self.read(entry, segments)
+                if not isinstance(record, str) and self.state(entry) == PUBLISHED:
+                    found.append(record)
+        return found
+
+    # -- entries -------------------------------------------------------------------------------
+
+    def _at(self, entry: int) -> int:
+        return self._entries_at + entry * ENTRY
+
+    def state(self, entry: int) -> int:
+        return int(self._u32[self._at(entry) // 4])
+
+    def set_state(self, entry: int, state: int) -> None:
+        self._u32[self._at(entry) // 4] = state  # one aligned store
+
+    def read(self, entry: int, segments: tuple[SegmentRecord, ...]) -> ZoneRecord | str:
+        """Entry ``entry``'s zone, whatever its state, if its CRC holds and it lies in one of
+        ``segments``; else what is wrong."""
+        at = self._at(entry)
+        raw = self.mem[at : at + ENTRY].tobytes()
+        return _decode(raw, entry, segments)
+
+    def find(self, field: bytes, segments: tuple[SegmentRecord, ...]) -> tuple[int, ZoneRecord] | None:
+        """The published entry named ``field`` (:func:`padded`), and its zone; None if there is none.
+        Lock-free: an entry changed while it was read fails its CRC and is read again; one that
+        keeps failing is damage (TableCorrupt)."""
+        s = shard_of(field)
+        per = self.per_shard
+        lo = self._entries_at + s * per * ENTRY
+        for _ in range(64):
+            raw = self.mem[lo : lo + per * ENTRY].tobytes()
+            at = raw.find(field)
+            torn = None
+            while at >= 0:
+                if at % ENTRY == NAME_AT:
+                    base = at - NAME_AT
+                    if raw[base] == PUBLISHED and not any(raw[base + 1 : base + 4]):
+                        entry = s * per + base // ENTRY
+                        got = _decode(raw[base : base + ENTRY], entry, segments)
+                        if not isinstance(got, str):
+                            return entry, got
+                        torn = got
+                at = raw.find(field, at + 1)
+            if torn is None:
+                return None
+        raise TableCorrupt(f"the zone name index: {torn}")
+
+    def vacant(self, shard: int) -> int | None:
+        """An EMPTY entry of ``shard`` (call holding its mutex), or None: the shard is full."""
+        per = self.per_shard
+        first = self._at(shard * per) // 4
+        states: list[int] = self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tolist()
+        try:
+            return int(shard * per + states.index(EMPTY))
+        except ValueError:
+            return None
+
+    def write(self, entry: int, record: ZoneRecord) -> None:
+        """Fill EMPTY entry ``entry`` with ``record`` (its state untouched: still EMPTY)."""
+        body = _BODY.pack(record.address, record.size, record.iova, record.created_ns, record.align,
+                          record.segment, b"", record.name.encode())  # the field padded with NULs
+        at = self._at(entry)
+        self.mem[at + 8 : at + ENTRY] = body
+        self._u32[at // 4 + 1] = zlib.crc32(body)
+
+    def entries(self) -> Iterator[tuple[int, int]]:
+        """(entry, state) of every entry not EMPTY."""
+        words = self._u32[self._entries_at // 4 :: ENTRY // 4].tolist()
+        for entry, state in enumerate(words):
+            if state != EMPTY:
+                yield entry, state
+
+    def published(self) -> int:
+        return self._u32[self._entries_at // 4 :: ENTRY // 4].tolist().count(PUBLISHED)
+
+    # -- the shards' mutexes ---------------------------------------------------------------------
+
+    def lock(self, shard: int, repair: Callable[[int], None], timeout: float | None = None) -> None:
+        """Take ``shard``'s mutex, at most ``timeout`` seconds (default: the lock timeout), then
+        TableBusy naming the holder; ``repair(shard)`` first if its last holder died holding it."""
+        at = self.address + SHARDS_AT + shard * SHARD
+        err = _sys.mutex_trylock(at)
+        if err == 16:  # EBUSY
+            err = _sys.mutex_lock(at, self._timeout if timeout is None else timeout)
+        if err == 0:
+            return
+        if err == _sys.EOWNERDEAD:
+            _sys.mutex_repaired(at, lambda: repair(shard))
+            return
+        if err == _ETIMEDOUT:
+            from .identity import describe_holder, process_state
+
+            pid = _sys.mutex_holder(at)
+            state = process_state(pid) if pid else None
+            waited = self._timeout if timeout is None else timeout
+            raise TableBusy(f"the zone name index: shard {shard}'s lock stayed taken for {waited:g} s by "
+                              f"{describe_holder(pid)}; reserve and free of names in that shard wait for it",
+                              path=NAMES, pid=pid or None, stopped=state in ("T", "t"), waited=waited)
+        raise TableCorrupt(f"the zone name index: shard {shard}'s lock cannot be taken ({err})")
+
+    def heal(self, arena_at: Callable[[int], Arena | None], segments: tuple[SegmentRecord, ...]) -> int:
+        """Repair every shard whose mutex a dead process held (the primary, at each heartbeat):
+        a try of each lock, which only a dead holder's answers EOWNERDEAD; how many were."""
+        healed = 0
+        for shard in range(SHARDS):
+            at = self.address + SHARDS_AT + shard * SHARD
+            err = _sys.mutex_trylock(at)
+            if err == _sys.EOWNERDEAD:
+                _sys.mutex_repaired(at, lambda: self.repair(shard, arena_at, segments))  # noqa: B023 - called now
+                healed += 1
+            if err in (0, _sys.EOWNERDEAD):
+                _sys.mutex_unlock(at)
+        return healed
+
+    def unlock(self, shard: int) -> None:
+        _sys.mutex_unlock(self.address + SHARDS_AT + shard * SHARD)
+
+    # -- changes (each under the shard's mutex) --------------------------------------------------
+
+    def insert(self, entry: int, record: ZoneRecord, arena: Arena, k: int) -> None:
+        """Name block ``k`` of ``arena`` (this worker's, just allocated) ``record`` in EMPTY entry
+        ``entry``: the steps of a reserve (see the module's docstring)."""
+        self.write(entry, record)
+        self.set_state(entry, INSERTING)
+        arena.holder[k] = zone_custody(entry)  # the entry holds the block from here
+        self.set_state(entry, PUBLISHED)
+
+    def remove(self, entry: int, record: ZoneRecord, arena_at: Callable[[int], Arena | None]) -> int:
+        """Free published entry ``entry`` (whose zone is ``record``, read since the last free of its
+        shard) and its block: the steps of a free; the bytes freed, or 0 if its block was not the
+        entry's (damage the checker reports)."""
+        self.set_state(entry, FREEING)
+        s = entry // self.per_shard
+        self.frees[s] = (self.frees[s] + 1) & 0xFFFFFFFFFFFFFFFF
+        freed = self._release(entry, record, arena_at)
+        self.set_state(entry, EMPTY)
+        return freed
+
+    def _release(self, entry: int, record: ZoneRecord | str, arena_at: Callable[[int], Arena | None]) -> int:
+        """Free the block entry ``entry`` holds (``record`` is its zone), as a remote free does; its
+        bytes, or 0 if it holds none (freed already: this step is repeated by a repair)."""
+        if isinstance(record, str):
+            return 0
+        arena = arena_at(record.address)
+        found = arena.locate(record.address) if arena is not None else None
+        if arena is None or found is None:
+            return 0
+        k, c = found
+        s = arena.state[k]
+        if arena.holder[k] != zone_custody(entry) or (s != LIVE and s != DISOWNED):
+            return 0
+        arena.state[k] = REMOTE  # the holder word stays until the arena's owner collects it
+        arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF
+        return CLASS_SIZES[c] - arena.slack[k]
+
+    def repair(self, shard: int, arena_at: Callable[[int], Arena | None],
+               segments: tuple[SegmentRecord, ...]) -> None:
+        """Finish or undo what a holder of ``shard``'s mutex, killed holding it, left half done."""
+        per = self.per_shard
+        for entry in range(shard * per, (shard + 1) * per):
+            state = self.state(entry)
+            if state == INSERTING:
+                record = self.read(entry, segments)
+                held = False
+                if not isinstance(record, str):
+                    arena = arena_at(record.address)
+                    found = arena.locate(record.address) if arena is not None else None
+                    if arena is not None and found is not None:
+                        held = arena.holder[found[0]] == zone_custody(entry) and arena.state[found[0]] == LIVE
+                self.set_state(entry, PUBLISHED if held else EMPTY)
+            elif state == FREEING:
+                self._release(entry, self.read(entry, segments), arena_at)
+                self.set_state(entry, EMPTY)
+            elif state not in (EMPTY, PUBLISHED):
+                self.set_state(entry, EMPTY)  # not a state: nothing it names can be trusted
+
+
+def _decode(raw: bytes, entry: int, segments: tuple[SegmentRecord, ...]) -> ZoneRecord | str:
+    _, crc, address, size, iova, created, align, segment, _, name, = _ENTRY.unpack(raw)
+    if zlib.crc32(memoryview(raw)[8:]) != crc:
+        return f"entry {entry} fails its checksum"
+    for s in segments:
+        if s.id == segment:
+            if not (s.address <= address and address + size <= s.address + s.length and size > 0):
+                return f"entry {entry}: [{address:#x}, +{size:#x}) lies outside its segment {segment}"
+            try:
+                text = name.rstrip(b"\0").decode()
+            except UnicodeDecodeError:
+                return f"entry {entry}: its name is not UTF-8"
+            return ZoneRecord(text, address, size, iova, align, segment, NOBODY, created, 0)
+    return f"entry {entry}: segment {segment} is not the instance's"
+

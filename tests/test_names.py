@@ -1,0 +1,330 @@
+"""Named zones of the heap (hugeshmd.shm.names) with real processes: small zones are blocks of the
+reserving worker's arena named in a sharded index; a name is unique across the index and the shared
+table; a lookup never returns a zone another worker freed; a worker killed at each step of a
+reserve or free leaves what the next taker of the shard's lock (or the primary's heartbeat)
+finishes; a storm of kill -9s leaves the checker clean; the zones survive the primary's kill -9.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from conftest import kill_session, needs_hugepages, run_python, spawn_worker, start_storm, storm_result
+from test_heap_process import HUGE, check, settled
+
+from hugeshmd.errors import HugeshmdError
+from hugeshmd.shm.paths import RuntimePaths
+from hugeshmd.wire.client import Control
+
+pytestmark = [needs_hugepages, pytest.mark.process]
+
+
+def control(prefix: str, root: str, op: str, **args: Any) -> dict[str, Any]:
+    """The primary's reply to ``op`` over ZeroMQ, or {"error": the error's class name}."""
+    with Control(RuntimePaths.for_prefix(prefix, root)) as client:
+        try:
+            return client.request(op, **args)
+        except HugeshmdError as err:
+            return {"error": type(err).__name__}
+
+
+def script(prefix: str, root: str, body: str) -> dict[str, Any]:
+    """Run ``body`` in a fresh worker with ``shm`` attached and ``out`` a dict it fills; that dict."""
+    done = run_python(f"""
+import json, os, hugeshmd
+from hugeshmd.shm import names as N
+shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+out = {{}}
+{body}
+print(json.dumps(out))
+""", root)
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_a_small_zone_is_a_block_of_the_makers_arena_named_in_the_index(start_primary, prefix, root):
+    start_primary(*HUGE)
+    made = script(prefix, root, """
+zone = shm.reserve("small", 3000)
+zone[0:5] = b"hello"
+big = shm.reserve("big", 200 << 10)
+heap = shm._heap
+arena = heap._arena_at(zone.address)
+k, c = arena.locate(zone.address)
+out.update(small=zone.address, big=big.address, in_arena=arena.heap is heap, holder=arena.holder[k],
+           table=[z.name for z in shm._table.snapshot().zones if not z.name.startswith(".")],
+           listed=[z.name for z in shm.zones])
+""")
+    assert made["in_arena"] and made["holder"] >> 31 == 1 and made["holder"] & 0xFFF == 4094, made
+    assert made["table"] == ["big"] and sorted(made["listed"]) == ["big", "small"], made
+    seen = script(prefix, root, """
+zone = shm.lookup("small")
+out.update(address=zone.address, data=bytes(zone[0:5]).decode(), size=zone.size)
+shm.free("small")
+shm.free("big")
+""")
+    assert seen == {"address": made["small"], "data": "hello", "size": 3000}
+    report = settled(prefix, root)
+    assert report["ok"] and report["pending"] == [] and report["figures"]["named_zones"] == 0, report
+
+
+def test_a_name_is_unique_across_the_index_and_the_table(start_primary, prefix, root):
+    start_primary(*HUGE)
+    out = script(prefix, root, """
+for first, second in ((64, 1 << 20), (1 << 20, 64), (64, 64), (1 << 20, 1 << 20)):
+    shm.reserve("x", first)
+    try:
+        shm.reserve("x", second)
+        out[f"{first}/{second}"] = "reserved twice"
+    except hugeshmd.AlreadyExists:
+        out[f"{first}/{second}"] = "AlreadyExists"
+    shm.free("x")
+shm.reserve("y", 64)
+""")
+    assert set(out.values()) == {"AlreadyExists"}, out
+    reply = control(prefix, root, "reserve", name="y", size=4096)
+    assert reply["error"] == "AlreadyExists", reply
+    assert control(prefix, root, "lookup", name="y")["size"] == 64
+    assert [z["name"] for z in control(prefix, root, "zones")["zones"] if not z["name"].startswith(".")] == ["y"]
+    assert control(prefix, root, "status")["zones"] == 1
+    assert control(prefix, root, "free", name="y")["name"] == "y"
+    assert control(prefix, root, "lookup", name="y")["error"] == "NotFound"
+    assert settled(prefix, root)["ok"]
+
+
+def test_a_lookup_never_returns_a_zone_another_worker_freed(start_primary, prefix, root):
+    start_primary(*HUGE)
+    out = script(prefix, root, """
+other = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+first = shm.reserve("z", 64)
+assert other.lookup("z").address == first.address  # cached in other from here
+shm.free("z")
+try:
+    other.lookup("z")
+    out["after free"] = "found"
+except hugeshmd.NotFound:
+    out["after free"] = "NotFound"
+keep = shm.reserve("pad", 64)  # so the name's next block is another
+again = shm.reserve("z", 64)
+out["moved"] = again.address != first.address
+out["again"] = other.lookup("z").address == again.address
+""".replace("{prefix!r}", repr(prefix)).replace("{root!r}", repr(root)))
+    assert out == {"after free": "NotFound", "moved": True, "again": True}, out
+
+
+def test_a_named_zone_outlives_its_maker(start_primary, prefix, root, workers):
+    start_primary(*HUGE)
+    maker = workers()
+    maker.ok("attach", prefix=prefix)
+    address = maker.ok("reserve", name="kept", size=1000)["address"]
+    maker.ok("write", name="kept", offset=0, hex="ab" * 8)
+    maker.proc.kill()
+    maker.proc.wait()
+    report = settled(prefix, root)  # the maker's arena reclaimed: the zone's block is not its to lose
+    assert report["ok"] and report["figures"]["named_zones"] == 1, report
+    out = script(prefix, root, """
+zone = shm.lookup("kept")
+out.update(address=zone.address, data=bytes(zone[0:8]).hex())
+for n in range(200):  # the reclaimed arena goes to the next claimer: its blocks must not include the zone's
+    b = shm.alloc(1000)
+    b.view()[0:8] = b"\\0" * 8
+out["after"] = bytes(shm.lookup("kept")[0:8]).hex()
+""")
+    assert out == {"address": address, "data": "ab" * 8, "after": "ab" * 8}, out
+
+
+@pytest.mark.parametrize("step", ["body", "inserting", "held", "freeing", "released"])
+def test_a_worker_killed_at_each_step_leaves_what_the_next_taker_finishes(start_primary, prefix, root, step):
+    """The steps of a reserve (body, inserting, held) and a free (freeing, released), each cut by an
+    exit holding the shard's lock; the next reserve in that shard repairs it."""
+    start_primary(*HUGE)
+    cut = run_python(f"""
+import os, time, hugeshmd
+from hugeshmd.shm import names as N
+from hugeshmd.shm.layout import NOBODY, ZoneRecord
+shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+step = {step!r}
+if step in ("freeing", "released"):
+    shm.reserve("victim", 500)
+index = shm._names_index(make=True)
+field = index.field("victim")
+shard = index.shard_of(field)
+index.lock(shard, shm._repair_names)
+if step in ("freeing", "released"):
+    entry, record = index.find(field, shm._table.snapshot().segments)
+    index.set_state(entry, N.FREEING)
+    if step == "released":
+        index._release(entry, record, shm._heap._arena_at)
+else:
+    buf = shm.alloc(500)
+    entry = index.vacant(shard)
+    seg = shm._table.snapshot().segments[0]
+    record = ZoneRecord("victim", buf.address, 500, buf.address, 64, seg.id, NOBODY, time.time_ns(), 0)
+    index.write(entry, record)
+    if step != "body":
+        index.set_state(entry, N.INSERTING)
+    if step == "held":
+        buf._slot[2].holder[buf._slot[1]] = N.zone_custody(entry)
+print(record.address, flush=True)
+os._exit(0)  # holding the shard's lock
+""", root)
+    address = int(cut.stdout.split()[0])
+    out = script(prefix, root, """
+try:
+    shm.reserve("victim", 64)  # takes the shard's lock: EOWNERDEAD, so the repair runs first
+    out["reserve"] = "reserved"
+except hugeshmd.AlreadyExists:
+    out["reserve"] = "AlreadyExists"
+out["size"] = shm.lookup("victim").size
+out["same"] = shm.lookup("victim").address == ADDRESS
+""".replace("ADDRESS", str(address)))
+    if step == "held":  # a reserve that got as far as the block's holder is rolled forward
+        assert out == {"reserve": "AlreadyExists", "size": 500, "same": True}, (step, out)
+    else:  # undone (reserve), or finished (free): the name is free again
+        assert out["reserve"] == "reserved" and out["size"] == 64, (step, out)
+    report = settled(prefix, root)
+    assert report["ok"] and report["pending"] == [], (step, report)
+    assert report["figures"]["named_zones"] == 1, (step, report)
+
+
+def test_the_primary_finishes_a_dead_workers_change_at_its_heartbeat(start_primary, prefix, root):
+    start_primary(*HUGE)
+    run_python(f"""
+import os, hugeshmd
+from hugeshmd.shm import names as N
+shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+shm.reserve("gone", 700)
+index = shm._names_index(make=False)
+field = index.field("gone")
+index.lock(index.shard_of(field), shm._repair_names)
+entry, record = index.find(field, shm._table.snapshot().segments)
+index.set_state(entry, N.FREEING)
+os._exit(0)  # holding the shard's lock, the free half done
+""", root)
+    report = settled(prefix, root, within=5.0)  # no other worker touches that shard: the primary heals it
+    assert report["ok"] and report["pending"] == [] and report["figures"]["named_zones"] == 0, report
+    out = script(prefix, root, """
+try:
+    shm.lookup("gone")
+    out["lookup"] = "found"
+except hugeshmd.NotFound:
+    out["lookup"] = "NotFound"
+""")
+    assert out == {"lookup": "NotFound"}
+
+
+def test_a_full_shard_makes_zones_of_the_shared_table(start_primary, prefix, root):
+    start_primary(*HUGE, "--max-zones", "64")  # 8 entries per shard
+    out = script(prefix, root, """
+index = shm._names_index(make=True)
+shard = index.shard_of(index.field("n0"))
+same = [n for n in (f"n{i}" for i in range(20000)) if index.shard_of(index.field(n)) == shard][:10]
+for n in same:
+    shm.reserve(n, 128)
+table = {z.name for z in shm._table.snapshot().zones}
+out.update(per_shard=index.per_shard, in_table=sum(n in table for n in same),
+           listed=sorted(z.name for z in shm.zones) == sorted(same))
+for n in same:
+    shm.free(n)
+""")
+    assert out == {"per_shard": 8, "in_table": 2, "listed": True}, out
+    assert settled(prefix, root)["ok"]
+
+
+def test_a_damaged_entry_is_an_error_for_its_name_and_a_violation_not_a_crash(start_primary, prefix, root):
+    start_primary(*HUGE)
+    out = script(prefix, root, """
+shm.reserve("hurt", 64)
+shm.reserve("fine", 64)
+index = shm._names_index(make=False)
+entry, _ = index.find(index.field("hurt"), shm._table.snapshot().segments)
+at = index._at(entry)
+index.mem[at + 8] ^= 0xFF  # the low byte of its address: its checksum fails
+other = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+try:
+    other.lookup("hurt")
+    out["hurt"] = "found"
+except hugeshmd.TableCorrupt as err:
+    out["hurt"] = "TableCorrupt"
+out["fine"] = other.lookup("fine").size
+""".replace("{prefix!r}", repr(prefix)).replace("{root!r}", repr(root)))
+    assert out == {"hurt": "TableCorrupt", "fine": 64}, out
+    report = check(prefix, root)
+    assert any("fails its checksum" in v for v in report["violations"]), report
+
+
+def test_a_storm_of_kill_9_on_named_zones_leaves_the_checker_clean(start_primary, prefix, root):
+    start_primary("--memory", "128M", "--huge-pages", "on")
+    result = storm_result(start_storm("zone_storm.py", prefix, root, "3", "600", "60"))
+    assert result["kills"] >= 200, result
+    assert result["bad"] == [] and result["said"] == "", result
+    report = settled(prefix, root)
+    assert report["violations"] == [] and report["pending"] == [], report
+    out = script(prefix, root, """
+zones = sorted(shm.zones, key=lambda z: z.address)
+out["overlaps"] = [(a.name, b.name) for a, b in zip(zones, zones[1:]) if a.address + a.size > b.address]
+out["count"] = len(zones)
+for z in zones:
+    shm.free(z.name)
+""")
+    assert out["overlaps"] == [], out
+    report = settled(prefix, root)
+    assert report["ok"] and report["figures"]["named_zones"] == 0, report
+
+
+def test_named_zones_survive_a_primary_kill_9_and_adoption(start_primary, prefix, root):
+    first = start_primary(*HUGE)
+    script(prefix, root, """
+z = shm.reserve("stay", 2048)
+z[0:4] = b"keep"
+""")
+    first.stop(signal.SIGKILL)
+    second = start_primary(*HUGE)
+    assert "adopted prefix" in second.text, second.text
+    deadline = time.monotonic() + 5
+    while control(prefix, root, "status")["zones"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out = script(prefix, root, """
+out["data"] = bytes(shm.lookup("stay")[0:4]).decode()
+shm.free("stay")
+""")
+    assert out == {"data": "keep"}
+    assert settled(prefix, root)["ok"]
+
+
+HOLDER = """
+import hugeshmd, sys, time
+shm = hugeshmd.attach(sys.argv[1])
+index = shm._names_index(make=True)
+index.lock(index.shard_of(index.field("contested")), shm._repair_names)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_frozen_holder_of_a_shard_makes_no_one_wait_past_the_bound(start_primary, prefix, root, workers):
+    start_primary(*HUGE)
+    holder = spawn_worker(["-c", HOLDER, prefix], root, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        os.kill(holder.pid, signal.SIGSTOP)
+        other = workers()
+        other.ok("attach", prefix=prefix, lock_timeout=0.3)
+        other.ok("reserve", name="elsewhere", size=64)  # another shard: no wait at all
+        t0 = time.monotonic()
+        reply = other.call("reserve", name="contested", size=64)
+        assert time.monotonic() - t0 < 0.3 + 0.5  # the bound, and some slack for a loaded machine
+        assert reply["error"] == "TableBusy", reply
+        assert reply["fields"]["pid"] == holder.pid and reply["fields"]["stopped"] is True, reply
+        kill_session(holder)  # frozen, then killed: the kernel hands the mutex on, marked owner-died
+        assert other.ok("reserve", name="contested", size=64)["size"] == 64
+    finally:
+        kill_session(holder)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert settled(prefix, root)["ok"]
