@@ -159,7 +159,7 @@ if step in ("freeing", "released"):
     entry, record = index.find(field, shm._table.snapshot().segments)
     index.set_state(entry, N.FREEING)
     if step == "released":
-        index._release(entry, record, shm._heap._arena_at)
+        index._release(entry, shm._heap._arena_at)
 else:
     buf = shm.alloc(500)
     entry = index.vacant(shard)

@@ -127,7 +127,7 @@ class RequestServer:
         shard = index.shard_of(field)
         index.lock(shard, self._repair, LOCK_WAIT_S)
         try:
-            if index.find(field, table.snapshot().segments) is not None:
+            if index.probe(field)[0] is not None:
                 raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
             return _zone_fields(zones.reserve(table, name, size, align, LOCK_WAIT_S)[2])
         finally:
@@ -149,7 +149,7 @@ class RequestServer:
             try:
                 found = index.find(field, table.snapshot().segments)
                 if found is not None:
-                    index.remove(found[0], found[1], self._arena_at)
+                    index.remove(found[0], self._arena_at)
                     return _zone_fields(found[1])
             finally:
                 index.unlock(shard)

@@ -63,9 +63,12 @@ SHARDS_AT = 128
 SHARD = 128  # a shard's header: its robust mutex (64 bytes), then its frees counter (u64)
 FREES_AT = 64  # in a shard's header
 ENTRY = 128
-# state, crc32 (of the 120 bytes after it), address, size, iova, created (ns), align, segment, -, name, -
-_ENTRY = struct.Struct(f"<IIQQQQII8s{NAME_MAX + 1}s8x")
-_BODY = struct.Struct(f"<QQQQII8s{NAME_MAX + 1}s8x")  # the entry less its state and crc
+# state, crc32 (of the 120 bytes after it), address, size, iova, created (ns), align, segment, the
+# CRC32 of the name (what lookups compare first), -, name, -
+_ENTRY = struct.Struct(f"<IIQQQQIII4x{NAME_MAX + 1}s8x")
+_BODY = struct.Struct(f"<QQQQIII4x{NAME_MAX + 1}s8x")  # the entry less its state and crc
+HASH_WORD = 12  # the name's CRC32, in u32 words from the entry's start
+_ADDRESS = struct.Struct("<Q")  # at byte 8 of an entry
 NAME_AT = 56  # the name field, in an entry
 assert _ENTRY.size == ENTRY and _BODY.size == ENTRY - 8 and _ENTRY.size - 8 - NAME_MAX - 1 == NAME_AT
 EMPTY, INSERTING, PUBLISHED, FREEING = 0, 1, 2, 3
@@ -92,9 +95,9 @@ def names_size(per_shard: int) -> int:
 
 def key(name: str) -> bytes:
     """What :meth:`Names.find` looks for: the bytes of ``name`` (a checked zone name), which an
-    entry's name field holds followed by NULs. Not with its NUL, nor the whole padded field: the
-    search skips ahead by the needle's last byte, and a last byte of NUL, found everywhere in
-    entries of mostly NULs, made it check every offset (4 us a shard of 4 KiB)."""
+    entry's name field holds followed by NULs, and whose CRC32 picks the shard and is stored in
+    the entry. (A search of the shard's bytes for the name cost 3-4 us a shard of 4 KiB: bytes.find
+    skips ahead by at most the needle's length, and by one byte when it ends in a NUL.)"""
     return name.encode()
 
 
@@ -222,29 +225,71 @@ class Names:
 
     def find(self, field: bytes, segments: tuple[SegmentRecord, ...]) -> tuple[int, ZoneRecord] | None:
         """The published entry named ``field`` (:func:`key`), and its zone; None if there is none.
-        Lock-free: an entry changed while it was read fails its CRC and is read again; one that
-        keeps failing is damage (TableCorrupt)."""
-        s = shard_of(field)
+
+        Lock-free. It reads the shard's state words and name hashes (two strided reads, no copy
+        of the shard), then reads whole each published entry whose hash is the name's. An entry
+        changed while it was read fails its CRC and the shard is read again; one that keeps
+        failing is damage (TableCorrupt). A state word is stored after the rest of its entry
+        (x86-64 keeps stores in order), so a PUBLISHED state read before the hash vouches for it."""
+        h = zlib.crc32(field)
+        s = h % SHARDS
         per = self.per_shard
-        lo = self._entries_at + s * per * ENTRY
+        first = (self._entries_at + s * per * ENTRY) // 4
+        words, step = self._u32, ENTRY // 4
+        torn = None
         for _ in range(64):
-            raw = self.mem[lo : lo + per * ENTRY].tobytes()
-            at = raw.find(field)
+            states = words[first : first + per * step : step].tolist()
+            hashes = words[first + HASH_WORD : first + per * step : step].tolist()
             torn = None
-            end = len(field)
-            while at >= 0:
-                if at % ENTRY == NAME_AT and raw[at + end] == 0:  # the whole name, not a prefix of one
-                    base = at - NAME_AT
-                    if raw[base] == PUBLISHED and not any(raw[base + 1 : base + 4]):
-                        entry = s * per + base // ENTRY
-                        got = _decode(raw[base : base + ENTRY], entry, segments)
-                        if not isinstance(got, str):
-                            return entry, got
-                        torn = got
-                at = raw.find(field, at + 1)
+            j = -1
+            while True:
+                try:
+                    j = hashes.index(h, j + 1)
+                except ValueError:
+                    break
+                if states[j] != PUBLISHED:
+                    continue
+                entry = s * per + j
+                at = self._entries_at + entry * ENTRY
+                raw = self.mem[at : at + ENTRY].tobytes()
+                got = _decode(raw, entry, segments)
+                if isinstance(got, str):
+                    torn = got
+                elif raw[0] == PUBLISHED and raw[NAME_AT : NAME_AT + len(field) + 1] == field + b"\0":
+                    return entry, got
             if torn is None:
                 return None
         raise TableCorrupt(f"the zone name index: {torn}")
+
+    def probe(self, field: bytes) -> tuple[int | None, int | None]:
+        """(the published entry named ``field``, an EMPTY entry of its shard), each None if there
+        is none: exact under the shard's mutex, a moment's reading without it. The name is compared
+        in place, its entry not decoded: a reserve is refused, and a free frees, on a damaged entry
+        too (a free only frees a block that the entry holds: see :meth:`_release`)."""
+        h = zlib.crc32(field)
+        s = h % SHARDS
+        per = self.per_shard
+        first = (self._entries_at + s * per * ENTRY) // 4
+        words, step = self._u32, ENTRY // 4
+        states = words[first : first + per * step : step].tolist()
+        hashes = words[first + HASH_WORD : first + per * step : step].tolist()
+        named = None
+        j = -1
+        want = field + b"\0"
+        while True:
+            try:
+                j = hashes.index(h, j + 1)
+            except ValueError:
+                break
+            at = self._entries_at + (s * per + j) * ENTRY + NAME_AT
+            if states[j] == PUBLISHED and self.mem[at : at + len(want)] == want:
+                named = s * per + j
+                break
+        try:
+            vacant: int | None = s * per + states.index(EMPTY)
+        except ValueError:
+            vacant = None
+        return named, vacant
 
     def vacant(self, shard: int) -> int | None:
         """An EMPTY entry of ``shard`` (call holding its mutex), or None: the shard is full."""
@@ -258,8 +303,9 @@ class Names:
 
     def write(self, entry: int, record: ZoneRecord) -> None:
         """Fill EMPTY entry ``entry`` with ``record`` (its state untouched: still EMPTY)."""
+        name = record.name.encode()
         body = _BODY.pack(record.address, record.size, record.iova, record.created_ns, record.align,
-                          record.segment, b"", record.name.encode())  # the field padded with NULs
+                          record.segment, zlib.crc32(name), name)  # the field padded with NULs
         at = self._at(entry)
         self.mem[at + 8 : at + ENTRY] = body
         self._u32[at // 4 + 1] = zlib.crc32(body)
@@ -326,24 +372,23 @@ class Names:
         arena.holder[k] = zone_custody(entry)  # the entry holds the block from here
         self.set_state(entry, PUBLISHED)
 
-    def remove(self, entry: int, record: ZoneRecord, arena_at: Callable[[int], Arena | None]) -> int:
-        """Free published entry ``entry`` (whose zone is ``record``, read since the last free of its
-        shard) and its block: the steps of a free; the bytes freed, or 0 if its block was not the
-        entry's (damage the checker reports)."""
+    def remove(self, entry: int, arena_at: Callable[[int], Arena | None]) -> int:
+        """Free published entry ``entry`` and its block: the steps of a free; the bytes freed, or 0
+        if its block was not the entry's (damage the checker reports)."""
         self.set_state(entry, FREEING)
         s = entry // self.per_shard
         self.frees[s] = (self.frees[s] + 1) & 0xFFFFFFFFFFFFFFFF
-        freed = self._release(entry, record, arena_at)
+        freed = self._release(entry, arena_at)
         self.set_state(entry, EMPTY)
         return freed
 
-    def _release(self, entry: int, record: ZoneRecord | str, arena_at: Callable[[int], Arena | None]) -> int:
-        """Free the block entry ``entry`` holds (``record`` is its zone), as a remote free does; its
-        bytes, or 0 if it holds none (freed already: this step is repeated by a repair)."""
-        if isinstance(record, str):
-            return 0
-        arena = arena_at(record.address)
-        found = arena.locate(record.address) if arena is not None else None
+    def _release(self, entry: int, arena_at: Callable[[int], Arena | None]) -> int:
+        """Free the block entry ``entry`` holds, as a remote free does; its bytes, or 0 if it holds
+        none (freed already: this step is repeated by a repair). The entry's address is read as it
+        is, checksum or not: only a block whose holder word is this entry's is freed."""
+        (address,) = _ADDRESS.unpack_from(self.mem, self._at(entry) + 8)
+        arena = arena_at(address)
+        found = arena.locate(address) if arena is not None else None
         if arena is None or found is None:
             return 0
         k, c = found
@@ -370,14 +415,14 @@ class Names:
                         held = arena.holder[found[0]] == zone_custody(entry) and arena.state[found[0]] == LIVE
                 self.set_state(entry, PUBLISHED if held else EMPTY)
             elif state == FREEING:
-                self._release(entry, self.read(entry, segments), arena_at)
+                self._release(entry, arena_at)
                 self.set_state(entry, EMPTY)
             elif state not in (EMPTY, PUBLISHED):
                 self.set_state(entry, EMPTY)  # not a state: nothing it names can be trusted
 
 
 def _decode(raw: bytes, entry: int, segments: tuple[SegmentRecord, ...]) -> ZoneRecord | str:
-    _, crc, address, size, iova, created, align, segment, _, name, = _ENTRY.unpack(raw)
+    _, crc, address, size, iova, created, align, segment, _, name, = _ENTRY.unpack(raw)  # the hash: of name
     if zlib.crc32(memoryview(raw)[8:]) != crc:
         return f"entry {entry} fails its checksum"
     for s in segments:

@@ -378,11 +378,10 @@ class Secondary:
         shard = index.shard_of(field)
         index.lock(shard, self._repair_names)
         try:
-            snap = self._table.snapshot()
-            if snap.record(name) is not None or index.find(field, snap.segments) is not None:
+            named, entry = index.probe(field)
+            if named is not None or self._table.snapshot().record(name) is not None:
                 raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
-            entry = index.vacant(shard) if index.fits(size, align) else None
-            if entry is not None:  # a block of this worker's arena, named in the index
+            if entry is not None and index.fits(size, align):  # a block of this worker's arena, named in the index
                 try:
                     return self._reserve_named(heap, index, entry, name, size, align)
                 except OutOfMemory:  # no arena to be had (a small instance): a zone of the table may fit
@@ -427,15 +426,15 @@ class Secondary:
             field = index.field(name)
             shard = index.shard_of(field)
             frees = index.frees[shard]
-            found = index.find(field, self._table.snapshot().segments)
-            if found is not None:  # a zone of the index (else of the table)
+            entry = index.probe(field)[0]
+            if entry is not None:  # a zone of the index (else of the table)
                 heap = self._heap or self._make_heap()
                 index.lock(shard, self._repair_names)
                 try:
                     if index.frees[shard] != frees:  # an entry of the shard was freed since: look again
-                        found = index.find(field, self._table.snapshot().segments)
-                    if found is not None:
-                        index.remove(found[0], found[1], heap._arena_at)
+                        entry = index.probe(field)[0]
+                    if entry is not None:
+                        index.remove(entry, heap._arena_at)
                         self._named.pop(name, None)
                         return
                 finally:
