@@ -328,3 +328,156 @@ def test_a_frozen_holder_of_a_shard_makes_no_one_wait_past_the_bound(start_prima
         if holder.stdout is not None:
             holder.stdout.close()
     assert settled(prefix, root)["ok"]
+
+
+# -- what a review found (each test failed before its fix) -----------------------------------------
+
+SAME_SHARD = """
+from hugeshmd.shm import names as N
+index = shm._names_index(make=True)
+shard = index.shard_of(index.field("victim"))
+peers = [n for n in (f"p{i}" for i in range(100000)) if index.shard_of(index.field(n)) == shard]
+def die_mid_free(name):
+    # a worker killed between FREEING and the bump of the shard's frees, holding the lock
+    pid = os.fork()
+    if pid == 0:
+        index.lock(shard, shm._repair_names)
+        entry, _ = index.find(index.field(name), shm._table.snapshot().segments)
+        index.set_state(entry, N.FREEING)
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_a_free_finished_by_a_repair_makes_cached_lookups_look_again(start_primary, prefix, root):
+    start_primary(*HUGE)
+    out = script(prefix, root, SAME_SHARD + """
+other = hugeshmd.attach(shm.prefix, runtime_root=os.environ["HUGESHMD_RUNTIME_ROOT"])
+z = shm.reserve("victim", 500)
+assert other.lookup("victim").address == z.address      # cached, with the shard's frees
+die_mid_free("victim")
+shm.reserve(peers[0], 64)                                # takes the lock: EOWNERDEAD, repair
+try:
+    shm.lookup("victim"); out["fresh"] = "found"
+except hugeshmd.NotFound:
+    out["fresh"] = "NotFound"
+third = hugeshmd.attach(shm.prefix, runtime_root=os.environ["HUGESHMD_RUNTIME_ROOT"])
+try:
+    third.lookup("victim"); out["third"] = "found"
+except hugeshmd.NotFound:
+    out["third"] = "NotFound"
+try:
+    out["cached"] = hex(other.lookup("victim").address)
+except hugeshmd.NotFound:
+    out["cached"] = "NotFound"
+""")
+    assert out == {"fresh": "NotFound", "third": "NotFound", "cached": "NotFound"}, out
+
+
+def test_a_free_never_erases_the_zone_that_took_its_entry_meanwhile(start_primary, prefix, root):
+    start_primary(*HUGE)
+    out = script(prefix, root, SAME_SHARD + """
+other = hugeshmd.attach(shm.prefix, runtime_root=os.environ["HUGESHMD_RUNTIME_ROOT"])
+shm.reserve("victim", 500)
+real = N.Names.lock
+hook = []
+def lock(self, *a, **k):
+    if hook:
+        hook.pop()()
+    return real(self, *a, **k)
+N.Names.lock = lock
+def meanwhile():   # after other's unlocked find of "victim", before it takes the lock
+    die_mid_free("victim")
+    shm.reserve(peers[0], 64)     # repairs (victim EMPTY, frees unchanged), then takes victim's entry
+hook.append(meanwhile)
+try:
+    other.free("victim")          # the repair bumped the shard's frees: it looks again, and finds none
+    out["free"] = "freed"
+except hugeshmd.NotFound:
+    out["free"] = "NotFound"
+try:
+    out["peer"] = shm.lookup(peers[0]).size
+except hugeshmd.NotFound:
+    out["peer"] = "NotFound"
+from hugeshmd.shm.heapcheck import walk
+out["violations"] = walk(shm._table, shm._window).violations
+""")
+    assert out == {"free": "NotFound", "peer": 64, "violations": []}, out
+
+
+def test_a_small_zone_aligned_past_the_page_size_is_a_zone_of_the_table(start_primary, prefix, root):
+    start_primary("--memory", "16M", "--huge-pages", "off")
+    out = script(prefix, root, """
+try:
+    out["zone"] = shm.reserve("aligned", 100, align=8192).address % 8192
+except hugeshmd.HugeshmdError as err:
+    out["zone"] = f"{type(err).__name__}: {err}"
+""")
+    assert out == {"zone": 0}, out
+
+
+def test_a_small_zone_is_a_zone_of_the_table_when_the_index_does_not_fit(start_primary, prefix, root):
+    start_primary("--memory", "4M", "--huge-pages", "off")
+    out = script(prefix, root, """
+big = shm.reserve("big", (4 << 20) - (128 << 10))
+try:
+    out["small"] = shm.reserve("small", 64).size
+except hugeshmd.HugeshmdError as err:
+    out["small"] = f"{type(err).__name__}: {err}"
+""")
+    assert out == {"small": 64}, out
+
+
+def test_the_checker_sees_no_violation_when_a_zone_is_freed_while_it_walks(start_primary, prefix, root):
+    start_primary(*HUGE)
+    run_python(f"""
+import os, hugeshmd
+shm = hugeshmd.attach({prefix!r}, runtime_root={root!r})
+shm.reserve("kept", 1000)
+os._exit(0)
+""", root)
+    settled(prefix, root)  # the maker's arena reclaimed: E_FREE, the zone's block LIVE and named
+    out = script(prefix, root, """
+from hugeshmd.shm import heapcheck
+real = heapcheck._arena_figures
+once = [1]
+base = shm.lookup("kept").address & ~((2 << 20) - 1)
+def figures(*a):
+    got = real(*a)
+    if once and a[0].base == base:
+        once.pop()
+        shm.free("kept")          # a free by another worker, while the checker walks
+    return got
+heapcheck._arena_figures = figures
+out["violations"] = heapcheck.walk(shm._table, shm._window).violations
+""")
+    assert out["violations"] == [], out
+
+
+def test_a_change_given_up_by_an_exception_is_finished_by_the_next_taker(start_primary, prefix, root):
+    """A free that raised half way (its process lives on, the shard's lock released normally)
+    leaves FREEING: the next taker of that shard's lock finishes it, as after a death."""
+    start_primary(*HUGE)
+    out = script(prefix, root, SAME_SHARD + """
+shm.reserve("victim", 500)
+real = N.Names._release
+def boom(self, *a):
+    raise RuntimeError("given up half way")
+N.Names._release = boom
+try:
+    shm.free("victim")
+except RuntimeError:
+    out["raised"] = True
+N.Names._release = real
+index.lock(shard, shm._repair_names)  # a free lock, an abandoned entry: repaired
+index.unlock(shard)
+try:
+    shm.lookup("victim")
+    out["lookup"] = "found"
+except hugeshmd.NotFound:
+    out["lookup"] = "NotFound"
+from hugeshmd.shm.heapcheck import walk
+report = walk(shm._table, shm._window)
+out.update(violations=report.violations, pending=report.pending, named=report.named_zones)
+""")
+    assert out == {"raised": True, "lookup": "NotFound", "violations": [], "pending": [], "named": 0}, out

@@ -189,13 +189,14 @@ class Reclaimer:
     def reclaim_dead(self) -> tuple[int, int]:
         """Free what every dead owner held (at adoption, and at each heartbeat), publish the
         arenas that claimers committed but died before publishing, and finish the removals of
-        channels whose removers died. Never raises."""
+        channels whose removers died, and the zone reserves and frees of workers that died holding a
+        shard of the name index. Never raises: each part that fails is logged, and the others go on."""
+        count = freed = 0
         try:
             self._publish_orphans()
             count, freed = self._reclaim(_dead)
         except Exception:  # noqa: BLE001
             log.exception("reclaim of dead owners failed; the next heartbeat tries again")
-            return 0, 0
         try:
             self._finish_removals()
         except Exception:  # noqa: BLE001

@@ -966,7 +966,13 @@ def _not_live(address: int, state: int) -> InvalidArgument:
 
 
 def _handed(address: int, holder: int) -> InvalidArgument:
-    who = "a channel" if holder & CUSTODY else "the worker that received it"
+    if holder & CUSTODY and holder & 0xFFF == 4094:  # hugeshmd.shm.names.ZONES_CUSTODY
+        return InvalidArgument(f"the memory at {address:#x} is a named zone's (shm.reserve): free the zone by "
+                               "its name; nothing was changed", name="address")
+    if holder == PINNED:
+        who = "the pins of a shared array (it is freed when the last process holding the array drops it)"
+    else:
+        who = "a channel" if holder & CUSTODY else "the worker that received it"
     return InvalidArgument(f"the allocation at {address:#x} is held by {who}, not by this handle's process; "
                            "only its holder may free it; nothing was changed", name="address")
 

@@ -206,7 +206,8 @@ def _walk_arena(directory: Directory, arena: Arena, report: HeapReport, rules: b
     for _ in range(8):  # read between two reads of the entry; again if it moved
         before = directory.entry(i)
         found: list[str] = []
-        figures = _arena_figures(arena, found, rules)
+        states = arena.state.tobytes()  # one reading, for the figures and the holders alike
+        figures = _arena_figures(arena, states, found, rules)
         after = directory.entry(i)
         if before[1:8] == after[1:8]:
             break
@@ -216,7 +217,7 @@ def _walk_arena(directory: Directory, arena: Arena, report: HeapReport, rules: b
     state, pid, start = after[1], after[4], after[7]
     count, used, disowned, carved, live = figures
     named = [0, 0]  # blocks of named zones (hugeshmd.shm.names): zones, not allocations
-    live -= _holders(arena, report, found, rules, named)
+    live -= _holders(arena, states, report, found, rules, named)
     count -= named[0]
     used -= named[1]
     report.named_bytes += named[1]
@@ -236,13 +237,14 @@ def _walk_arena(directory: Directory, arena: Arena, report: HeapReport, rules: b
                           "allocations": count, "used": used, "spans": carved})
 
 
-def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool, named: list[int]) -> int:
-    """Check the holder words of ``arena``'s blocks; the LIVE blocks that are handed (or named
-    zones': ``named`` gets their count and bytes added)."""
+def _holders(arena: Arena, states: bytes, report: HeapReport, found: list[str], rules: bool,
+             named: list[int]) -> int:
+    """Check the holder words of ``arena``'s blocks, whose state bytes were read as ``states``
+    (the reading the figures counted); the LIVE blocks that are handed (or named zones':
+    ``named`` gets their count and bytes added)."""
     raw = arena.meta[HOLDER_AT:META].tobytes()
     if raw.count(0) == len(raw):
         return 0
-    states = arena.state
     handed_live = 0
     directory = report._directory
     for k, word in enumerate(memoryview(raw).cast("I")):
@@ -250,8 +252,9 @@ def _holders(arena: Arena, report: HeapReport, found: list[str], rules: bool, na
             continue
         s = states[k]
         if s == 0:
-            if rules:
-                found.append(f"arena {arena.index} block {k} is free but names a holder ({word:#x})")
+            # read again: the arena's owner may have collected a freed block between the readings
+            if rules and arena.state[k] == 0 and arena.holder[k]:
+                found.append(f"arena {arena.index} block {k} is free but names a holder ({arena.holder[k]:#x})")
             continue
         if s == REMOTE:
             continue  # freed by its holder; its owner collects it
@@ -317,7 +320,8 @@ def _walk_names(zone: Any, keepalive: object, segments: Any, report: HeapReport,
     for entry, state in names.entries():
         if state in (INSERTING, FREEING):
             report.pending.append(f"zone name entry {entry}: a {'reserve' if state == INSERTING else 'free'} was "
-                                  "interrupted; the next reserve or free of a name in its shard finishes it")
+                                  "interrupted; the primary's next heartbeat finishes it, or the next reserve or "
+                                  "free of a name in its shard if that comes first")
             continue
         if state != PUBLISHED:
             if names.state(entry) not in (EMPTY, PUBLISHED, INSERTING, FREEING):
@@ -416,12 +420,12 @@ def _walk_channel(zone: Any, keepalive: object, report: HeapReport) -> None:
         report._custody.add(custody(index, seq))
 
 
-def _arena_figures(arena: Arena, found: list[str], rules: bool) -> tuple[int, int, int, int, int]:
-    """(allocations, bytes used, disowned, carved spans, LIVE blocks) of one arena, with what breaks a rule."""
+def _arena_figures(arena: Arena, states: bytes, found: list[str], rules: bool) -> tuple[int, int, int, int, int]:
+    """(allocations, bytes used, disowned, carved spans, LIVE blocks) of one arena whose state bytes
+    were read as ``states``, with what breaks a rule."""
     i = arena.index
     count = used = disowned = carved = live = 0
     classes = arena.meta[128 : 128 + SPANS].tobytes()
-    states = arena.state.tobytes()
     for span in range(SPANS):
         c = classes[span] - 1
         lo = span * BLOCKS

@@ -10,11 +10,12 @@ and those reserved by the primary, stay records of the shared table
 The index is :data:`SHARDS` shards, a name's by the CRC32 of its bytes. Each
 shard has a robust mutex (:mod:`hugeshmd._sys`), a counter of its frees, and
 ``per_shard`` entries of 128 bytes: a state word, the CRC32 of the rest, then
-the zone (address, size, iova, creation time, alignment, segment, name). Every
-reserve and free of a user zone (of either kind) holds the mutex of its name's
-shard, so two workers meet only when their names share a shard. Lookups take
-no lock: they read the entry, and trust it when its CRC holds and it lies in a
-segment.
+the zone (address, size, iova, creation time, alignment, segment, the CRC32 of
+its name, name). Every reserve of a user zone (of either kind), and every free
+of a zone of the index, holds the mutex of its name's shard, so two workers meet
+only when their names share a shard. Lookups take
+no lock: they read the shard's state words and name hashes, then the entry
+whose hash matches, and trust it when its CRC holds and it lies in a segment.
 
 The block of a named zone is in the *custody* of its entry: its holder word
 (:func:`zone_custody`) names the entry, so the reclaim of its maker's arena
@@ -31,7 +32,14 @@ the next taker (told by EOWNERDEAD that the holder died) finishes or undoes
 * **free**: state FREEING; bump the shard's frees (lookups that cached the zone
   look again); free the block as a remote free does (REMOTE, its arena's owner
   collects it; reclaim does if the owner is dead); state EMPTY. Repair finishes
-  a FREEING entry the same way: each step is idempotent.
+  a FREEING entry the same way (each step is idempotent), and bumps the frees.
+
+A change given up half way by a process that lives on (an exception) is
+finished the same way by the next taker of the shard's mutex: under it, an
+entry INSERTING or FREEING is always abandoned. The primary tries every shard's
+mutex at each heartbeat (:meth:`Names.heal`), so none waits for the next change
+in its shard. Zones of the index carry no owner (a zone of the table records
+the worker that reserved it): their entries have no room for one.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from collections.abc import Callable, Iterator
 
 from .. import _sys
 from ..errors import TableBusy, TableCorrupt
-from .heap import CLASS_SIZES, DISOWNED, LIVE, REMOTE, Arena, class_for, custody
+from .heap import ARENA, CLASS_SIZES, DISOWNED, LIVE, REMOTE, Arena, class_for, custody
 from .layout import NAME_MAX, NOBODY, ZONE_HEAP_META, Owner, SegmentRecord, ZoneRecord
 from .zones import place
 
@@ -75,6 +83,7 @@ EMPTY, INSERTING, PUBLISHED, FREEING = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "empty", INSERTING: "inserting", PUBLISHED: "published", FREEING: "freeing"}
 ZONES_CUSTODY = 4094  # the custody index of named zones' blocks (channels use 0..4093; 4095 is the pins')
 MAX_ENTRIES = 0x7FFFF  # an entry's index is the sequence field of its blocks' holder word
+MAX_PER_SHARD = 256  # an index of 2 MiB at most (16,384 zones; more spill into the table)
 _ETIMEDOUT = 110
 
 
@@ -85,8 +94,9 @@ def zone_custody(entry: int) -> int:
 
 def per_shard_for(max_zones: int) -> int:
     """Entries per shard for a table of ``max_zones``: twice the even share, so that names that
-    hash unevenly still find room (a full shard makes a zone of the shared table instead)."""
-    return max(8, min(MAX_ENTRIES // SHARDS, -(-2 * max_zones // SHARDS)))
+    hash unevenly still find room (a full shard makes a zone of the shared table instead), 8 to
+    :data:`MAX_PER_SHARD`."""
+    return max(8, min(MAX_PER_SHARD, -(-2 * max_zones // SHARDS)))
 
 
 def names_size(per_shard: int) -> int:
@@ -108,16 +118,22 @@ def shard_of(field: bytes) -> int:
 ROOM = 4  # records the table must have free to make the index: the index, the heap's directory, an arena, a zone
 
 
-def _place_last(base: Snapshot, size: int, table: Table) -> ZoneRecord:
+def _place_last(base: Snapshot, size: int, table: Table) -> ZoneRecord | None:
     """Where the index goes: at the top of the last free run that holds it, so that it splits
-    no run that a large zone (or one aligned to a large page) could use; OutOfMemory if none does."""
-    for start, end, segment_id in reversed(base.gaps):
+    no run that a large zone (or one aligned to a large page) could use. None if it does not fit,
+    or no arena would fit beside it (then a zone of the heap could not be had anyway)."""
+    gaps = list(base.gaps)
+    for g in range(len(gaps) - 1, -1, -1):
+        start, end, segment_id = gaps[g]
         address = (end - size) & ~4095
         if address >= start:
+            gaps[g] = (start, address, segment_id)
+            if not any((s + ARENA - 1) & ~(ARENA - 1) <= e - ARENA for s, e, _ in gaps):
+                return None
             segment = next(s for s in base.segments if s.id == segment_id)
             return ZoneRecord(NAMES, address, size, table.iova_of(segment, address), 4096, segment_id, NOBODY,
                               time.time_ns(), ZONE_HEAP_META)
-    return place(base, NAMES, size, 4096, table.iova_of, flags=ZONE_HEAP_META)  # says what is free
+    return None
 
 
 def reserve_unindexed(table: Table, name: str, size: int, align: int, timeout: float | None = None,
@@ -181,6 +197,8 @@ class Names:
                         return None  # no room for the heap's own records: zones stay in the table
                     per_shard = per_shard_for(table.layout.max_zones)
                     record = _place_last(base, names_size(per_shard), table)
+                    if record is None:
+                        return None  # no room for the index and an arena beside it: zones stay in the table
                     ensure_mapped(record.address)
                     cls.initialize(record.address, record.size, per_shard)  # ours under the lock until the commit
                     table.commit(base, insert=record)
@@ -191,9 +209,10 @@ class Names:
     shard_of = staticmethod(shard_of)
 
     @staticmethod
-    def fits(size: int, align: int) -> bool:
-        """Whether a zone of ``size`` bytes aligned to ``align`` is a block of a size class."""
-        return class_for(size, align) is not None
+    def fits(size: int, align: int, page_size: int) -> bool:
+        """Whether a zone of ``size`` bytes aligned to ``align`` is a block of a size class (the
+        heap aligns to the page size at most)."""
+        return align <= page_size and class_for(size, align) is not None
 
     def zones(self, segments: tuple[SegmentRecord, ...]) -> list[ZoneRecord]:
         """The published zones (a moment's reading: each entry read once, lock-free)."""
@@ -255,7 +274,8 @@ class Names:
                 got = _decode(raw, entry, segments)
                 if isinstance(got, str):
                     torn = got
-                elif raw[0] == PUBLISHED and raw[NAME_AT : NAME_AT + len(field) + 1] == field + b"\0":
+                elif raw[0] == PUBLISHED and raw[NAME_AT : NAME_AT + len(field) + 1] == field + b"\0" \
+                        and self.state(entry) == PUBLISHED:  # the body read is a published one, not its next
                     return entry, got
             if torn is None:
                 return None
@@ -324,12 +344,20 @@ class Names:
 
     def lock(self, shard: int, repair: Callable[[int], None], timeout: float | None = None) -> None:
         """Take ``shard``'s mutex, at most ``timeout`` seconds (default: the lock timeout), then
-        TableBusy naming the holder; ``repair(shard)`` first if its last holder died holding it."""
+        TableBusy naming the holder; ``repair(shard)`` first if its last holder died holding it, or
+        left a change half done (an exception, a repair that failed): under the mutex an entry
+        INSERTING or FREEING is always abandoned."""
         at = self.address + SHARDS_AT + shard * SHARD
         err = _sys.mutex_trylock(at)
         if err == 16:  # EBUSY
             err = _sys.mutex_lock(at, self._timeout if timeout is None else timeout)
         if err == 0:
+            if self.abandoned(shard):  # a change that raised half way (its holder lives on): no one else will
+                try:
+                    repair(shard)
+                except BaseException:
+                    _sys.mutex_unlock(at)
+                    raise
             return
         if err == _sys.EOWNERDEAD:
             _sys.mutex_repaired(at, lambda: repair(shard))
@@ -347,17 +375,31 @@ class Names:
 
     def heal(self, arena_at: Callable[[int], Arena | None], segments: tuple[SegmentRecord, ...]) -> int:
         """Repair every shard whose mutex a dead process held (the primary, at each heartbeat):
-        a try of each lock, which only a dead holder's answers EOWNERDEAD; how many were."""
+        a try of each lock, which only a dead holder's answers EOWNERDEAD, and of each free one
+        with a change given up half way; how many were."""
         healed = 0
         for shard in range(SHARDS):
             at = self.address + SHARDS_AT + shard * SHARD
             err = _sys.mutex_trylock(at)
-            if err == _sys.EOWNERDEAD:
-                _sys.mutex_repaired(at, lambda: self.repair(shard, arena_at, segments))  # noqa: B023 - called now
-                healed += 1
-            if err in (0, _sys.EOWNERDEAD):
-                _sys.mutex_unlock(at)
+            try:
+                if err == _sys.EOWNERDEAD:
+                    _sys.mutex_repaired(at, lambda: self.repair(shard, arena_at, segments))  # noqa: B023 - now
+                    healed += 1
+                elif err == 0 and self.abandoned(shard):
+                    self.repair(shard, arena_at, segments)
+                    healed += 1
+            finally:
+                if err in (0, _sys.EOWNERDEAD):
+                    _sys.mutex_unlock(at)
         return healed
+
+    def abandoned(self, shard: int) -> bool:
+        """Whether ``shard`` has an entry INSERTING or FREEING, or in no state at all (held, only
+        a change given up half way)."""
+        per = self.per_shard
+        first = (self._entries_at + shard * per * ENTRY) // 4
+        states = self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tolist()
+        return bool(states.count(EMPTY) + states.count(PUBLISHED) != per)
 
     def unlock(self, shard: int) -> None:
         _sys.mutex_unlock(self.address + SHARDS_AT + shard * SHARD)
@@ -393,11 +435,13 @@ class Names:
             return 0
         k, c = found
         s = arena.state[k]
-        if arena.holder[k] != zone_custody(entry) or (s != LIVE and s != DISOWNED):
+        if arena.holder[k] != zone_custody(entry) or (s != LIVE and s != DISOWNED and s != REMOTE):
             return 0
+        # REMOTE without the arena's gate, as a block's holder may (see Heap._remote_free): reclaim
+        # writes an arena whose blocks name holders block by block, never over this byte
         arena.state[k] = REMOTE  # the holder word stays until the arena's owner collects it
-        arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF
-        return CLASS_SIZES[c] - arena.slack[k]
+        arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF  # again, if a repair finishes a release
+        return CLASS_SIZES[c] - arena.slack[k] if s != REMOTE else 0
 
     def repair(self, shard: int, arena_at: Callable[[int], Arena | None],
                segments: tuple[SegmentRecord, ...]) -> None:
@@ -414,11 +458,10 @@ class Names:
                     if arena is not None and found is not None:
                         held = arena.holder[found[0]] == zone_custody(entry) and arena.state[found[0]] == LIVE
                 self.set_state(entry, PUBLISHED if held else EMPTY)
-            elif state == FREEING:
+            elif state != EMPTY and state != PUBLISHED:  # FREEING, or damage: freed as FREEING is
                 self._release(entry, arena_at)
                 self.set_state(entry, EMPTY)
-            elif state not in (EMPTY, PUBLISHED):
-                self.set_state(entry, EMPTY)  # not a state: nothing it names can be trusted
+                self.frees[shard] = (self.frees[shard] + 1) & 0xFFFFFFFFFFFFFFFF  # lookups that cached it look again
 
 
 def _decode(raw: bytes, entry: int, segments: tuple[SegmentRecord, ...]) -> ZoneRecord | str:

@@ -266,14 +266,14 @@ class Secondary:
         """The zone ``name`` of the name index (:mod:`hugeshmd.shm.names`), cached with its
         shard's frees counter as read before the lookup; NotFound if there is none."""
         index = self._names_index(make=False)
-        if index is not None and not name.startswith(RESERVED):
+        if index is not None and isinstance(name, str) and not name.startswith(RESERVED) and "\0" not in name:
             field = index.field(name)
             shard = index.shard_of(field)
             frees = index.frees[shard]
-            assert self._snap is not None  # _zone checked that this Secondary is open
-            found = index.find(field, self._snap.segments)
+            found = index.find(field, self._table.snapshot().segments)
             if found is not None:
                 record = found[1]
+                self._ensure_mapped(record.address)  # its segment may be newer than this process's view
                 zone = (ReadOnlyZone(record, self._window) if self.read_only else make_zone(record, self._window))
                 self._named[name] = (zone, shard, frees)
                 return zone
@@ -283,16 +283,19 @@ class Secondary:
         """The instance's name index (made, under the writer lock, if ``make`` and there is none)."""
         index = self._names
         if index is None:
-            with self._lock:
-                index = self._names
-                if index is None:
-                    from .names import Names
+            from .names import Names
 
-                    assert self._window is not None
-                    index = Names.find_or_make(self._table, self._window, self._table.lock_timeout, make,
-                                               self._ensure_mapped)
-                    if index is not None:
+            window = self._window
+            if window is None:
+                self._check_open()
+            # Not under this Secondary's lock: making the index waits for the writer lock, whose
+            # holder (a heap claim in another thread) may need this Secondary's lock to refresh.
+            index = Names.find_or_make(self._table, window, self._table.lock_timeout, make, self._ensure_mapped)
+            if index is not None:
+                with self._lock:
+                    if self._names is None:
                         self._names, self._frees = index, index.frees
+                    index = self._names
         return index
 
     def _ensure_mapped(self, address: int) -> None:
@@ -366,7 +369,7 @@ class Secondary:
             if self._table.snapshot().record(name) is not None:
                 raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
             # the index is made for a zone of the heap, when the table has room for the heap's records
-            index = self._names_index(make=True) if Names.fits(size, align) else None
+            index = self._names_index(make=True) if Names.fits(size, align, self.page_size) else None
             if index is None:  # a zone of the table, with nothing named in an index to meet
                 done = zones.growing(lambda: reserve_unindexed(self._table, name, size, align, owner=self.owner),
                                      self.grow, size + align)
@@ -381,7 +384,7 @@ class Secondary:
             named, entry = index.probe(field)
             if named is not None or self._table.snapshot().record(name) is not None:
                 raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
-            if entry is not None and index.fits(size, align):  # a block of this worker's arena, named in the index
+            if entry is not None and index.fits(size, align, self.page_size):  # a block of this worker's arena
                 try:
                     return self._reserve_named(heap, index, entry, name, size, align)
                 except OutOfMemory:  # no arena to be had (a small instance): a zone of the table may fit
