@@ -80,6 +80,9 @@ _ADDRESS = struct.Struct("<Q")  # at byte 8 of an entry
 NAME_AT = 56  # the name field, in an entry
 assert _ENTRY.size == ENTRY and _BODY.size == ENTRY - 8 and _ENTRY.size - 8 - NAME_MAX - 1 == NAME_AT
 EMPTY, INSERTING, PUBLISHED, FREEING = 0, 1, 2, 3
+_U32 = struct.Struct("<I")
+_EMPTY = _U32.pack(EMPTY)
+_SETTLED = bytes((EMPTY, PUBLISHED))  # the bytes of the state words of a shard at rest (all others are 0)
 STATE_NAMES = {EMPTY: "empty", INSERTING: "inserting", PUBLISHED: "published", FREEING: "freeing"}
 ZONES_CUSTODY = 4094  # the custody index of named zones' blocks (channels use 0..4093; 4095 is the pins')
 MAX_ENTRIES = 0x7FFFF  # an entry's index is the sequence field of its blocks' holder word
@@ -256,17 +259,13 @@ class Names:
         first = (self._entries_at + s * per * ENTRY) // 4
         words, step = self._u32, ENTRY // 4
         torn = None
+        hashed = _U32.pack(h)
         for _ in range(64):
-            states = words[first : first + per * step : step].tolist()
-            hashes = words[first + HASH_WORD : first + per * step : step].tolist()
+            states = words[first : first + per * step : step].tobytes()
+            hashes = words[first + HASH_WORD : first + per * step : step].tobytes()
             torn = None
-            j = -1
-            while True:
-                try:
-                    j = hashes.index(h, j + 1)
-                except ValueError:
-                    break
-                if states[j] != PUBLISHED:
+            for j in _found(hashes, hashed):
+                if states[4 * j] != PUBLISHED:
                     continue
                 entry = s * per + j
                 at = self._entries_at + entry * ENTRY
@@ -291,25 +290,17 @@ class Names:
         per = self.per_shard
         first = (self._entries_at + s * per * ENTRY) // 4
         words, step = self._u32, ENTRY // 4
-        states = words[first : first + per * step : step].tolist()
-        hashes = words[first + HASH_WORD : first + per * step : step].tolist()
+        states = words[first : first + per * step : step].tobytes()
+        hashes = words[first + HASH_WORD : first + per * step : step].tobytes()
         named = None
-        j = -1
         want = field + b"\0"
-        while True:
-            try:
-                j = hashes.index(h, j + 1)
-            except ValueError:
-                break
+        for j in _found(hashes, _U32.pack(h)):
             at = self._entries_at + (s * per + j) * ENTRY + NAME_AT
-            if states[j] == PUBLISHED and self.mem[at : at + len(want)] == want:
+            if states[4 * j] == PUBLISHED and self.mem[at : at + len(want)] == want:
                 named = s * per + j
                 break
-        try:
-            vacant: int | None = s * per + states.index(EMPTY)
-        except ValueError:
-            vacant = None
-        return named, vacant
+        empty = next(_found(states, _EMPTY), None)
+        return named, None if empty is None else s * per + empty
 
     def vacant(self, shard: int) -> int | None:
         """An EMPTY entry of ``shard`` (call holding its mutex), or None: the shard is full."""
@@ -398,8 +389,8 @@ class Names:
         a change given up half way)."""
         per = self.per_shard
         first = (self._entries_at + shard * per * ENTRY) // 4
-        states = self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tolist()
-        return bool(states.count(EMPTY) + states.count(PUBLISHED) != per)
+        states = self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tobytes()
+        return bool(states.translate(None, _SETTLED))  # a byte of a state word that is neither
 
     def unlock(self, shard: int) -> None:
         _sys.mutex_unlock(self.address + SHARDS_AT + shard * SHARD)
@@ -462,6 +453,17 @@ class Names:
                 self._release(entry, arena_at)
                 self.set_state(entry, EMPTY)
                 self.frees[shard] = (self.frees[shard] + 1) & 0xFFFFFFFFFFFFFFFF  # lookups that cached it look again
+
+
+def _found(words: bytes, word: bytes) -> Iterator[int]:
+    """The indexes of the u32 words of ``words`` (bytes, read from the mapping) equal to ``word``
+    (packed). Bytes, not lists of ints: a lookup makes no object the garbage collector tracks, so
+    it adds nothing to the collections that other calls pay for."""
+    at = words.find(word)
+    while at >= 0:
+        if not at & 3:
+            yield at >> 2
+        at = words.find(word, at + 1)
 
 
 def _decode(raw: bytes, entry: int, segments: tuple[SegmentRecord, ...]) -> ZoneRecord | str:
