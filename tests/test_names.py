@@ -481,3 +481,66 @@ report = walk(shm._table, shm._window)
 out.update(violations=report.violations, pending=report.pending, named=report.named_zones)
 """)
     assert out == {"raised": True, "lookup": "NotFound", "violations": [], "pending": [], "named": 0}, out
+
+
+def test_a_read_only_worker_looks_up_named_zones_and_changes_none(start_primary, prefix, root):
+    start_primary(*HUGE)
+    script(prefix, root, """
+z = shm.reserve("shown", 300)
+z[0:4] = b"seen"
+""")
+    done = run_python(f"""
+import hugeshmd
+shm = hugeshmd.attach({prefix!r}, runtime_root={root!r}, read_only=True)
+zone = shm.lookup("shown")
+print(type(zone).__name__, bytes(zone.view()[0:4]).decode(), [z.name for z in shm.zones])
+for call in (lambda: shm.reserve("more", 64), lambda: shm.free("shown")):
+    try:
+        call()
+    except hugeshmd.AccessDenied:
+        print("AccessDenied")
+""", root)
+    assert done.stdout.split() == ["ReadOnlyZone", "seen", "['shown']", "AccessDenied", "AccessDenied"], done.stdout
+    assert settled(prefix, root)["figures"]["named_zones"] == 1
+
+
+def test_threads_and_a_forked_child_reserve_and_free_names_of_one_shard(start_primary, prefix, root):
+    """Threads of one process meet on a shard's mutex as processes do; a forked child reserves
+    in arenas of its own and frees its parent's zones."""
+    start_primary(*HUGE)
+    out = script(prefix, root, SAME_SHARD + """
+import threading
+names = peers[:40]
+errors = []
+def work(part):
+    try:
+        for _ in range(20):
+            for n in part:
+                shm.reserve(n, 128)
+            for n in part:
+                shm.free(n)
+    except Exception as err:
+        errors.append(repr(err))
+threads = [threading.Thread(target=work, args=(names[i::4],)) for i in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+out["errors"] = errors
+kept = shm.reserve("parents", 64)
+pid = os.fork()
+if pid == 0:
+    mine = shm.reserve("childs", 64)
+    ok = mine.address & ~((2 << 20) - 1) != kept.address & ~((2 << 20) - 1)  # another arena
+    shm.free("parents")
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+out["child"] = os.waitstatus_to_exitcode(status)
+try:
+    shm.lookup("parents")
+    out["parents"] = "found"
+except hugeshmd.NotFound:
+    out["parents"] = "NotFound"
+out["childs"] = shm.lookup("childs").size
+from hugeshmd.shm.heapcheck import walk
+out["violations"] = walk(shm._table, shm._window).violations
+""")
+    assert out == {"errors": [], "child": 0, "parents": "NotFound", "childs": 64, "violations": []}, out
