@@ -544,3 +544,115 @@ from hugeshmd.shm.heapcheck import walk
 out["violations"] = walk(shm._table, shm._window).violations
 """)
     assert out == {"errors": [], "child": 0, "parents": "NotFound", "childs": 64, "violations": []}, out
+
+
+def test_a_repair_killed_after_it_emptied_the_entry_leaves_cached_lookups_looking_again(start_primary, prefix,
+                                                                                          root):
+    """The frees counter is bumped before the entry goes EMPTY, by a free and by a repair alike: a
+    repairer killed between the two left the counter as it was, and a worker's cached lookup
+    returned the freed zone for good (a second review)."""
+    start_primary(*HUGE)
+    out = script(prefix, root, SAME_SHARD + """
+other = hugeshmd.attach(shm.prefix, runtime_root=os.environ["HUGESHMD_RUNTIME_ROOT"])
+shm.reserve("victim", 500)
+assert other.lookup("victim")              # cached, with the shard's frees
+die_mid_free("victim")
+pid = os.fork()
+if pid == 0:                               # the repairer, killed right after it empties the entry
+    real = N.Names.set_state
+    def set_state(self, entry, state):
+        real(self, entry, state)
+        if state == N.EMPTY:
+            os._exit(0)
+    N.Names.set_state = set_state
+    index.lock(shard, shm._repair_names)
+    os._exit(1)
+os.waitpid(pid, 0)
+try:
+    other.lookup("victim")
+    out["cached"] = "found"
+except hugeshmd.NotFound:
+    out["cached"] = "NotFound"
+""")
+    assert out == {"cached": "NotFound"}, out
+
+
+def test_a_repair_never_marks_freed_a_block_its_owner_took_back(start_primary, prefix, root):
+    """A remover stopped after it freed the block (REMOTE): the owner may collect it and hand it
+    out again before the repair reads the block; the repair must not store REMOTE over it then
+    (a second review: the block would have gone to two users)."""
+    start_primary(*HUGE)
+    out = script(prefix, root, SAME_SHARD + """
+zone = shm.reserve("victim", 500)
+address = zone.address
+pid = os.fork()
+if pid == 0:                               # a remover stopped after its REMOTE store
+    index.lock(shard, shm._repair_names)
+    entry = index.probe(index.field("victim"))[0]
+    index.set_state(entry, N.FREEING)
+    index._release(entry, shm._heap._arena_at)
+    os._exit(0)
+os.waitpid(pid, 0)
+heap = shm._heap
+arena = heap._arena_at(address)
+taken = []
+
+class Holders:                             # the owner collects and reallocates right after the repair's read
+    def __init__(self, real):
+        self.real = real
+    def __getitem__(self, k):
+        word = self.real[k]
+        if not taken:
+            heap._collect(arena)
+            for _ in range(64):
+                taken.append(shm.alloc(500))
+                if taken[-1].address == address:
+                    break
+        return word
+    def __setitem__(self, k, v):
+        self.real[k] = v
+
+class Sneaky:
+    def __init__(self, real):
+        self.real, self.holder = real, Holders(real.holder)
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+def repair(s):                             # the next taker of the lock (EOWNERDEAD) repairs, with the owner racing it
+    index.repair(s, lambda a: Sneaky(arena) if a == address else heap._arena_at(a), shm._table.snapshot().segments)
+
+index.lock(shard, repair)
+index.unlock(shard)
+k = arena.locate(address)[0]
+out["reused"] = any(b.address == address for b in taken)
+out["state"] = arena.state[k]              # 1: LIVE, its new user's
+""")
+    assert out == {"reused": True, "state": 1}, out
+
+
+def test_a_damaged_state_word_is_an_error_for_its_name_and_frees_nothing(start_primary, prefix, root):
+    """A state word that is none of the four (a flipped bit) is damage: the zone is neither freed
+    under its users by the next taker of the shard nor named twice; its name's calls raise
+    TableCorrupt and the checker reports it (a second review)."""
+    start_primary(*HUGE)
+    out = script(prefix, root, SAME_SHARD + """
+zone = shm.reserve("victim", 500)
+zone[0:4] = b"kept"
+entry = index.probe(index.field("victim"))[0]
+index.set_state(entry, N.PUBLISHED | 0x100)
+fresh = hugeshmd.attach(shm.prefix, runtime_root=os.environ["HUGESHMD_RUNTIME_ROOT"])  # nothing cached
+for call in (lambda: shm.reserve("victim", 64), lambda: shm.free("victim"), lambda: fresh.lookup("victim")):
+    try:
+        call()
+        out.setdefault("calls", []).append("done")
+    except hugeshmd.TableCorrupt:
+        out.setdefault("calls", []).append("TableCorrupt")
+shm.reserve(peers[0], 64)  # another name of the shard: its lock taken, nothing repaired
+heap = shm._heap
+arena = heap._arena_at(zone.address)
+out["block"] = arena.state[arena.locate(zone.address)[0]]
+out["data"] = bytes(zone[0:4]).decode()
+from hugeshmd.shm.heapcheck import walk
+out["reported"] = any("unknown state" in v for v in walk(shm._table, shm._window).violations)
+""")
+    assert out == {"calls": ["TableCorrupt"] * 3, "block": 1, "data": "kept", "reported": True}, out

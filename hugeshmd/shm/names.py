@@ -47,6 +47,7 @@ from __future__ import annotations
 import struct
 import time
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 
 from .. import _sys
@@ -82,8 +83,8 @@ assert _ENTRY.size == ENTRY and _BODY.size == ENTRY - 8 and _ENTRY.size - 8 - NA
 EMPTY, INSERTING, PUBLISHED, FREEING = 0, 1, 2, 3
 _U32 = struct.Struct("<I")
 _EMPTY = _U32.pack(EMPTY)
-_SETTLED = bytes((EMPTY, PUBLISHED))  # the bytes of the state words of a shard at rest (all others are 0)
 STATE_NAMES = {EMPTY: "empty", INSERTING: "inserting", PUBLISHED: "published", FREEING: "freeing"}
+_STATES = frozenset(STATE_NAMES)
 ZONES_CUSTODY = 4094  # the custody index of named zones' blocks (channels use 0..4093; 4095 is the pins')
 MAX_ENTRIES = 0x7FFFF  # an entry's index is the sequence field of its blocks' holder word
 MAX_PER_SHARD = 256  # an index of 2 MiB at most (16,384 zones; more spill into the table)
@@ -260,12 +261,17 @@ class Names:
         words, step = self._u32, ENTRY // 4
         torn = None
         hashed = _U32.pack(h)
+        want = field + b"\0"
         for _ in range(64):
             states = words[first : first + per * step : step].tobytes()
             hashes = words[first + HASH_WORD : first + per * step : step].tobytes()
             torn = None
             for j in _found(hashes, hashed):
-                if states[4 * j] != PUBLISHED:
+                state = _U32.unpack_from(states, 4 * j)[0]
+                if state != PUBLISHED:
+                    at = self._entries_at + (s * per + j) * ENTRY + NAME_AT
+                    if state not in _STATES and self.mem[at : at + len(want)] == want:
+                        raise self._unknown(s * per + j, state)
                     continue
                 entry = s * per + j
                 at = self._entries_at + entry * ENTRY
@@ -273,8 +279,8 @@ class Names:
                 got = _decode(raw, entry, segments)
                 if isinstance(got, str):
                     torn = got
-                elif raw[0] == PUBLISHED and raw[NAME_AT : NAME_AT + len(field) + 1] == field + b"\0" \
-                        and self.state(entry) == PUBLISHED:  # the body read is a published one, not its next
+                elif (_U32.unpack_from(raw)[0] == PUBLISHED and raw[NAME_AT : NAME_AT + len(field) + 1] == want
+                      and self.state(entry) == PUBLISHED):  # the body read is a published one, not its next
                     return entry, got
             if torn is None:
                 return None
@@ -283,8 +289,9 @@ class Names:
     def probe(self, field: bytes) -> tuple[int | None, int | None]:
         """(the published entry named ``field``, an EMPTY entry of its shard), each None if there
         is none: exact under the shard's mutex, a moment's reading without it. The name is compared
-        in place, its entry not decoded: a reserve is refused, and a free frees, on a damaged entry
-        too (a free only frees a block that the entry holds: see :meth:`_release`)."""
+        in place, its entry not decoded: a reserve is refused, and a free frees, on an entry whose
+        body is damaged too (a free only frees a block that the entry holds: see :meth:`_release`).
+        An entry of that name whose state word is none of the four is TableCorrupt."""
         h = zlib.crc32(field)
         s = h % SHARDS
         per = self.per_shard
@@ -296,11 +303,21 @@ class Names:
         want = field + b"\0"
         for j in _found(hashes, _U32.pack(h)):
             at = self._entries_at + (s * per + j) * ENTRY + NAME_AT
-            if states[4 * j] == PUBLISHED and self.mem[at : at + len(want)] == want:
+            state = _U32.unpack_from(states, 4 * j)[0]
+            if state not in _STATES and self.mem[at : at + len(want)] == want:
+                raise self._unknown(s * per + j, state)
+            if state == PUBLISHED and self.mem[at : at + len(want)] == want:
                 named = s * per + j
                 break
         empty = next(_found(states, _EMPTY), None)
         return named, None if empty is None else s * per + empty
+
+    @staticmethod
+    def _unknown(entry: int, state: int) -> TableCorrupt:
+        """The error for a name whose entry's state word is none of the four: damage, which no
+        repair touches (its zone may be in use); the checker reports it too."""
+        return TableCorrupt(f"the zone name index: entry {entry} has state {state:#x}, which is none; its zone "
+                            "is neither used nor freed by hugeshmd until the instance is made anew")
 
     def vacant(self, shard: int) -> int | None:
         """An EMPTY entry of ``shard`` (call holding its mutex), or None: the shard is full."""
@@ -369,28 +386,36 @@ class Names:
         a try of each lock, which only a dead holder's answers EOWNERDEAD, and of each free one
         with a change given up half way; how many were."""
         healed = 0
+        failed: Exception | None = None
         for shard in range(SHARDS):
             at = self.address + SHARDS_AT + shard * SHARD
             err = _sys.mutex_trylock(at)
+            held = err in (0, _sys.EOWNERDEAD)
             try:
                 if err == _sys.EOWNERDEAD:
+                    held = False  # mutex_repaired gives the lock back if the repair raises
                     _sys.mutex_repaired(at, lambda: self.repair(shard, arena_at, segments))  # noqa: B023 - now
+                    held = True
                     healed += 1
                 elif err == 0 and self.abandoned(shard):
                     self.repair(shard, arena_at, segments)
                     healed += 1
+            except Exception as err_:  # noqa: BLE001 - the other shards still get their turn
+                failed = failed or err_
             finally:
-                if err in (0, _sys.EOWNERDEAD):
+                if held:
                     _sys.mutex_unlock(at)
+        if failed is not None:
+            raise failed
         return healed
 
     def abandoned(self, shard: int) -> bool:
-        """Whether ``shard`` has an entry INSERTING or FREEING, or in no state at all (held, only
-        a change given up half way)."""
+        """Whether ``shard`` has an entry INSERTING or FREEING (under its mutex, only a change given
+        up half way). Whole words: a damaged one is neither (see :meth:`repair`)."""
         per = self.per_shard
         first = (self._entries_at + shard * per * ENTRY) // 4
-        states = self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tobytes()
-        return bool(states.translate(None, _SETTLED))  # a byte of a state word that is neither
+        states = array("I", self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tobytes())
+        return bool(states.count(INSERTING) or states.count(FREEING))
 
     def unlock(self, shard: int) -> None:
         _sys.mutex_unlock(self.address + SHARDS_AT + shard * SHARD)
@@ -426,13 +451,19 @@ class Names:
             return 0
         k, c = found
         s = arena.state[k]
-        if arena.holder[k] != zone_custody(entry) or (s != LIVE and s != DISOWNED and s != REMOTE):
+        if arena.holder[k] != zone_custody(entry):
+            return 0
+        if s == REMOTE:  # released by a remover that stopped before its hint: the hint again, nothing more
+            arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF  # (a store of REMOTE here could land on the
+            return 0  # block after its owner collected it and handed it out anew)
+        if s != LIVE and s != DISOWNED:
             return 0
         # REMOTE without the arena's gate, as a block's holder may (see Heap._remote_free): reclaim
-        # writes an arena whose blocks name holders block by block, never over this byte
+        # writes an arena whose blocks name holders block by block, and the owner collects only
+        # REMOTE blocks, so no one else writes this LIVE byte meanwhile
         arena.state[k] = REMOTE  # the holder word stays until the arena's owner collects it
-        arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF  # again, if a repair finishes a release
-        return CLASS_SIZES[c] - arena.slack[k] if s != REMOTE else 0
+        arena.hint[0] = (arena.hint[0] + 1) & 0xFFFFFFFF
+        return CLASS_SIZES[c] - arena.slack[k]
 
     def repair(self, shard: int, arena_at: Callable[[int], Arena | None],
                segments: tuple[SegmentRecord, ...]) -> None:
@@ -449,10 +480,12 @@ class Names:
                     if arena is not None and found is not None:
                         held = arena.holder[found[0]] == zone_custody(entry) and arena.state[found[0]] == LIVE
                 self.set_state(entry, PUBLISHED if held else EMPTY)
-            elif state != EMPTY and state != PUBLISHED:  # FREEING, or damage: freed as FREEING is
-                self._release(entry, arena_at)
+            elif state == FREEING:
+                self.frees[shard] = (self.frees[shard] + 1) & 0xFFFFFFFFFFFFFFFF  # first, as remove() does: a
+                self._release(entry, arena_at)  # repairer killed after it leaves it bumped, lookups look again
                 self.set_state(entry, EMPTY)
-                self.frees[shard] = (self.frees[shard] + 1) & 0xFFFFFFFFFFFFFFFF  # lookups that cached it look again
+            # any other state but EMPTY and PUBLISHED is damage: left as it is (the checker reports it),
+            # not freed under processes that may hold the zone
 
 
 def _found(words: bytes, word: bytes) -> Iterator[int]:

@@ -290,9 +290,14 @@ class Secondary:
                 self._check_open()
             # Not under this Secondary's lock: making the index waits for the writer lock, whose
             # holder (a heap claim in another thread) may need this Secondary's lock to refresh.
-            index = Names.find_or_make(self._table, window, self._table.lock_timeout, make, self._ensure_mapped)
+            try:
+                index = Names.find_or_make(self._table, window, self._table.lock_timeout, make, self._ensure_mapped)
+            except ValueError:  # the table's mapping released: closed by another thread meanwhile
+                self._check_open()
+                raise
             if index is not None:
                 with self._lock:
+                    self._check_open()  # closed meanwhile: keep nothing that holds the mapping
                     if self._names is None:
                         self._names, self._frees = index, index.frees
                     index = self._names
