@@ -32,7 +32,8 @@ the next taker (told by EOWNERDEAD that the holder died) finishes or undoes
 * **free**: state FREEING; bump the shard's frees (lookups that cached the zone
   look again); free the block as a remote free does (REMOTE, its arena's owner
   collects it; reclaim does if the owner is dead); state EMPTY. Repair finishes
-  a FREEING entry the same way (each step is idempotent), and bumps the frees.
+  a FREEING entry the same way, the frees bumped first (each step is idempotent;
+  a block already released only gets its owner's hint again).
 
 A change given up half way by a process that lives on (an exception) is
 finished the same way by the next taker of the shard's mutex: under it, an
