@@ -162,7 +162,7 @@ if step in ("freeing", "released"):
         index._release(entry, shm._heap._arena_at)
 else:
     buf = shm.alloc(500)
-    entry = index.vacant(shard)
+    entry = index.probe(field)[1]  # a vacant entry of the shard
     seg = shm._table.snapshot().segments[0]
     record = ZoneRecord("victim", buf.address, 500, buf.address, 64, seg.id, NOBODY, time.time_ns(), 0)
     index.write(entry, record)

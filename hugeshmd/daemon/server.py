@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AlreadyExists, HugeshmdError
+from ..errors import HugeshmdError
 from ..shm import zones
 from ..shm.layout import STATE_NAMES, ZoneRecord
 from ..wire import protocol
@@ -128,7 +128,7 @@ class RequestServer:
         index.lock(shard, self._repair, LOCK_WAIT_S)
         try:
             if index.probe(field)[0] is not None:
-                raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+                raise zones.taken(name)
             return _zone_fields(zones.reserve(table, name, size, align, LOCK_WAIT_S)[2])
         finally:
             index.unlock(shard)

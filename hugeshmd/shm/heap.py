@@ -698,13 +698,9 @@ class Heap:
     def _ensure_mapped(self, address: int) -> None:
         """Map the segment holding ``address`` if this process has not yet (the instance grew
         since it last looked): no access of the heap's may fault on the window's reservation."""
-        segments = getattr(self._keepalive, "segments", None)
-        if segments is None:
-            return
-        for a, n in list(segments.values()):
-            if a <= address < a + n:
-                return
-        self._refresh()
+        maps = getattr(self._keepalive, "maps", None)  # a Window
+        if maps is not None and not maps(address):
+            self._refresh()
 
     def _arena(self, i: int, address: int) -> Arena:
         arena = self._arenas.get(address)

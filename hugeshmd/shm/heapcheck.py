@@ -317,6 +317,8 @@ def _walk_names(zone: Any, keepalive: object, segments: Any, report: HeapReport,
         report.violations.append(str(err))
         return
     report._names = names
+    directory = report._directory
+    arenas = {e[0]: Arena(i, e[0], None) for i, e in directory.entries() if e[0]} if directory is not None else {}
     for entry, state in names.entries():
         if state in (INSERTING, FREEING):
             report.pending.append(f"zone name entry {entry}: a {'reserve' if state == INSERTING else 'free'} was "
@@ -333,28 +335,21 @@ def _walk_names(zone: Any, keepalive: object, segments: Any, report: HeapReport,
                 report.violations.append(f"the zone name index: {record}")
             continue
         report.named_zones += 1
-        if rules and not _named_block_held(report, record.address, entry):
+        if rules and not _named_block_held(arenas, record.address, entry):
             if names.state(entry) == PUBLISHED and names.read(entry, segments) == record:
                 report.violations.append(f"zone {record.name!r} (name entry {entry}) names {record.address:#x}, "
                                          "which is not a live block held by that entry")
 
 
-def _named_block_held(report: HeapReport, address: int, entry: int) -> bool:
-    """Whether the block at ``address`` is live and held by name entry ``entry``."""
-    from .heap import LIVE
+def _named_block_held(arenas: dict[int, Arena], address: int, entry: int) -> bool:
+    """Whether the block at ``address`` is live and held by name entry ``entry`` (``arenas``: the
+    directory's arenas by address, read once for the walk)."""
     from .names import zone_custody
 
-    directory = report._directory
-    if directory is None:
-        return False
-    base = address & ~(ARENA - 1)
-    for i, e in directory.entries():
-        if e[0] == base:
-            arena = Arena(i, base, None)
-            found = arena.locate(address)
-            return found is not None and arena.state[found[0]] == LIVE and \
-                arena.holder[found[0]] == zone_custody(entry)
-    return False
+    arena = arenas.get(address & ~(ARENA - 1))
+    found = arena.locate(address) if arena is not None else None
+    return found is not None and arena is not None and arena.state[found[0]] == LIVE and \
+        arena.holder[found[0]] == zone_custody(entry)
 
 
 def _check_named_block(arena: Arena, k: int, word: int, report: HeapReport, found: list[str]) -> None:

@@ -256,26 +256,20 @@ class Names:
         failing is damage (TableCorrupt). A state word is stored after the rest of its entry
         (x86-64 keeps stores in order), so a PUBLISHED state read before the hash vouches for it."""
         h = zlib.crc32(field)
-        s = h % SHARDS
-        per = self.per_shard
-        first = (self._entries_at + s * per * ENTRY) // 4
-        words, step = self._u32, ENTRY // 4
-        torn = None
         hashed = _U32.pack(h)
         want = field + b"\0"
+        torn = None
         for _ in range(64):
-            states = words[first : first + per * step : step].tobytes()
-            hashes = words[first + HASH_WORD : first + per * step : step].tobytes()
+            first, states, hashes = self._shard(h % SHARDS)
             torn = None
             for j in _found(hashes, hashed):
                 state = _U32.unpack_from(states, 4 * j)[0]
                 if state != PUBLISHED:
-                    at = self._entries_at + (s * per + j) * ENTRY + NAME_AT
-                    if state not in _STATES and self.mem[at : at + len(want)] == want:
-                        raise self._unknown(s * per + j, state)
+                    if state not in _STATES and self._named(first + j, want):
+                        raise self._unknown(first + j, state)
                     continue
-                entry = s * per + j
-                at = self._entries_at + entry * ENTRY
+                entry = first + j
+                at = self._at(entry)
                 raw = self.mem[at : at + ENTRY].tobytes()
                 got = _decode(raw, entry, segments)
                 if isinstance(got, str):
@@ -294,24 +288,32 @@ class Names:
         body is damaged too (a free only frees a block that the entry holds: see :meth:`_release`).
         An entry of that name whose state word is none of the four is TableCorrupt."""
         h = zlib.crc32(field)
-        s = h % SHARDS
-        per = self.per_shard
-        first = (self._entries_at + s * per * ENTRY) // 4
-        words, step = self._u32, ENTRY // 4
-        states = words[first : first + per * step : step].tobytes()
-        hashes = words[first + HASH_WORD : first + per * step : step].tobytes()
+        first, states, hashes = self._shard(h % SHARDS)
         named = None
         want = field + b"\0"
         for j in _found(hashes, _U32.pack(h)):
-            at = self._entries_at + (s * per + j) * ENTRY + NAME_AT
             state = _U32.unpack_from(states, 4 * j)[0]
-            if state not in _STATES and self.mem[at : at + len(want)] == want:
-                raise self._unknown(s * per + j, state)
-            if state == PUBLISHED and self.mem[at : at + len(want)] == want:
-                named = s * per + j
+            if (state == PUBLISHED or state not in _STATES) and self._named(first + j, want):
+                if state != PUBLISHED:
+                    raise self._unknown(first + j, state)
+                named = first + j
                 break
         empty = next(_found(states, _EMPTY), None)
-        return named, None if empty is None else s * per + empty
+        return named, None if empty is None else first + empty
+
+    def _shard(self, shard: int) -> tuple[int, bytes, bytes]:
+        """(its first entry, its entries' state words, their name hashes) of ``shard``: two strided
+        reads of the mapping, as bytes (no object the garbage collector tracks)."""
+        per = self.per_shard
+        first = (self._entries_at + shard * per * ENTRY) // 4
+        words, step = self._u32, ENTRY // 4
+        return (shard * per, words[first : first + per * step : step].tobytes(),
+                words[first + HASH_WORD : first + per * step : step].tobytes())
+
+    def _named(self, entry: int, want: bytes) -> bool:
+        """Whether entry ``entry``'s name field starts with ``want`` (a name and its NUL), in place."""
+        at = self._at(entry) + NAME_AT
+        return bool(self.mem[at : at + len(want)] == want)
 
     @staticmethod
     def _unknown(entry: int, state: int) -> TableCorrupt:
@@ -319,16 +321,6 @@ class Names:
         repair touches (its zone may be in use); the checker reports it too."""
         return TableCorrupt(f"the zone name index: entry {entry} has state {state:#x}, which is none; its zone "
                             "is neither used nor freed by hugeshmd until the instance is made anew")
-
-    def vacant(self, shard: int) -> int | None:
-        """An EMPTY entry of ``shard`` (call holding its mutex), or None: the shard is full."""
-        per = self.per_shard
-        first = self._at(shard * per) // 4
-        states: list[int] = self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tolist()
-        try:
-            return int(shard * per + states.index(EMPTY))
-        except ValueError:
-            return None
 
     def write(self, entry: int, record: ZoneRecord) -> None:
         """Fill EMPTY entry ``entry`` with ``record`` (its state untouched: still EMPTY)."""
@@ -413,9 +405,7 @@ class Names:
     def abandoned(self, shard: int) -> bool:
         """Whether ``shard`` has an entry INSERTING or FREEING (under its mutex, only a change given
         up half way). Whole words: a damaged one is neither (see :meth:`repair`)."""
-        per = self.per_shard
-        first = (self._entries_at + shard * per * ENTRY) // 4
-        states = array("I", self._u32[first : first + per * ENTRY // 4 : ENTRY // 4].tobytes())
+        states = array("I", self._shard(shard)[1])
         return bool(states.count(INSERTING) or states.count(FREEING))
 
     def unlock(self, shard: int) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from .. import _fork
 from ..errors import (
     AccessDenied,
-    AlreadyExists,
     HandleClosed,
     HugeshmdError,
     InvalidArgument,
@@ -306,7 +305,7 @@ class Secondary:
     def _ensure_mapped(self, address: int) -> None:
         """Map any segment this process has not yet (the instance grew), so ``address`` is."""
         assert self._window is not None
-        if not any(a <= address < a + n for a, n in list(self._window.segments.values())):
+        if not self._window.maps(address):
             self._refresh()
 
     @property
@@ -372,7 +371,7 @@ class Secondary:
             from .names import Names, reserve_unindexed
 
             if self._table.snapshot().record(name) is not None:
-                raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+                raise zones.taken(name)
             # the index is made for a zone of the heap, when the table has room for the heap's records
             index = self._names_index(make=True) if Names.fits(size, align, self.page_size) else None
             if index is None:  # a zone of the table, with nothing named in an index to meet
@@ -388,7 +387,7 @@ class Secondary:
         try:
             named, entry = index.probe(field)
             if named is not None or self._table.snapshot().record(name) is not None:
-                raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+                raise zones.taken(name)
             if entry is not None and index.fits(size, align, self.page_size):  # a block of this worker's arena
                 try:
                     return self._reserve_named(heap, index, entry, name, size, align)

@@ -157,6 +157,10 @@ class Window:
             raise
         self.segments[segment_id] = (address, length)
 
+    def maps(self, address: int) -> bool:
+        """Whether ``address`` lies in a segment mapped in this window."""
+        return any(a <= address < a + n for a, n in list(self.segments.values()))
+
     def unmap(self, segment_id: int) -> None:
         """Drop a segment's pages; its range stays reserved. Idempotent."""
         with _fork.guard:

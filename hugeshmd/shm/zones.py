@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Zone", "ReadOnlyZone", "check_name", "check_user_name", "RESERVED", "check_size", "check_align", "place",
-    "find", "growing", "reserve", "free", "make_zone",
+    "find", "growing", "reserve", "free", "make_zone", "taken",
 ]  # fmt: skip
 
 DEFAULT_ALIGN = 64  # a cache line, as DPDK's memzones
@@ -94,6 +94,11 @@ def find(snapshot: Snapshot, name: str) -> ZoneRecord:
     return record
 
 
+def taken(name: str) -> AlreadyExists:
+    """The error for a reserve of a name a zone already has (of the table or of the heap's index)."""
+    return AlreadyExists(f"a zone named {name!r} already exists", name=name)
+
+
 IovaOf = Callable[[SegmentRecord, int], int]
 
 
@@ -104,7 +109,7 @@ def place(snapshot: Snapshot, name: str, size: int, align: int, iova_of: IovaOf,
     Raises AlreadyExists if the name is taken, OutOfMemory if no gap fits.
     """
     if name in snapshot.by_name:
-        raise AlreadyExists(f"a zone named {name!r} already exists", name=name)
+        raise taken(name)
     mask = align - 1
     for start, end, segment_id in snapshot.gaps:
         if end - start >= size:
