@@ -211,6 +211,59 @@ def test_a_blocked_sender_wakes_when_a_receiver_makes_room(inst: Instance) -> No
     assert second.sent
 
 
+def blocked_sender(inst: Instance) -> tuple[Channel, Channel, Any, threading.Thread]:
+    """A channel of 8 made full by one worker, whose thread then sends one more (timeout 20 s)
+    and is asleep for room: the sender's handle, a receiver's, the buffer, the thread."""
+    a, b = inst.heap(), inst.heap()
+    ca, cb = chan(inst, a, 8), chan(inst, b, 8)
+    for _ in range(8):
+        ca.send(a.alloc(64))
+    last = a.alloc(64)
+    t = threading.Thread(target=ca.send, args=(last, 20))
+    t.start()
+    while not ca._words[384 // 8]:  # the sender counted itself asleep
+        time.sleep(0.001)
+    return ca, cb, last, t
+
+
+def test_a_sender_asleep_for_room_is_woken_once_half_the_ring_is_free(inst: Instance, monkeypatch: Any) -> None:
+    """A receive wakes a sender asleep on a full ring only when it leaves half the ring free:
+    woken for each slot, a sender ran for one message and slept again, a futex wake and a
+    wake-up per message (40k of each a second in a one-producer pipeline)."""
+    from hugeshmd.shm import channel as module
+
+    monkeypatch.setattr(module, "ROOM_NAP", 30.0)  # woken only by a receive, for this test
+    wakes: list[int] = []
+    real_wake = _sys.futex_wake
+    monkeypatch.setattr(_sys, "futex_wake", lambda at, n=0x7FFFFFFF: (wakes.append(at), real_wake(at, n))[1])
+    ca, cb, last, t = blocked_sender(inst)
+    got = [cb.recv(0) for _ in range(3)]  # 5 of 8 left: more than half full
+    t.join(0.2)
+    assert t.is_alive() and not last.sent
+    assert ca._address + HEAD_AT not in wakes
+    got.append(cb.recv(0))  # 4 of 8 left: half the ring free
+    t.join(5)
+    assert last.sent and wakes.count(ca._address + HEAD_AT) == 1
+    got += cb.recv_many(8, 0)
+    assert len(got) == 9
+    for buf in got:
+        buf.free()
+
+
+def test_a_sender_asleep_for_room_looks_again_within_its_nap(inst: Instance) -> None:
+    """A receiver that takes less than half a full ring and stops wakes no one: the sender sees
+    the room when its nap (ROOM_NAP) ends, well before its timeout."""
+    from hugeshmd.shm.channel import ROOM_NAP
+
+    ca, cb, last, t = blocked_sender(inst)
+    t0 = time.monotonic()
+    cb.recv(0).free()
+    t.join(5)
+    assert last.sent and time.monotonic() - t0 < ROOM_NAP + 1.0
+    for buf in cb.recv_many(8, 0):
+        buf.free()
+
+
 def test_arecv_waits_without_blocking_the_loop(inst: Instance) -> None:
     a, b = inst.heap(), inst.heap()
     ca, cb = chan(inst, a), chan(inst, b)

@@ -47,7 +47,14 @@ other side publishes, releases its own lock (a full barrier too), then reads
 the count and wakes: neither can miss the other. A receive wakes one sleeping
 sender, not all: on a full channel with many senders, waking all made each of
 them run for one slot of room and sleep again; the one woken wakes the next
-when it leaves room behind (:meth:`Channel._pass_on`).
+when it leaves room behind (:meth:`Channel._pass_on`). And it wakes it only once
+the ring is half empty (:func:`room_to_wake`), as a pipe wakes its writer a page
+at a time: woken for each slot, a sender that outran its receiver sent one
+message and slept again, one futex wake and one wake-up per message (40k a
+second each in a one-producer pipeline here, and with four producers on two
+CPUs the wake-ups took the receiver's CPU). A sleeping sender looks again every
+ROOM_NAP (50 ms) unwoken, so a receiver that takes less than half a full ring
+and stops leaves the room it made unused for at most that long.
 
 A waiter killed asleep would leave the count one too high for good, and the
 other side would pay a futex wake (about a microsecond) on every call after. So
@@ -126,6 +133,7 @@ REMOVER_AT = 448  # u64: the worker removing the channel, (registry entry + 1) <
 PRIMARY_REMOVER = 0xFFFFFFFF << 32 | 1  # the remover word of the primary finishing a dead remover's removal
 SLOTS_AT = 512
 SLOT = struct.Struct("<QQ")  # address, size asked for
+ROOM_NAP = 0.05  # a sender asleep for room looks again after this long, woken or not (see the docstring)
 _EBUSY, _ETIMEDOUT = 16, 110
 _TAILW, _HEADW, _RWAITW, _SWAITW = TAIL_AT // 8, HEAD_AT // 8, RWAIT_AT // 8, SWAIT_AT // 8
 _ARENA_MASK = ~(ARENA - 1)
@@ -140,6 +148,12 @@ def _period() -> int:
     """The period sleepers count themselves in: 2**31 ns (about 2.1 s) of CLOCK_MONOTONIC, which
     every process of the host shares."""
     return time.monotonic_ns() >> 31 & 0xFFFFFFFF
+
+
+def room_to_wake(capacity: int) -> int:
+    """The room a receive must leave in a channel of ``capacity`` before it wakes a sender asleep
+    for room: half the ring (at least one message). See the module's docstring."""
+    return max(1, capacity // 2)
 
 
 def channel_size(capacity: int, openers: int) -> int:
@@ -389,6 +403,7 @@ class Channel:
             raise TableCorrupt(f"channel {name!r} at {a:#x} has a bad header ({magic!r}, capacity {capacity}, "
                                f"{slots} slots, index {index}, {openers} opener words)")
         self.capacity = capacity
+        self._full = capacity - room_to_wake(capacity)  # a receive that leaves at most this many wakes a sender
         self._slots = slots
         self._index = index
         self._words = self._mem[:SLOTS_AT].cast("Q")
@@ -825,7 +840,7 @@ class Channel:
                 if words[_RWAITW]:  # what a batch sent before it had to wait
                     self._wake(RWAIT_AT)
                 if t - head >= self.capacity:
-                    _sys.futex_wait(self._address + HEAD_AT, head, 1.0 if left is None else min(left, 1.0))
+                    _sys.futex_wait(self._address + HEAD_AT, head, ROOM_NAP if left is None else min(left, ROOM_NAP))
             finally:
                 self._lock(lock, True)
                 self._sleep_out(SWAIT_AT, period)
@@ -871,7 +886,7 @@ class Channel:
                         got = self._take(address, size, h)
             finally:
                 _unlock(lock)
-                if self._words[_SWAITW]:
+                if words[_SWAITW] and words[_TAILW] - words[_HEADW] <= self._full:
                     self._wake(SWAIT_AT)
             return got
         finally:
@@ -907,7 +922,7 @@ class Channel:
                     h += 1
             finally:
                 _sys.mutex_unlock(lock)
-                if got and self._words[_SWAITW]:
+                if got and words[_SWAITW] and words[_TAILW] - words[_HEADW] <= self._full:
                     self._wake(SWAIT_AT)
             return got
         finally:
