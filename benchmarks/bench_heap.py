@@ -8,7 +8,10 @@ Each figure is a median of samples, against a baseline measured in the same run:
   memoryview write in between.
 * throughput of 2 workers allocating and freeing at once, against 1 worker in
   the same run (both run for the same wall time, released together; five rounds
-  of each in turn, medians; target >= 1.8x on a 2-core machine).
+  of each in turn, medians; target >= 1.8x on a 2-core machine). Beside it, in
+  the same rounds, the machine's own scaling: 2 processes against 1 doing
+  Python work of the same shape on memory of their own (a private free list
+  and a bytearray), which shares nothing: the most the heap's figure can be here.
 * ``alloc`` of 2 MiB (a large allocation: a zone of its own; target <= 25 us),
   against a zone reserve of 2 MiB; each call timed, in blocks of 50 of each kind in
   turn (zone pairs, large allocations, large zones).
@@ -56,9 +59,12 @@ def run(quick: bool) -> dict[str, Any]:
         reply = run_worker(__name__, {**base, **request, "op": "pairs"})
         one: list[dict[str, Any]] = []
         two: list[dict[str, Any]] = []
+        plain: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
         for _ in range(request["rounds"]):  # interleaved: a single pair of runs swung 1.2x-2.8x here
             one.append(_throughput(base, 1, request["seconds"]))
             two.append(_throughput(base, 2, request["seconds"]))
+            for n in plain:
+                plain[n].append(_throughput(base, n, request["seconds"], "plain"))
         reclaim = [_reclaim(base, request["held"]) for _ in range(request["kills"])]
         mode = primary.mode
     growth: dict[str, list[float]] | None = None
@@ -77,7 +83,12 @@ def run(quick: bool) -> dict[str, Any]:
     metrics["throughput, 2 workers (pairs/s)"] = metric(
         [r["rate"] for r in two], baseline=[r["rate"] for r in one], baseline_name="1 worker", target=SCALE_TARGET,
         target_kind="min_ratio", quick=quick, unit="1/s",
-        note=f"{request['rounds']} rounds of {request['seconds']} s each, 1 and 2 workers in turn, 64 B pairs")
+        note=f"{request['rounds']} rounds of {request['seconds']} s each, 1 and 2 workers in turn, 64 B pairs; "
+             f"per round {_ratios(one, two)}")
+    metrics["the machine's scaling: 2 processes of plain Python (pairs/s)"] = metric(
+        [r["rate"] for r in plain[2]], baseline=[r["rate"] for r in plain[1]], baseline_name="1 process", unit="1/s",
+        note="the same loop on a private free list and bytearray, in the same rounds: what 2 processes sharing "
+             f"nothing reach here; per round {_ratios(plain[1], plain[2])}")
     metrics["alloc 2 MiB (large)"] = metric(reply["large"], baseline=reply["zone_large"],
                                             baseline_name="zone reserve 2 MiB", target=LARGE_TARGET, quick=quick)
     metrics["free 2 MiB (large)"] = metric(reply["large_free"], baseline=reply["zone_large_free"],
@@ -99,12 +110,13 @@ def run(quick: bool) -> dict[str, Any]:
             growth["first_use"], baseline=growth["grow"], baseline_name="grow 1 GiB (map and populate)",
             target=GROWTH_USE_TARGET, quick=quick, note="buffer() of an address in the new segment, and a write")
     return {"name": "heap", "params": {**request, "memory": memory, "mode": mode}, "notes": notes,
-            "metrics": metrics, "details": {"one_worker": one, "two_workers": two, "reclaim": reclaim}}
+            "metrics": metrics, "details": {"one_worker": one, "two_workers": two, "plain": plain, "reclaim": reclaim}}
 
 
-def _throughput(base: dict[str, Any], workers: int, seconds: float) -> dict[str, Any]:
-    """``workers`` processes released together, each doing 64 B pairs for ``seconds``."""
-    procs = [_spawn({**base, "op": "spin", "seconds": seconds}) for _ in range(workers)]
+def _throughput(base: dict[str, Any], workers: int, seconds: float, op: str = "spin") -> dict[str, Any]:
+    """``workers`` processes released together, each doing 64 B pairs for ``seconds`` (``plain``:
+    the same loop on memory of its own)."""
+    procs = [_spawn({**base, "op": op, "seconds": seconds}) for _ in range(workers)]
     try:
         release_together(procs, "heap")
         replies = [json.loads(proc.communicate(timeout=300)[0].strip().splitlines()[-1]) for proc in procs]
@@ -113,6 +125,11 @@ def _throughput(base: dict[str, Any], workers: int, seconds: float) -> dict[str,
     pairs = sum(r["pairs"] for r in replies)
     wall = max(r["end"] for r in replies) - min(r["start"] for r in replies)
     return {"workers": workers, "pairs": pairs, "wall_s": wall, "rate": pairs / wall}
+
+
+def _ratios(one: list[dict[str, Any]], two: list[dict[str, Any]]) -> str:
+    """Each round's rate of 2 processes against 1's, for the notes."""
+    return ", ".join(f"{b['rate'] / a['rate']:.2f}x" for a, b in zip(one, two, strict=True))
 
 
 def _reclaim(base: dict[str, Any], held: int) -> dict[str, float]:
@@ -269,6 +286,31 @@ def _spin(shm: Any, request: dict[str, Any]) -> dict[str, Any]:
             return {"pairs": pairs, "start": start, "end": now}
 
 
+class _Plain:
+    """What ``alloc(64).free()`` does, on a private free list and bytearray: pop a slot, store a
+    state byte, make a handle; store the state back, push the slot. Nothing is shared."""
+
+    def __init__(self) -> None:
+        self.state = bytearray(4096)
+        self.free_list = [(64 * k, k) for k in range(4096)]
+
+    def alloc(self, size: int) -> _PlainBuffer:
+        slot = self.free_list.pop()
+        self.state[slot[1]] = 1
+        buf = object.__new__(_PlainBuffer)
+        buf.address, buf.size, buf.slot, buf.heap = slot[0], size, slot, self
+        return buf
+
+
+class _PlainBuffer:
+    __slots__ = ("address", "size", "slot", "heap")
+
+    def free(self) -> None:
+        heap = self.heap
+        heap.state[self.slot[1]] = 0
+        heap.free_list.append(self.slot)
+
+
 def _hold(shm: Any, request: dict[str, Any]) -> None:
     bufs = [shm.alloc(64) for _ in range(request["held"])]
     print(bufs[0].address, flush=True)
@@ -360,6 +402,8 @@ def worker(request: dict[str, Any]) -> dict[str, Any] | None:
             return _pairs(shm, request)
         if op == "spin":
             return _spin(shm, request)
+        if op == "plain":
+            return _spin(_Plain(), request)
         if op == "hold":
             _hold(shm, request)
             return None
