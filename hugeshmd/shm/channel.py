@@ -103,6 +103,7 @@ from .heap import (
     release_custody,
 )
 from .layout import NO_SLOT, ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, Owner, ZoneRecord
+from .mutex import take
 from .zones import check_name, place
 
 TYPE_CHECKING = False
@@ -134,7 +135,6 @@ PRIMARY_REMOVER = 0xFFFFFFFF << 32 | 1  # the remover word of the primary finish
 SLOTS_AT = 512
 SLOT = struct.Struct("<QQ")  # address, size asked for
 ROOM_NAP = 0.05  # a sender asleep for room looks again after this long, woken or not (see the docstring)
-_EBUSY, _ETIMEDOUT = 16, 110
 _TAILW, _HEADW, _RWAITW, _SWAITW = TAIL_AT // 8, HEAD_AT // 8, RWAIT_AT // 8, SWAIT_AT // 8
 _ARENA_MASK = ~(ARENA - 1)
 _SPAN_MASK = SPAN - 1
@@ -462,26 +462,11 @@ class Channel:
     def _lock(self, at: int, producer: bool, err: int = -1) -> list[Buffer]:
         """Take one side's lock (``err``: what a trylock of it already answered); finishes what a
         dead holder left half done. The orphan a dead consumer left (a consumer's lock only), to
-        be received first."""
-        if err < 0:
-            err = _sys.mutex_trylock(at)
-        if err == _EBUSY:
-            err = _sys.mutex_lock(at, self._lock_timeout)
-        if err == 0:
-            return []
-        if err == _sys.EOWNERDEAD:
-            return _sys.mutex_repaired(at, self._repair_send if producer else self._repair_recv)
-        if err == _ETIMEDOUT:
-            pid = _sys.mutex_holder(at)
-            from .identity import describe_holder, process_state
-
-            state = process_state(pid) if pid else None
-            raise ChannelBusy(f"channel {self.name!r}: its {'producer' if producer else 'consumer'} lock stayed "
-                              f"taken for {self._lock_timeout:g} s by {describe_holder(pid)}",
-                              path=self.name, pid=pid or None, stopped=state in ("T", "t"),
-                              waited=self._lock_timeout)
-        raise TableCorrupt(f"channel {self.name!r}: its {'producer' if producer else 'consumer'} lock "
-                           f"cannot be taken ({err}: {_strerror(err)})")
+        be received first. ChannelBusy, naming the holder, after the lock timeout."""
+        found = take(at, self._lock_timeout, self._repair_send if producer else self._repair_recv,
+                     f"channel {self.name!r}: its {'producer' if producer else 'consumer'} lock", ChannelBusy,
+                     self.name, err=err)
+        return [] if found is None else found
 
     def _repair_send(self) -> list[Buffer]:
         """A producer died holding the lock: publish its last message if it had handed it over."""
@@ -1210,7 +1195,3 @@ def _spin(words: memoryview, at: int, seen: int) -> bool:
         if _perf() > until:
             return False
     return True
-
-
-def _strerror(err: int) -> str:
-    return os.strerror(err)

@@ -55,6 +55,7 @@ from .. import _sys
 from ..errors import TableBusy, TableCorrupt
 from .heap import ARENA, CLASS_SIZES, DISOWNED, LIVE, REMOTE, Arena, class_for, custody
 from .layout import NAME_MAX, NOBODY, ZONE_HEAP_META, Owner, SegmentRecord, ZoneRecord
+from .mutex import take
 from .zones import place
 
 TYPE_CHECKING = False
@@ -89,7 +90,6 @@ _STATES = frozenset(STATE_NAMES)
 ZONES_CUSTODY = 4094  # the custody index of named zones' blocks (channels use 0..4093; 4095 is the pins')
 MAX_ENTRIES = 0x7FFFF  # an entry's index is the sequence field of its blocks' holder word
 MAX_PER_SHARD = 256  # an index of 2 MiB at most (16,384 zones; more spill into the table)
-_ETIMEDOUT = 110
 
 
 def zone_custody(entry: int) -> int:
@@ -350,29 +350,16 @@ class Names:
         INSERTING or FREEING is always abandoned."""
         at = self.address + SHARDS_AT + shard * SHARD
         err = _sys.mutex_trylock(at)
-        if err == 16:  # EBUSY
-            err = _sys.mutex_lock(at, self._timeout if timeout is None else timeout)
-        if err == 0:
-            if self.abandoned(shard):  # a change that raised half way (its holder lives on): no one else will
-                try:
-                    repair(shard)
-                except BaseException:
-                    _sys.mutex_unlock(at)
-                    raise
-            return
-        if err == _sys.EOWNERDEAD:
-            _sys.mutex_repaired(at, lambda: repair(shard))
-            return
-        if err == _ETIMEDOUT:
-            from .identity import describe_holder, process_state
-
-            pid = _sys.mutex_holder(at)
-            state = process_state(pid) if pid else None
-            waited = self._timeout if timeout is None else timeout
-            raise TableBusy(f"the zone name index: shard {shard}'s lock stayed taken for {waited:g} s by "
-                              f"{describe_holder(pid)}; reserve and free of names in that shard wait for it",
-                              path=NAMES, pid=pid or None, stopped=state in ("T", "t"), waited=waited)
-        raise TableCorrupt(f"the zone name index: shard {shard}'s lock cannot be taken ({err})")
+        if err:  # held: waits, bounded; after a dead holder, its repair
+            take(at, self._timeout if timeout is None else timeout, lambda: repair(shard),
+                 f"the zone name index: shard {shard}'s lock", TableBusy, NAMES,
+                 "; reserve and free of names in that shard wait for it", err)
+        if self.abandoned(shard):  # a change that raised half way (its holder lives on): no one else will
+            try:
+                repair(shard)
+            except BaseException:
+                _sys.mutex_unlock(at)
+                raise
 
     def heal(self, arena_at: Callable[[int], Arena | None], segments: tuple[SegmentRecord, ...]) -> int:
         """Repair every shard whose mutex a dead process held (the primary, at each heartbeat):

@@ -37,6 +37,7 @@ from .. import _sys
 from ..errors import ChannelBusy, InvalidArgument, NotFound, TableCorrupt, TableFull
 from .heap import CUSTODY, DISOWNED, LIVE, PINNED, REMOTE, Heap, holder_arena
 from .layout import NO_SLOT, ZONE_HANDED, ZONE_HEAP_META, Owner
+from .mutex import take
 from .zones import place
 
 TYPE_CHECKING = False
@@ -178,17 +179,10 @@ class _Held:
         self.timeout = pins._lock_timeout
 
     def __enter__(self) -> None:
-        err = _sys.mutex_lock(self.at, self.timeout)
-        if err == _sys.EOWNERDEAD:  # entries are whole or do not count; a free may be half done
-            pins = self.pins
-            _sys.mutex_repaired(self.at, lambda: _repair(pins._heap, pins._table, pins._mem,
-                                                         lambda address: not pins._find(address)))
-        elif err == 110:
-            pid = _sys.mutex_holder(self.at)
-            raise ChannelBusy(f"the pin table's lock stayed taken for {self.timeout:g} s by pid {pid}",
-                              path=PINS, pid=pid or None, waited=self.timeout)
-        elif err:
-            raise TableCorrupt(f"the pin table's lock cannot be taken ({err})")
+        pins = self.pins  # after a death: entries are whole or do not count; a free may be half done
+        take(self.at, self.timeout, lambda: _repair(pins._heap, pins._table, pins._mem,
+                                                    lambda address: not pins._find(address)),
+             "the pin table's lock", ChannelBusy, PINS)
 
     def __exit__(self, *exc: object) -> None:
         _sys.mutex_unlock(self.at)
