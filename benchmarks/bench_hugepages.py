@@ -119,8 +119,10 @@ def _gathers(size: int, quick: bool, huge_2m: int, huge_1g: int, notes: list[str
         else:
             notes.append(f"gathers {format_size(size)}: {huge_2m} 2 MiB pages available: no 2 MiB zone")
         if huge_1g >= size // GIGAPAGE and size >= GIGAPAGE:
-            primaries["hugeshmd 1 GiB"] = stack.enter_context(
-                PrimaryProcess(size, "on", args=["--page-size", "1G"]))
+            args = ["--page-size", "1G"]
+            if "hugeshmd 2 MiB" in primaries:  # one worker attaches both: their windows must not meet (1 in 63)
+                args += ["--base-address", hex(_other_slot(primaries["hugeshmd 2 MiB"].prefix))]
+            primaries["hugeshmd 1 GiB"] = stack.enter_context(PrimaryProcess(size, "on", args=args))
         elif not quick:
             notes.append(f"gathers {format_size(size)}: {huge_1g} 1 GiB pages available: no 1 GiB zone")
         rounds = 3 if quick else 5
@@ -128,6 +130,15 @@ def _gathers(size: int, quick: bool, huge_2m: int, huge_1g: int, notes: list[str
                    "zones": {k: [p.prefix, p.root] for k, p in primaries.items()}}
         reply = run_worker(__name__, request, timeout=900)
     return {"size": size, "rounds": rounds, "ns": reply}
+
+
+def _other_slot(prefix: str) -> int:
+    """A base address whose window cannot meet the default window of instance ``prefix``: the
+    next 1 TiB slot of the defaults."""
+    from hugeshmd.daemon.config import BASE_SLOT, DEFAULT_BASE_ADDRESS, default_base_address
+
+    slot = (default_base_address(prefix) - DEFAULT_BASE_ADDRESS) // BASE_SLOT
+    return DEFAULT_BASE_ADDRESS + (1 + slot % 63) * BASE_SLOT
 
 
 def _fresh_reads(size: int, quick: bool) -> dict[str, dict[str, list[float]]]:
