@@ -221,7 +221,13 @@ def blocked_sender(inst: Instance) -> tuple[Channel, Channel, Any, threading.Thr
     last = a.alloc(64)
     t = threading.Thread(target=ca.send, args=(last, 20))
     t.start()
-    while not ca._words[384 // 8]:  # the sender counted itself asleep
+    waiting = f"{ca._address + HEAD_AT:#x}"  # counted asleep is not yet asleep: wait for its futex_wait
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/self/task/{t.native_id}/syscall") as call:
+            fields = call.read().split()  # the system call it sleeps in, then its arguments
+        if fields[1:2] == [waiting]:
+            break
         time.sleep(0.001)
     return ca, cb, last, t
 
