@@ -98,6 +98,7 @@ from .heap import (
     SPAN,
     SPAN_SHIFT,
     SPANS,
+    ZONES_CUSTODY,
     Heap,
     custody,
     release_custody,
@@ -120,7 +121,7 @@ __all__ = ["Channel", "PREFIX", "DEFAULT_CAPACITY", "MAX_CAPACITY", "open_channe
 PREFIX = ".ch."
 DEFAULT_CAPACITY = 1024
 MAX_CAPACITY = 1 << 18  # sequence numbers are kept modulo 2**19 in holder words: far more than a ring
-MAX_CHANNELS = 4094  # channel indexes fit 12 bits of a holder word; 4094 is the named zones', 4095 the pins'
+MAX_CHANNELS = ZONES_CUSTODY  # channel indexes fit 12 bits of a holder word; 4094 is the named zones', 4095 the pins'
 MAGIC = b"HSHMCHN2"
 _HEAD = struct.Struct("<8sIIII")  # magic, capacity (messages), slots, index, opener words
 PLOCK_AT = 64  # the producers' robust mutex

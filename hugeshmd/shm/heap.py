@@ -66,7 +66,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ARENA", "SPAN", "CLASS_SIZES", "MAX_SMALL", "FREE", "LIVE", "DISOWNED", "REMOTE", "DIRECTORY",
     "Arena", "Directory", "Heap", "liveness", "gate", "reclaim_arena", "release_held", "release_custody",
-    "class_for", "custody", "worker_holder", "holder_arena", "holder_gone", "CUSTODY", "PINNED",
+    "class_for", "custody", "worker_holder", "holder_arena", "holder_gone", "CUSTODY", "PINNED", "ZONES_CUSTODY",
+    "named_zone_held",
 ]  # fmt: skip
 
 # -- sizes ---------------------------------------------------------------------------------
@@ -149,6 +150,12 @@ def custody(channel: int, seq: int) -> int:
 
 
 PINNED = custody(4095, 0x7FFFF)  # the holder word of an allocation its pins own (hugeshmd.shm.pins)
+ZONES_CUSTODY = 4094  # the custody index of named zones' blocks (hugeshmd.shm.names); channels use those below
+
+
+def named_zone_held(word: int) -> bool:
+    """Whether a holder word is a name entry's: its block is a named zone (hugeshmd.shm.names)."""
+    return bool(word & CUSTODY) and word & 0xFFF == ZONES_CUSTODY
 
 
 def worker_holder(arena: int, claims: int) -> int:
@@ -962,7 +969,7 @@ def _not_live(address: int, state: int) -> InvalidArgument:
 
 
 def _handed(address: int, holder: int) -> InvalidArgument:
-    if holder & CUSTODY and holder & 0xFFF == 4094:  # hugeshmd.shm.names.ZONES_CUSTODY
+    if named_zone_held(holder):
         return InvalidArgument(f"the memory at {address:#x} is a named zone's (shm.reserve): free the zone by "
                                "its name; nothing was changed", name="address")
     if holder == PINNED:

@@ -55,10 +55,11 @@ from .heap import (
     custody,
     holder_arena,
     holder_gone,
+    named_zone_held,
 )
 from .identity import process_alive
 from .layout import ZONE_CHANNEL, ZONE_DISOWNED, ZONE_HANDED, ZONE_HEAP, ZONE_HEAP_META
-from .names import NAMES, SHARDS, ZONES_CUSTODY
+from .names import EMPTY, FREEING, INSERTING, NAMES, PUBLISHED, SHARDS, STATE_NAMES, Names, zone_custody
 from .pins import PINNED
 from .table import Table
 from .zones import RESERVED
@@ -258,7 +259,7 @@ def _holders(arena: Arena, states: bytes, report: HeapReport, found: list[str], 
             continue
         if s == REMOTE:
             continue  # freed by its holder; its owner collects it
-        if word & CUSTODY and word & 0xFFF == ZONES_CUSTODY:  # a named zone: not an allocation
+        if named_zone_held(word):  # a named zone: not an allocation
             handed_live += s == LIVE
             c = arena.span_class(k // BLOCKS)
             named[0] += 1
@@ -309,8 +310,6 @@ def _walk_names(zone: Any, keepalive: object, segments: Any, report: HeapReport,
     """Count the named zones of the name index; check each entry (its state; a published one's
     checksum, segment, and block: live, and held by the entry). A reserve or free that a death
     interrupted is pending: the next reserve or free of a name in its shard finishes it."""
-    from .names import EMPTY, FREEING, INSERTING, PUBLISHED, Names
-
     try:
         names = Names(zone, keepalive, 0.0)
     except Exception as err:  # noqa: BLE001 - TableCorrupt, said as a violation
@@ -326,7 +325,7 @@ def _walk_names(zone: Any, keepalive: object, segments: Any, report: HeapReport,
                                   "free of a name in its shard if that comes first")
             continue
         if state != PUBLISHED:
-            if names.state(entry) not in (EMPTY, PUBLISHED, INSERTING, FREEING):
+            if names.state(entry) not in STATE_NAMES:
                 report.violations.append(f"zone name entry {entry} has unknown state {state}")
             continue
         record = names.read(entry, segments)
@@ -344,8 +343,6 @@ def _walk_names(zone: Any, keepalive: object, segments: Any, report: HeapReport,
 def _named_block_held(arenas: dict[int, Arena], address: int, entry: int) -> bool:
     """Whether the block at ``address`` is live and held by name entry ``entry`` (``arenas``: the
     directory's arenas by address, read once for the walk)."""
-    from .names import zone_custody
-
     arena = arenas.get(address & ~(ARENA - 1))
     found = arena.locate(address) if arena is not None else None
     return found is not None and arena is not None and arena.state[found[0]] == LIVE and \
@@ -354,8 +351,6 @@ def _named_block_held(arenas: dict[int, Arena], address: int, entry: int) -> boo
 
 def _check_named_block(arena: Arena, k: int, word: int, report: HeapReport, found: list[str]) -> None:
     """A block held by a name entry: the entry is published (or being changed) and names it."""
-    from .names import EMPTY, PUBLISHED
-
     names = report._names
     entry = (word >> 12) & 0x7FFFF
     span, i = divmod(k, BLOCKS)

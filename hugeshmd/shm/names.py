@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 
 from .. import _sys
 from ..errors import TableBusy, TableCorrupt
-from .heap import ARENA, CLASS_SIZES, DISOWNED, LIVE, REMOTE, Arena, class_for, custody
+from .heap import ARENA, CLASS_SIZES, DISOWNED, LIVE, REMOTE, ZONES_CUSTODY, Arena, class_for, custody
 from .layout import NAME_MAX, NOBODY, ZONE_HEAP_META, Owner, SegmentRecord, ZoneRecord
 from .mutex import take
 from .zones import place
@@ -87,7 +87,6 @@ _U32 = struct.Struct("<I")
 _EMPTY = _U32.pack(EMPTY)
 STATE_NAMES = {EMPTY: "empty", INSERTING: "inserting", PUBLISHED: "published", FREEING: "freeing"}
 _STATES = frozenset(STATE_NAMES)
-ZONES_CUSTODY = 4094  # the custody index of named zones' blocks (channels use 0..4093; 4095 is the pins')
 MAX_ENTRIES = 0x7FFFF  # an entry's index is the sequence field of its blocks' holder word
 MAX_PER_SHARD = 256  # an index of 2 MiB at most (16,384 zones; more spill into the table)
 
@@ -304,11 +303,13 @@ class Names:
     def _shard(self, shard: int) -> tuple[int, bytes, bytes]:
         """(its first entry, its entries' state words, their name hashes) of ``shard``: two strided
         reads of the mapping, as bytes (no object the garbage collector tracks)."""
+        return shard * self.per_shard, self._states(shard), self._states(shard, HASH_WORD)
+
+    def _states(self, shard: int, word: int = 0) -> bytes:
+        """Word ``word`` (0: the state) of each entry of ``shard``, in one strided read."""
         per = self.per_shard
         first = (self._entries_at + shard * per * ENTRY) // 4
-        words, step = self._u32, ENTRY // 4
-        return (shard * per, words[first : first + per * step : step].tobytes(),
-                words[first + HASH_WORD : first + per * step : step].tobytes())
+        return self._u32[first + word : first + per * ENTRY // 4 : ENTRY // 4].tobytes()
 
     def _named(self, entry: int, want: bytes) -> bool:
         """Whether entry ``entry``'s name field starts with ``want`` (a name and its NUL), in place."""
@@ -392,7 +393,7 @@ class Names:
     def abandoned(self, shard: int) -> bool:
         """Whether ``shard`` has an entry INSERTING or FREEING (under its mutex, only a change given
         up half way). Whole words: a damaged one is neither (see :meth:`repair`)."""
-        states = array("I", self._shard(shard)[1])
+        states = array("I", self._states(shard))
         return bool(states.count(INSERTING) or states.count(FREEING))
 
     def unlock(self, shard: int) -> None:
@@ -412,6 +413,12 @@ class Names:
         """Free published entry ``entry`` and its block: the steps of a free; the bytes freed, or 0
         if its block was not the entry's (damage the checker reports)."""
         self.set_state(entry, FREEING)
+        return self._finish_free(entry, arena_at)
+
+    def _finish_free(self, entry: int, arena_at: Callable[[int], Arena | None]) -> int:
+        """The steps of a free after FREEING, which a repair repeats for an entry left so: the
+        shard's frees bumped first (a remover killed after it leaves it bumped: lookups look again),
+        the block released, the entry EMPTY. Each is idempotent. The bytes freed."""
         s = entry // self.per_shard
         self.frees[s] = (self.frees[s] + 1) & 0xFFFFFFFFFFFFFFFF
         freed = self._release(entry, arena_at)
@@ -459,9 +466,7 @@ class Names:
                         held = arena.holder[found[0]] == zone_custody(entry) and arena.state[found[0]] == LIVE
                 self.set_state(entry, PUBLISHED if held else EMPTY)
             elif state == FREEING:
-                self.frees[shard] = (self.frees[shard] + 1) & 0xFFFFFFFFFFFFFFFF  # first, as remove() does: a
-                self._release(entry, arena_at)  # repairer killed after it leaves it bumped, lookups look again
-                self.set_state(entry, EMPTY)
+                self._finish_free(entry, arena_at)
             # any other state but EMPTY and PUBLISHED is damage: left as it is (the checker reports it),
             # not freed under processes that may hold the zone
 
